@@ -1,0 +1,222 @@
+"""SparseMedicalViT: one transformer for 2D radiographs and 3D CT (paper 2.1).
+
+The model sees a Packed batch (pack.py): the patch tokens of every view of a
+step back to back. One patch embedding P^3 -> dim serves both modalities, 3D
+RoPE (rope3d.py) places every token in one shared [0, alpha]^3 coordinate
+space, and each attention layer runs once over the whole packed sequence with
+views kept apart by cu_seqlens (varlen / flash) or block-diagonal row masks
+(sdpa). The output is one embedding per view: the mean of its final-normed
+tokens.
+"""
+import importlib.util
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pack import Packed, from_rows, row_mask, segment_mean, to_rows
+from rope3d import apply_rope, normalize_coords, rope_angles
+
+PRESETS = {
+    "tiny": dict(dim=192, depth=12, heads=3),
+    "small": dict(dim=384, depth=12, heads=6),
+    "base": dict(dim=768, depth=12, heads=12),
+}
+BACKENDS = ("sdpa", "varlen", "flash", "flex")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Attention backends that can run on this machine for tensors on `device`."""
+    names = ["sdpa"]
+    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    if cuda and importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+        names.append("varlen")
+    if cuda and importlib.util.find_spec("flash_attn") is not None:
+        names.append("flash")
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+        names.append("flex")
+    return names
+
+
+def resolve_backend(attn: str, device: torch.device, dtype: torch.dtype) -> str:
+    """'auto' is varlen on CUDA in half precision, sdpa otherwise; explicit names are checked."""
+    if attn not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown attention backend {attn!r}; choose from {('auto',) + BACKENDS}")
+    have = available_backends(device)
+    if attn == "auto":
+        return "varlen" if "varlen" in have and dtype in (torch.float16, torch.bfloat16) else "sdpa"
+    if attn not in have:
+        why = "needs CUDA" if attn in ("varlen", "flash") and device.type != "cuda" else "is not installed"
+        raise ValueError(f"attention backend {attn!r} {why} on this machine ({device.type}); available: {have}")
+    if attn in ("varlen", "flash") and dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attention backend {attn!r} runs in fp16/bf16 only, got {dtype}; use bf16 autocast or attn='sdpa'")
+    return attn
+
+
+def packed_attention(q, k, v, packed: Packed, backend: str, mask=None) -> torch.Tensor:
+    """Attention of q, k, v (T, H, D) within each view of the packed sequence -> (T, H, D)."""
+    if backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+        cu = packed.cu_seqlens
+        return varlen_attn(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)
+    if backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+        cu = packed.cu_seqlens
+        return flash_attn_varlen_func(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        view = packed.token_view
+        same_view = lambda b, h, qi, ki: view[qi] == view[ki]  # noqa: E731
+        block = create_block_mask(same_view, None, None, len(view), len(view), device=q.device)
+        out = flex_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block)
+        return out[0].transpose(0, 1)
+    # sdpa: rows of length max_seqlen, each a block-diagonal mask (True = attend)
+    rows = [to_rows(t, packed).transpose(1, 2) for t in (q, k, v)]  # (R, H, L, D)
+    out = F.scaled_dot_product_attention(*rows, attn_mask=mask)
+    return from_rows(out.transpose(1, 2), packed)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, angles, packed, backend, mask):
+        t, d = x.shape
+        q, k, v = self.qkv(x).view(t, 3, self.heads, d // self.heads).unbind(1)  # (T, H, hd) each
+        q, k = apply_rope(q, angles), apply_rope(k, angles)  # paper 2.1.1: 3D RoPE in every layer
+        return self.proj(packed_attention(q, k, v, packed, backend, mask).reshape(t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with per-view stochastic depth."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = drop_path
+
+    def residual_scale(self, packed: Packed, x: torch.Tensor):
+        """Drop whole views, not the whole pack: one Bernoulli draw per view, broadcast to its tokens."""
+        if not self.training or self.drop_path == 0.0:
+            return 1.0
+        keep = 1.0 - self.drop_path
+        per_view = torch.bernoulli(torch.full((packed.n_views,), keep, device=x.device)) / keep
+        return per_view[packed.token_view].to(x.dtype)[:, None]
+
+    def forward(self, x, angles, packed, backend, mask):
+        x = x + self.residual_scale(packed, x) * self.attn(self.norm1(x), angles, packed, backend, mask)
+        return x + self.residual_scale(packed, x) * self.mlp(self.norm2(x))
+
+
+class SparseMedicalViT(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, patch: int = 14,
+                 in_chans: int = 1, rope_alpha: float = 128.0, rope_base: float = 10000.0,
+                 attn: str = "auto", drop_path: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.config = dict(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, patch=patch, in_chans=in_chans,
+                           rope_alpha=rope_alpha, rope_base=rope_base, attn=attn, drop_path=drop_path)
+        self.dim, self.patch, self.in_chans, self.attn = dim, patch, in_chans, attn
+        self.rope_alpha, self.rope_base, self.head_dim = rope_alpha, rope_base, dim // heads
+        # fail at construction, not at the first step, for a backend this machine cannot run
+        resolve_backend(attn, torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.bfloat16)
+        # paper 2.1.1: one linear map of flattened P^3 patches, shared by 2D and 3D
+        self.patch_embed = nn.Linear(in_chans * patch**3, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, drop_path * i / max(depth - 1, 1)) for i in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.apply(_init_weights)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SparseMedicalViT":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def embed(self, packed: Packed) -> torch.Tensor:
+        """Patch embedding of every token -> (T, dim).
+
+        paper 2.1.1: a 2D image is a pseudo-volume zero-padded to P slices,
+        image in slice 0. Zero slices contribute nothing to the linear map,
+        so a 2D patch needs only the depth-0 slice of the weight: the same
+        result with P times fewer FLOPs and bytes than building the padding.
+        """
+        c, p = self.in_chans, self.patch
+        for name, tokens, size in (("2D", packed.patches_2d, c * p * p), ("3D", packed.patches_3d, c * p**3)):
+            if tokens.shape[-1] != size:
+                raise ValueError(f"{name} patches have {tokens.shape[-1]} values, expected {size} "
+                                 f"({c} channel(s) x {p}-pixel patches): check in_chans and patch")
+        w3, b = self.patch_embed.weight, self.patch_embed.bias  # (dim, C*P^3)
+        w2 = w3.view(self.dim, c, p, p, p)[:, :, 0].reshape(self.dim, c * p * p)
+        e2, e3 = F.linear(packed.patches_2d, w2, b), F.linear(packed.patches_3d, w3, b)
+        x = e3.new_zeros(packed.n_tokens, self.dim)
+        return x.index_copy(0, packed.index_2d, e2).index_copy(0, packed.index_3d, e3)
+
+    def forward_features(self, packed: Packed) -> torch.Tensor:
+        """Final-normed token features (T, dim) in packed order (for pooling and PCA maps)."""
+        x = self.embed(packed)
+        backend = resolve_backend(self.attn, x.device, _compute_dtype(x))
+        grid = packed.view_grid[packed.token_view]  # (T, 3)
+        angles = rope_angles(normalize_coords(packed.patch_index, grid, self.rope_alpha), self.head_dim, self.rope_base)
+        mask = row_mask(packed) if backend == "sdpa" else None
+        for block in self.blocks:
+            x = block(x, angles, packed, backend, mask)
+        return self.norm(x)
+
+    def forward(self, packed: Packed) -> torch.Tensor:
+        """One embedding per view (N, dim), in the order the views were given."""
+        return segment_mean(self.forward_features(packed), packed)
+
+
+class Projector(nn.Module):
+    """MLP head for the self-supervised loss (paper 2.2): embedding -> 2048 -> 2048 -> 128.
+
+    LayerNorm, not BatchNorm: per-sample normalization makes a step's
+    gradients the same on one GPU or many, with no SyncBatchNorm.
+    """
+
+    def __init__(self, dim: int, hidden: int = 2048, out: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                                 nn.Linear(hidden, out))
+        self.apply(_init_weights)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls will run in: the autocast dtype when autocast is on."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _init_weights(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def model_flops_per_token(config: dict, seqlens: list[int]) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one step, per token on average.
+
+    Matmuls only: 2 FLOPs per multiply-add. Per layer and token: qkv + proj
+    4 d^2, MLP 2 r d^2, attention 2 * 2 * L * d for a view of L tokens.
+    """
+    d, r, depth = config["dim"], config["mlp_ratio"], config["depth"]
+    tokens = sum(seqlens)
+    dense = 2 * (4 + 2 * r) * d * d * tokens
+    attn = 2 * 2 * d * sum(n * n for n in seqlens)
+    return 3 * depth * (dense + attn) / max(tokens, 1)

@@ -1,0 +1,68 @@
+"""3D rotary position embeddings over normalized grid coordinates (paper 2.1.1).
+
+Every view, 2D or 3D, is a grid of patch tokens (gz, gy, gx) in raster order
+(z, y, x). Each axis is normalized to [0, alpha] whatever its resolution, so
+a 224-pixel image and a 56-pixel crop span the same coordinate range and a 2D
+image (gz == 1) sits in the depth-0 plane of the shared 3D space.
+
+The head dimension is split equally over the three axes: each axis gets
+n = head_dim // 6 rotation pairs (2n channels). The remaining
+head_dim - 6n channels are passed through unrotated (head_dim 64 gives
+3 x 10 pairs and 4 plain channels), so any even or odd head_dim works.
+
+Imports only torch: copy this file alone into another project.
+"""
+import torch
+
+
+def normalize_coords(index: torch.Tensor, grid: torch.Tensor, alpha: float = 128.0) -> torch.Tensor:
+    """Float32 coordinates of patches: index and grid are (..., 3) integer (z, y, x).
+
+    paper 2.1.1: coord(i) = alpha * i / max(g - 1, 1) per axis, so every view
+    spans [0, alpha] whatever its size, and an axis of size 1 sits at 0.
+    """
+    return alpha * index.float() / (grid.float() - 1).clamp(min=1)
+
+
+def grid_index(gz: int, gy: int, gx: int, device=None) -> torch.Tensor:
+    """(gz*gy*gx, 3) integer (z, y, x) indices of a patch grid in raster order."""
+    axes = [torch.arange(g, device=device) for g in (gz, gy, gx)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def grid_coords(gz: int, gy: int, gx: int, alpha: float = 128.0, device=None) -> torch.Tensor:
+    """(gz*gy*gx, 3) float32 coordinates (z, y, x) of a patch grid in raster order."""
+    grid = torch.tensor([gz, gy, gx], device=device)
+    return normalize_coords(grid_index(gz, gy, gx, device), grid, alpha)
+
+
+def rope_angles(coords: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotation angles (..., 3 * n) for coords (..., 3), n = head_dim // 6 pairs per axis.
+
+    Pair k of an axis rotates by coord * base ** (-k / n): equal frequency
+    bands for z, y and x (paper 2.1.1). Float32 throughout: CT depth and
+    alpha = 128 make angles large, and bf16 would round them to garbage.
+    """
+    n = head_dim // 6
+    if n == 0:
+        raise ValueError(f"head_dim {head_dim} is too small for 3D RoPE: need at least 6 channels")
+    inv_freq = base ** (-torch.arange(n, device=coords.device, dtype=torch.float32) / n)  # (n,)
+    angles = coords.float()[..., :, None] * inv_freq  # (..., 3, n)
+    return angles.flatten(-2)  # (..., 3n): z pairs, then y pairs, then x pairs
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2 * angles.shape[-1] channels of x by angles; the rest pass through.
+
+    x: (T, H, D) or (B, L, H, D); angles: (T, R) or (B, L, R) with 2R <= D.
+    Channel pairs are (2j, 2j+1), rotated by angles[..., j]. Computed in
+    float32 and returned in x's dtype.
+    """
+    r = angles.shape[-1]
+    cos = angles.cos()[..., None, :]  # (..., 1, R): broadcast over heads
+    sin = angles.sin()[..., None, :]
+    xf = x.float()
+    rot, rest = xf[..., : 2 * r], xf[..., 2 * r :]
+    a, b = rot[..., 0::2], rot[..., 1::2]  # (..., H, R)
+    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return torch.cat([rotated, rest], dim=-1).to(x.dtype)

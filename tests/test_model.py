@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+from model import PRESETS, Projector, SparseMedicalViT, available_backends, model_flops_per_token
+from pack import pack
+from tests.test_pack import random_views
+
+P = 14
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return SparseMedicalViT(**{**dict(dim=48, depth=2, heads=2, attn="sdpa"), **kw}).double()
+
+
+def test_packed_equals_one_view_at_a_time():
+    """One packed forward over a mix of 2D and 3D views == each view alone (outputs and gradients)."""
+    model = tiny()
+    views = [v.double() for v in random_views(7, seed=4, max_side=3)]
+    assert {v.shape[1] > 1 for v in views} == {True, False}
+    packed_out = model(pack(views, P))
+    packed_out.square().sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone = torch.cat([model(pack([v], P)) for v in views])
+    alone.square().sum().backward()
+    assert torch.allclose(packed_out, alone, atol=1e-5)
+    for g_packed, p in zip(packed_grads, model.parameters()):
+        assert torch.allclose(g_packed, p.grad, atol=1e-5)
+
+
+def test_2d_fast_path_equals_zero_padded_volume():
+    model = tiny()
+    img = torch.randn(1, 1, 28, 42, dtype=torch.float64)
+    padded = torch.zeros(1, P, 28, 42, dtype=torch.float64)
+    padded[:, 0] = img[:, 0]  # paper 2.1.1: the image in slice 0 of a P-deep pseudo-volume
+    fast = model.embed(pack([img], P))
+    full = torch.nn.functional.linear(pack([padded], P).patches_3d, model.patch_embed.weight, model.patch_embed.bias)
+    assert torch.allclose(fast, full, atol=1e-12)
+
+
+def test_views_do_not_attend_to_each_other():
+    model = tiny()
+    a, b = torch.randn(1, 1, 28, 28).double(), torch.randn(1, 28, 14, 14).double()
+    before = model(pack([a, b], P))[0]
+    after = model(pack([a, 5 * torch.randn_like(b)], P))[0]
+    assert torch.allclose(before, after, atol=1e-10)
+
+
+def test_drop_path_drops_whole_views():
+    model = tiny(drop_path=0.5).train()
+    for blk in model.blocks:
+        blk.drop_path = 0.5
+    packed = pack(random_views(40, seed=2), P)
+    scale = model.blocks[0].residual_scale(packed, torch.zeros(packed.n_tokens, 1))
+    per_view = [scale[packed.token_view == i].unique() for i in range(packed.n_views)]
+    assert all(len(u) == 1 for u in per_view)  # one decision per view
+    assert {u.item() for u in per_view} == {0.0, 2.0}  # some views dropped, others kept and rescaled
+    model.eval()
+    assert model.blocks[0].residual_scale(packed, torch.zeros(1)) == 1.0
+
+
+def test_presets_and_overrides():
+    for name, cfg in PRESETS.items():
+        model = SparseMedicalViT.from_preset(name, depth=1)
+        assert (model.dim, len(model.blocks)) == (cfg["dim"], 1)
+    assert SparseMedicalViT.from_preset("small").head_dim == 64
+    with pytest.raises(ValueError, match="preset"):
+        SparseMedicalViT.from_preset("huge")
+
+
+def test_projector_shapes():
+    assert Projector(48)(torch.randn(5, 48)).shape == (5, 128)
+
+
+def test_bad_input_errors():
+    model = tiny()
+    with pytest.raises(ValueError, match="channel"):
+        model(pack([torch.randn(2, 1, 14, 14).double()], P))
+    with pytest.raises(ValueError, match="not a whole number"):
+        model(pack([torch.randn(1, 1, 14, 20).double()], P))
+    with pytest.raises(ValueError, match="empty"):
+        model(pack([], P))
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        tiny(attn="magic")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_cuda_backend_on_cpu_says_why():
+    with pytest.raises(ValueError, match=r"needs CUDA.*available"):
+        tiny(attn="varlen")
+
+
+def test_flex_agrees_with_sdpa_on_cpu():
+    if "flex" not in available_backends("cpu"):
+        pytest.skip("flex_attention not in this torch")
+    model = tiny()
+    packed = pack([v.double() for v in random_views(6, seed=5, max_side=2)], P)
+    with torch.no_grad():  # flex has no CPU backward
+        ref = model(packed)
+        model.attn = "flex"
+        assert torch.allclose(model(packed), ref, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["varlen", "flash", "flex"])
+def test_cuda_backends_agree_with_sdpa_in_bf16(backend):
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"{backend} not available")
+    torch.manual_seed(0)
+    model = SparseMedicalViT(dim=192, depth=4, heads=3, attn="sdpa").cuda()
+    packed = pack(random_views(24, seed=6), P).to("cuda")
+    outs, grads = {}, {}
+    for name in ("sdpa", backend):
+        model.attn = name
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(packed)
+        out.float().square().mean().backward()
+        outs[name], grads[name] = out.float(), model.patch_embed.weight.grad.clone()
+    assert torch.allclose(outs[backend], outs["sdpa"], atol=3e-2, rtol=3e-2)
+    cos = torch.nn.functional.cosine_similarity(grads[backend].flatten(), grads["sdpa"].flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_flops_formula():
+    cfg = dict(dim=10, mlp_ratio=4.0, depth=1)
+    # one view of 2 tokens: dense 2*(4+8)*100*2 = 4800, attention 2*2*10*4 = 160, x3 for backward
+    assert model_flops_per_token(cfg, [2]) == 3 * (4800 + 160) / 2
