@@ -9,7 +9,9 @@ views kept apart by cu_seqlens (varlen / flash) or block-diagonal row masks
 tokens.
 """
 import importlib.util
-import math
+import os
+import pickle
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from pack import Packed, from_rows, row_mask, segment_mean, to_rows
 from rope3d import apply_rope, normalize_coords, rope_angles
 
+CKPT_FORMAT = 1  # version of the checkpoint dict that train.py writes; bump on incompatible change
 PRESETS = {
     "tiny": dict(dim=192, depth=12, heads=3),
     "small": dict(dim=384, depth=12, heads=6),
@@ -174,6 +177,30 @@ class SparseMedicalViT(nn.Module):
     def forward(self, packed: Packed) -> torch.Tensor:
         """One embedding per view (N, dim), in the order the views were given."""
         return segment_mean(self.forward_features(packed), packed)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a train.py checkpoint safely (weights_only: unpickling never runs code) and check its format."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated, corrupt, or holding objects other "
+                         f"than tensors and plain data): {str(e).splitlines()[0]}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path}: not a MultiMedVision checkpoint (no 'model' and 'model_config' entries)")
+    if ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {ckpt.get('format')!r}, this code reads format {CKPT_FORMAT}")
+    return ckpt
+
+
+def backbone_from_checkpoint(path, map_location="cpu", **overrides) -> tuple["SparseMedicalViT", dict]:
+    """The frozen-feature backbone of a checkpoint (eval mode) and the checkpoint dict."""
+    ckpt = load_checkpoint(path, map_location)
+    model = SparseMedicalViT(**{**ckpt["model_config"], **overrides})
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
 
 
 class Projector(nn.Module):
