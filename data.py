@@ -1,0 +1,1108 @@
+"""Data for MultiMedVision (paper 2.4): phantom chests, readers for the paper's
+datasets, a preprocessed cache, multi-crop views and the mixed 2D/3D loader.
+
+    python data.py check   --dataset mimic --root /data/mimic-cxr-jpg
+    python data.py prepare --dataset mimic --root /data/mimic-cxr-jpg --out cache/mimic --workers 16
+    python data.py prepare --dataset phantom --phantom phantom3d --n 512 --out cache/phantom3d
+
+Every source yields a Record: image float32 (Z, H, W) in [-1, 1] (Z == 1 for a
+2D image), the five LABELS as float32 with NaN where unknown, the modality and
+a stable id (patient first, '/'-separated: "p10000032/s50414267").
+
+Orientation: every 3D array is (Z, Y, X) with Z superior -> inferior,
+Y anterior -> posterior, X patient right -> patient left: RAD-ChestCT's own
+order. An axial slice then looks as radiologists display it, and projecting a
+volume along Y gives a radiograph in the usual display (head up, patient right
+on the viewer's left), which is how the phantom makes its 2D images.
+
+Preprocessing (paper 2.4): X-ray: grayscale, long side resized to 224,
+min-max to [-1, 1]. CT: Hounsfield units, reoriented as above, resampled to
+isotropic voxels with the voxel spacing (anatomy keeps its proportions),
+long side 112, window L=250 W=2500 (HU -1000..1500) clipped to [-1, 1].
+
+Cache (written by `prepare`, read by open_dataset):
+    CACHE/index.json     {"format": 1, "name", "modality", "settings": {...},
+                          "records": [{"key", "id", "split", "labels": [5 x float|null],
+                                       "shape": [Z, H, W]}, ...], "n_failed"}
+    CACHE/settings.json  the preprocessing settings; a rerun with others is refused
+    CACHE/arrays/KEY.npy float16 (Z, H, W) in [-1, 1], memory-mapped when read
+    CACHE/report.tsv     one line per raw file that could not be converted: path<TAB>error
+Every file is written to a temporary name and renamed (atomic); a rerun
+converts only what is missing.
+"""
+import argparse
+import csv
+import gzip
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pack import Packed, pack
+
+LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Lung Opacity", "Pleural Effusion")
+XRAY_SIZE, CT_SIZE = 224, 112          # long side after preprocessing (paper 2.4)
+WINDOW_LEVEL, WINDOW_WIDTH = 250.0, 2500.0  # CT window (paper 2.4)
+PHANTOMS = ("phantom2d", "phantom3d", "phantom2d-ext", "phantom3d-ext")
+PHANTOM_N = {"train": 1024, "test": 256}
+CACHE_FORMAT = 1
+
+
+@dataclass
+class Record:
+    image: np.ndarray   # float32 (Z, H, W) in [-1, 1], Z == 1 for 2D
+    labels: np.ndarray  # float32 (5,), NaN unknown
+    modality: str       # "2d" | "3d"
+    id: str             # patient/study id, stable, used for splits and bootstrap
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def window_ct(hu: np.ndarray) -> np.ndarray:
+    """paper 2.4: window L=250, W=2500 -> [-1, 1] (HU -1000 -> -1, 250 -> 0, 1500 -> 1)."""
+    lo = WINDOW_LEVEL - WINDOW_WIDTH / 2
+    return np.clip((hu - lo) / WINDOW_WIDTH * 2 - 1, -1, 1).astype(np.float32)
+
+
+def minmax(img: np.ndarray, where: str) -> np.ndarray:
+    """paper 2.4: X-ray min-max to [-1, 1]."""
+    lo, hi = float(img.min()), float(img.max())
+    if not hi > lo:
+        raise ValueError(f"{where}: constant image (all pixels {lo}), nothing to normalize")
+    return ((img - lo) / (hi - lo) * 2 - 1).astype(np.float32)
+
+
+def long_side_shape(shape, spacing, size: int) -> tuple:
+    """Output shape with the longest physical extent mapped to `size` voxels, isotropic."""
+    extent = [n * s for n, s in zip(shape, spacing)]
+    voxel = max(extent) / size
+    return tuple(max(1, round(e / voxel)) for e in extent)
+
+
+def preprocess_xray(img, size: int, where: str) -> np.ndarray:
+    """PIL image (any mode) -> float32 (1, H, W) in [-1, 1], long side `size`."""
+    from PIL import Image
+    if img.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
+        img = img.convert("L")
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError(f"{where}: empty image {w}x{h}")
+    new_h, new_w = long_side_shape((h, w), (1, 1), size)
+    img = img.convert("F").resize((new_w, new_h), Image.BILINEAR)  # Pillow's resize is antialiased
+    return minmax(np.asarray(img, dtype=np.float32), where)[None]
+
+
+def resample_ct(hu: np.ndarray, spacing, size: int) -> np.ndarray:
+    """(Z, Y, X) HU with voxel spacing (mm) -> isotropic voxels, long side `size`.
+
+    Downsampling uses area averaging (no aliasing), upsampling trilinear.
+    """
+    shape = long_side_shape(hu.shape, spacing, size)
+    t = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
+    down = tuple(min(a, b) for a, b in zip(shape, hu.shape))
+    if down != hu.shape:
+        t = F.interpolate(t, size=down, mode="area")
+    if shape != down:
+        t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False)
+    return t[0, 0].numpy()
+
+
+def preprocess_ct(hu: np.ndarray, spacing, size: int, where: str) -> np.ndarray:
+    """(Z, Y, X) HU -> float32 (Z, Y, X) in [-1, 1]: resampled, long side `size`, windowed."""
+    if hu.ndim != 3:
+        raise ValueError(f"{where}: expected a (Z, Y, X) volume, got shape {hu.shape}")
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise ValueError(f"{where}: invalid voxel spacing {spacing}")
+    return window_ct(resample_ct(hu, spacing, size))
+
+
+def validate_image(img: np.ndarray, where: str, min_side: int) -> np.ndarray:
+    """Reject non-finite arrays and images with a patched side shorter than one patch."""
+    if img.ndim != 3:
+        raise ValueError(f"{where}: expected (Z, H, W), got shape {img.shape}")
+    if not np.isfinite(img).all():
+        raise ValueError(f"{where}: non-finite values")
+    patched = img.shape if img.shape[0] > 1 else img.shape[1:]
+    if min(patched) < min_side:
+        raise ValueError(f"{where}: image {img.shape} is smaller than one {min_side}-pixel patch")
+    return img
+
+
+# ---------------------------------------------------------------- phantom chests
+
+# Tissue classes painted into a label volume; CT shows HU, a radiograph the
+# line integral of attenuation (water = 1; bone attenuates X-rays more than its HU says).
+AIR, FAT, TISSUE, LUNG, VESSEL, HEART, BONE, FLUID, CONS, ATEL, HAZE = range(11)
+HU_OF = np.array([-1000, -100, 20, -850, 40, 55, 450, 10, 30, 0, -550], np.float32)
+MU_OF = np.maximum((HU_OF + 1000) / 1000, 0)
+MU_OF[BONE] = 1.6
+IN_LUNG = np.isin(np.arange(11), [LUNG, VESSEL, HAZE, CONS, ATEL])  # lookups: which classes a finding may cover
+AERATED = np.arange(11) == LUNG
+PREVALENCE = (0.25, 0.20, 0.12, 0.35, 0.22)      # target prevalence of each label, LABELS order
+_THRESH = np.array([0.674, 0.842, 1.175, 0.385, 0.772])  # standard-normal quantiles at 1 - PREVALENCE
+
+
+def sample_patient(rng: np.random.Generator) -> dict:
+    """Anatomy and findings of one phantom patient (cheap: no rendering).
+
+    Normalized coordinates: x in [-1, 1] across the in-plane field of view
+    (patient right at -1), y anterior (-1) -> posterior (+1), z superior ->
+    inferior in the same units. Labels co-occur through a shared severity.
+    """
+    severity = rng.standard_normal()
+    labels = 0.6 * severity + 0.8 * rng.standard_normal(5) > _THRESH
+    atel, cardio, cons, opac, effu = labels
+    s = rng.uniform(0.9, 1.05)
+    ox, oy = rng.uniform(-0.04, 0.04, 2)
+    lungs = []
+    for side in (-1, 1):  # right lung, then left (smaller: the heart)
+        r = np.array([0.62, 0.42, 0.30 if side < 0 else 0.27]) * s * rng.uniform(0.95, 1.05, 3)
+        c = np.array([-0.1 + rng.uniform(-0.03, 0.03), -0.02 + oy, side * 0.40 * s + ox])
+        lungs.append([c, r])
+    p = {"labels": labels.astype(np.float32), "scale": s, "offset": (ox, oy),
+         "lungs": lungs, "heart_scale": rng.uniform(1.35, 1.6) if cardio else rng.uniform(0.9, 1.05),
+         "rib_phase": rng.uniform(0, 1), "hu_offset": rng.uniform(-10, 10),
+         "gamma": rng.uniform(0.85, 1.15), "noise": rng.uniform(0.6, 1.4)}
+    p["vessels"] = [(k, lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.8), rng.uniform(0.018, 0.035))
+                    for k in rng.integers(0, 2, 24)]
+    if atel:  # volume loss of one lung plus a plate of collapsed lung at its base
+        k = rng.integers(0, 2)
+        c, r = lungs[k]
+        loss = rng.uniform(0.8, 0.9)
+        c[0] -= r[0] * (1 - loss)  # raised hemidiaphragm
+        r[0] *= loss
+        r[1] *= rng.uniform(0.88, 0.95)
+        normal = np.array([1.0, rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4)])
+        p["atel"] = (k, c + r * np.array([rng.uniform(0.2, 0.5), 0, 0]), normal / np.linalg.norm(normal),
+                     rng.uniform(0.025, 0.04))
+    if cons:  # one or two dense blobs in a lobe
+        p["cons"] = [(k, lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.55), rng.uniform(0.10, 0.18, 3))
+                     for k in rng.integers(0, 2, rng.integers(1, 3))]
+    if opac:  # diffuse ground-glass haze over a large region
+        k = rng.integers(0, 2)
+        p["haze"] = (k, lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.4), rng.uniform(0.35, 0.55))
+    if effu:  # dependent fluid: inferior and posterior parts of one or both lungs
+        sides = [[0], [1], [0, 1]][rng.choice(3, p=[0.4, 0.3, 0.3])]
+        p["effusion"] = [(k, rng.uniform(0.3, 0.55)) for k in sides]
+    return p
+
+
+def _in_ball(rng, radius):
+    v = rng.standard_normal(3)
+    return v / np.linalg.norm(v) * radius * rng.uniform(0, 1) ** (1 / 3)
+
+
+def _paint(lab, axes, box, inside, value, over=None):
+    """Set lab to `value` where inside(z, y, x) holds, within box ((lo), (hi)) only.
+
+    axes: ascending coordinates of the (Z, Y, X) voxel centres; over: a boolean
+    lookup of the classes that may be overwritten (None: any).
+    """
+    sl = tuple(slice(*np.searchsorted(a, [lo, hi])) for a, lo, hi in zip(axes, *box))
+    if any(s.stop <= s.start for s in sl):
+        return
+    z, y, x = (a[s] for a, s in zip(axes, sl))
+    m = np.broadcast_to(inside(z[:, None, None], y[None, :, None], x[None, None, :]),
+                        (len(z), len(y), len(x)))
+    view = lab[sl]
+    if over is not None:
+        m = m & over[view]
+    view[m] = value
+
+
+def _ellipsoid(c, r):
+    return ((c - r, c + r),
+            lambda z, y, x: ((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2 <= 1)
+
+
+def render_labels(p: dict, axes) -> np.ndarray:
+    """Paint the tissue classes of patient p on the grid axes (z, y, x) -> uint8 (Z, Y, X)."""
+    z, y, x = axes
+    lab = np.zeros((len(z), len(y), len(x)), np.uint8)
+    s, (ox, oy) = p["scale"], p["offset"]
+    far = (-9, 9)
+    bx, by = 0.86 * s, 0.62 * s
+
+    def cylinder(cx, cy, rx, ry):  # elliptic cylinder along z
+        return ((far[0], cy - ry, cx - rx), (far[1], cy + ry, cx + rx)), \
+            lambda z, y, x: ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+
+    _paint(lab, axes, *cylinder(ox, oy, bx, by), FAT)
+    _paint(lab, axes, *cylinder(ox, oy, bx - 0.06, by - 0.06), TISSUE)
+    for c, r in p["lungs"]:
+        _paint(lab, axes, *_ellipsoid(c, r), LUNG)
+    for k, c, r in p["vessels"]:
+        _paint(lab, axes, *_ellipsoid(c, np.full(3, r)), VESSEL, IN_LUNG)
+    hs = p["heart_scale"]
+    heart = np.array([0.30, -0.08 + oy, 0.10 * s + ox])
+    _paint(lab, axes, *_ellipsoid(heart, np.array([0.22, 0.28 * (1 + (hs - 1) / 2), 0.26 * hs]) * s), HEART)
+    aorta = cylinder(0.12 * s + ox, 0.30 * s + oy, 0.055 * s, 0.055 * s)
+    _paint(lab, axes, ((-0.55, *aorta[0][0][1:]), (0.7, *aorta[0][1][1:])), aorta[1], HEART)
+    spine, disc = cylinder(ox, 0.50 * s + oy, 0.11 * s, 0.11 * s), 0.11 * s
+    _paint(lab, axes, spine[0], lambda z, y, x: spine[1](z, y, x) & ((z / disc + p["rib_phase"]) % 1 > 0.2), BONE)
+    ring = lambda y, x: (0.80 < (e := ((x - ox) / bx) ** 2 + ((y - oy) / by) ** 2)) & (e < 0.88) & (np.abs(x - ox) > 0.12)
+    band = lambda z, x: np.cos(2 * np.pi * (z / 0.22 - 0.5 * np.abs(x - ox) + p["rib_phase"])) > 0.6
+    _paint(lab, axes, ((-0.9, -1, -1), (0.65, 1, 1)), lambda z, y, x: band(z, x) & ring(y, x), BONE)
+    lungs = p["lungs"]
+    if "haze" in p:
+        k, c, r = p["haze"]
+        _paint(lab, axes, *_ellipsoid(c, np.full(3, r)), HAZE, AERATED)
+    for k, c, r in p.get("cons", []):
+        _paint(lab, axes, *_ellipsoid(c, r), CONS, IN_LUNG)
+    if "atel" in p:
+        k, c, n, half = p["atel"]
+        box = (lungs[k][0] - lungs[k][1], lungs[k][0] + lungs[k][1])
+        _paint(lab, axes, box, lambda z, y, x: np.abs((z - c[0]) * n[0] + (y - c[1]) * n[1] + (x - c[2]) * n[2]) < half,
+               ATEL, IN_LUNG)
+    for k, depth in p.get("effusion", []):
+        c, r = lungs[k]
+        base = c[0] + 0.4 * c[1] + math.hypot(r[0], 0.4 * r[1])  # lowest point of z + 0.4 y in the lung
+        _paint(lab, axes, (c - r, c + r), lambda z, y, x: z + 0.4 * y > base - depth, FLUID, IN_LUNG)
+    return lab
+
+
+def _axis(n: int, lo: float, hi: float) -> np.ndarray:
+    return (lo + (np.arange(n, dtype=np.float32) + 0.5) * (hi - lo) / n).astype(np.float32)
+
+
+def _upsample(img: np.ndarray, shape) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    mode = "trilinear" if img.ndim == 3 else "bilinear"
+    return F.interpolate(t, size=tuple(shape), mode=mode, align_corners=False)[0, 0].numpy()
+
+
+def phantom_image(p: dict, rng: np.random.Generator, modality: str, size: int, external: bool) -> np.ndarray:
+    """Render patient p: a CT volume (3D) or a frontal radiograph (2D, the projection of
+    the same kind of volume along Y) -> float32 (Z, H, W) in [-1, 1].
+
+    external: a shifted acquisition (coarser resolution, more noise, other
+    intensity calibration), the role CheXpert and RAD-ChestCT play for real data.
+    """
+    half_z = rng.uniform(0.75, 1.0) if modality == "3d" else rng.uniform(1.0, 1.2)
+    centre = rng.uniform(-0.12, 0.0)
+    if modality == "3d":  # square axial field of view, z extent varies: (Z, size, size)
+        shape = (max(1, round(size * half_z)), size, size)
+    else:  # frontal view: x spans the field of view, z (rows) the longer side
+        shape = (size, max(1, round(size / half_z)))
+    res = 0.6 if external else 1.0  # external: rendered coarser, then upsampled
+    coarse = [max(2, round(n * res)) for n in shape]
+    z = _axis(coarse[0], centre - half_z, centre + half_z)
+    x = _axis(coarse[-1], -1, 1)
+    noise = p["noise"] * (2.5 if external else 1.0)
+    if modality == "3d":
+        lab = render_labels(p, (z, _axis(coarse[1], -1, 1), x))
+        hu = HU_OF[lab] + p["hu_offset"]
+        if external:
+            hu = _upsample(hu * 1.04 + 30, shape)
+        hu += rng.standard_normal(hu.shape, dtype=np.float32) * (18 * noise)
+        return window_ct(hu)
+    lab = render_labels(p, (z, _axis(32, -1, 1), x))
+    line = MU_OF[lab].mean(axis=1)  # (H, W) line integral of attenuation through the body
+    if external:
+        line = _upsample(line, shape)
+    img = line ** (p["gamma"] * (0.7 if external else 1.0))
+    img += rng.standard_normal(img.shape, dtype=np.float32) * (0.015 * noise)
+    return minmax(img, "phantom")[None]
+
+
+def phantom_rng(name: str, split: str, index: int, seed: int) -> np.random.Generator:
+    """Patients differ across the four phantom sources and across splits."""
+    return np.random.default_rng([seed, PHANTOMS.index(name), ("train", "test").index(split), index])
+
+
+def phantom_record(name: str, split: str, index: int, size: int, seed: int) -> Record:
+    """Sample `index` of a phantom split; rounded through float16 like a cache array."""
+    rng = phantom_rng(name, split, index, seed)
+    p = sample_patient(rng)
+    modality = "3d" if "3d" in name else "2d"
+    img = phantom_image(p, rng, modality, size, name.endswith("-ext"))
+    return Record(img.astype(np.float16).astype(np.float32), p["labels"], modality, f"{name}-{split}-{index:06d}")
+
+
+# ---------------------------------------------------------------- raw datasets (see DATASETS.md)
+
+MODALITY = {"mimic": "2d", "chexpert": "2d", "ctrate": "3d", "radchest": "3d", "folder2d": "2d", "folder3d": "3d"}
+CTRATE_COLUMNS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Lung opacity", "Pleural effusion")
+RADCHEST_PREFIXES = ("atelectasis", "cardiomegaly", "consolidation", "opacity", "pleural_effusion")
+RADCHEST_SPLITS = {"trn": ("train", "imgtrain"), "val": ("valid", "imgvalid"), "tst": ("test", "imgtest")}
+RADCHEST_SPACING = (0.8, 0.8, 0.8)  # mm, isotropic as released
+
+
+@dataclass
+class Options:
+    """How `prepare` and `check` read and preprocess a dataset (argparse fills it)."""
+    size: int = 0                  # long side; 0: 224 for 2D, 112 for 3D (paper 2.4)
+    min_side: int = 14             # reject an image whose patched side is shorter (one patch)
+    uncertain: str = "nan"         # MIMIC / CheXpert label -1.0: nan | zero | one
+    blank: str = "nan"             # label not mentioned (blank cell): nan | zero
+    mimic_views: str = "PA,AP"     # MIMIC frontal views by preference; one image per study
+    frontal_only: bool = False     # CheXpert: drop lateral views (the paper's n=668 keeps them)
+    chexpert_table: str = ""       # CheXpert CSV; default: groundtruth.csv, test_labels.csv or test.csv
+    ctrate_version: str = "auto"   # auto | 1 (train/, valid/) | 2 (train_fixed/, valid_fixed/)
+    one_per_scan: bool = False     # CT-RATE: keep only the first reconstruction of each scan
+    v1_flip: str = ""              # CT-RATE v1 (header ignored): axes of (Z, Y, X) to flip, e.g. "zy"
+    phantom: str = "phantom2d"     # phantom cache: which phantom
+    n: int = 1024                  # phantom cache: train samples (test: n // 4)
+    seed: int = 0                  # phantom cache: seed
+
+
+@dataclass
+class Source:
+    """One raw file to convert, with everything known about it before decoding."""
+    key: str                 # unique, file-name safe: the cache array is arrays/KEY.npy
+    id: str
+    split: str
+    labels: np.ndarray
+    path: str
+    kind: str                # xray | nifti | npz | phantom
+    rescale: tuple = None    # CT-RATE v1: (slope, intercept) from the metadata, header ignored
+    spacing: tuple = None    # (z, y, x) mm from the metadata; None: from the file
+    problem: str = ""        # known defect (e.g. no metadata row): reported as a failure
+
+
+def read_table(path: Path, required) -> list:
+    """Rows of a CSV (or .csv.gz) as dicts; names the file and column when one is missing."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: table not found")
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        return list(reader)
+
+
+def parse_label(value: str, opt: Options) -> float:
+    """'1.0' positive, '0.0' negative, '-1.0' uncertain (opt.uncertain), '' not mentioned (opt.blank)."""
+    value = (value or "").strip()
+    if value == "":
+        return {"nan": math.nan, "zero": 0.0}[opt.blank]
+    x = float(value)
+    return {"nan": math.nan, "zero": 0.0, "one": 1.0}[opt.uncertain] if x == -1 else x
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+def _nan_labels() -> np.ndarray:
+    return np.full(len(LABELS), np.nan, np.float32)
+
+
+def scan_mimic(root: Path, opt: Options) -> list:
+    """MIMIC-CXR-JPG: one frontal image per study (opt.mimic_views by preference)."""
+    meta = read_table(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"])
+    table = read_table(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *LABELS])
+    split_table = root / "mimic-cxr-2.0.0-split.csv.gz"
+    split_of = {r["dicom_id"]: r["split"] for r in read_table(split_table, ["dicom_id", "split"])}
+    labels_of = {(int(r["subject_id"]), int(r["study_id"])): np.array([parse_label(r[c], opt) for c in LABELS], np.float32)
+                 for r in table}
+    views = [v.strip().upper() for v in opt.mimic_views.split(",")]
+    best = {}  # (subject, study) -> ((view rank, dicom_id), row)
+    for r in meta:
+        view = (r["ViewPosition"] or "").strip().upper()
+        if view in views:
+            study, rank = (int(r["subject_id"]), int(r["study_id"])), (views.index(view), r["dicom_id"])
+            if study not in best or rank < best[study][0]:
+                best[study] = (rank, r)
+    sources = []
+    for (subject, study), (_, r) in sorted(best.items()):
+        dicom = r["dicom_id"]
+        path = root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
+        split = split_of.get(dicom, "")
+        sources.append(Source(_key(dicom), f"p{subject}/s{study}", split, labels_of.get((subject, study), _nan_labels()),
+                              str(path), "xray", problem="" if split else f"dicom_id {dicom} not in {split_table}"))
+    return sources
+
+
+def _resolve(root: Path, rel: str) -> Path:
+    """A path from a CheXpert table ('CheXpert-v1.0/test/...') under root, dropping leading folders."""
+    parts = Path(rel.strip()).parts
+    for i in range(len(parts)):
+        if (root.joinpath(*parts[i:])).exists():
+            return root.joinpath(*parts[i:])
+    cut = next((i for i, p in enumerate(parts) if p in ("test", "valid", "train")), 0)
+    return root.joinpath(*parts[cut:])
+
+
+def scan_chexpert(root: Path, opt: Options) -> list:
+    """CheXpert test: study-level labels (`Study` column) or image-level (`Path` column)."""
+    names = [opt.chexpert_table] if opt.chexpert_table else ["groundtruth.csv", "test_labels.csv", "test.csv"]
+    table = next((root / n for n in names if (root / n).is_file()), None)
+    if table is None:
+        raise FileNotFoundError(f"{root}: no label table ({' or '.join(names)})")
+    rows = read_table(table, LABELS)
+    column = "Study" if rows and "Study" in rows[0] else "Path"
+    if rows and column not in rows[0]:
+        raise ValueError(f"{table}: missing column 'Study' or 'Path'; found {list(rows[0])}")
+    sources = []
+    for r in rows:
+        labels = np.array([parse_label(r[c], opt) for c in LABELS], np.float32)
+        where = _resolve(root, r[column])
+        paths = sorted(where.glob("*.jpg")) if column == "Study" else [where]
+        if column == "Study" and not paths:
+            sources.append(Source(_key(r[column]), r[column], "test", labels, str(where), "xray",
+                                  problem="study folder has no .jpg image"))
+        for path in paths:
+            if opt.frontal_only and "lateral" in path.name.lower():
+                continue
+            rid = "/".join([*path.parent.parts[-2:], path.stem])
+            split = next((p for p in ("train", "valid") if p in path.parts), "test")
+            sources.append(Source(_key(rid), rid, split, labels, str(path), "xray"))
+    return sources
+
+
+def _floats(text: str) -> list:
+    return [float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", str(text))]
+
+
+def scan_ctrate(root: Path, opt: Options) -> list:
+    """CT-RATE v1 (HU from metadata slope/intercept, header ignored) or v2 (*_fixed, HU in the file)."""
+    ds = root / "dataset" if (root / "dataset").is_dir() else root
+    version = opt.ctrate_version
+    if version == "auto":
+        version = "2" if any((ds / f"{s}_fixed").is_dir() for s in ("train", "valid")) else "1"
+    spacing_cols = ["VolumeName", "XYSpacing", "ZSpacing"]
+    sources, found = [], []
+    for split, meta_name in (("train", "train"), ("valid", "validation")):
+        folder = ds / (f"{split}_fixed" if version == "2" else split)
+        if not folder.is_dir():
+            continue
+        found.append(folder)
+        table = read_table(ds / "multi_abnormality_labels" / f"{split}_predicted_labels.csv", ["VolumeName", *CTRATE_COLUMNS])
+        labels_of = {r["VolumeName"]: np.array([float(r[c]) for c in CTRATE_COLUMNS], np.float32) for r in table}
+        meta_path = ds / "metadata" / f"{meta_name}_metadata.csv"
+        meta = {}
+        if version == "1" or meta_path.is_file():
+            need = spacing_cols + (["RescaleSlope", "RescaleIntercept"] if version == "1" else [])
+            meta = {r["VolumeName"]: r for r in read_table(meta_path, need)}
+        kept = {}
+        for path in sorted(folder.rglob("*.nii.gz")):
+            name, stem = path.name, path.name[: -len(".nii.gz")]
+            parts = stem.split("_")  # split, patient, scan, reconstruction
+            scan = "_".join(parts[:3])
+            if opt.one_per_scan and scan in kept:
+                continue
+            kept[scan] = True
+            row = meta.get(name)
+            src = Source(_key(stem), f"{'_'.join(parts[:2])}/{stem}", split, labels_of.get(name, _nan_labels()),
+                         str(path), "nifti")
+            if row is not None:
+                xy = _floats(row["XYSpacing"])
+                src.spacing = (float(row["ZSpacing"]), xy[0], xy[-1])
+                if version == "1":
+                    src.rescale = (float(row["RescaleSlope"]), float(row["RescaleIntercept"]))
+            elif version == "1":
+                src.problem = f"no row for {name} in {meta_path} (RescaleSlope/RescaleIntercept needed for v1)"
+            sources.append(src)
+    if not found:
+        raise FileNotFoundError(f"{ds}: no CT-RATE volume folder (v1: train/, valid/; v2: train_fixed/, valid_fixed/)")
+    return sources
+
+
+def scan_radchest(root: Path, opt: Options) -> list:
+    """RAD-ChestCT: {trn,val,tst}NNNNN.npz; label = max over columns 'abnormality*location' by exact prefix."""
+    files = sorted(p for p in root.rglob("*.npz") if re.fullmatch(r"(trn|val|tst)\d+", p.stem))
+    if not files:
+        raise FileNotFoundError(f"{root}: no RAD-ChestCT volumes (trnNNNNN.npz, valNNNNN.npz, tstNNNNN.npz)")
+    labels_of = {}
+    for prefix in sorted({p.stem[:3] for p in files}):
+        table = root / f"{RADCHEST_SPLITS[prefix][1]}_Abnormality_and_Location_Labels.csv"
+        rows = read_table(table, ["NoteAcc_DEID"])
+        columns = list(rows[0]) if rows else []
+        groups = []
+        for name, want in zip(LABELS, RADCHEST_PREFIXES):
+            cols = [c for c in columns if c.split("*")[0] == want]
+            if not cols:
+                raise ValueError(f"{table}: no column '{want}*<location>' for {name}")
+            groups.append(cols)
+        for r in rows:
+            labels_of[r["NoteAcc_DEID"]] = np.array([max(float(r[c] or 0) for c in cols) for cols in groups], np.float32)
+    return [Source(_key(p.stem), p.stem, RADCHEST_SPLITS[p.stem[:3]][0], labels_of.get(p.stem, _nan_labels()),
+                   str(p), "npz") for p in files]
+
+
+def scan_folder(root: Path, modality: str) -> list:
+    """Unlabelled images (PNG/JPG) or volumes (NIfTI) anywhere under root; split 'train'."""
+    exts = (".png", ".jpg", ".jpeg") if modality == "2d" else (".nii", ".nii.gz")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(exts))
+    sources = []
+    for p in files:
+        rid = p.relative_to(root).as_posix()
+        rid = rid[: -len(next(e for e in exts if rid.lower().endswith(e)))]
+        sources.append(Source(_key(rid), rid, "train", _nan_labels(), str(p), "xray" if modality == "2d" else "nifti"))
+    return sources
+
+
+def scan_phantom(opt: Options) -> list:
+    if opt.phantom not in PHANTOMS:
+        raise ValueError(f"--phantom must be one of {PHANTOMS}, got {opt.phantom!r}")
+    ds = {s: PhantomDataset(opt.phantom, s, n=n, size=opt.size or None, seed=opt.seed)
+          for s, n in (("train", opt.n), ("test", max(1, opt.n // 4)))}
+    return [Source(_key(d.ids[i]), d.ids[i], s, d.labels[i], f"{opt.phantom}/{s}/{i}", "phantom")
+            for s, d in ds.items() for i in range(len(d))]
+
+
+def scan(name: str, root, opt: Options) -> list:
+    """All Sources of a dataset; errors name the missing root, table or column."""
+    if name == "phantom":
+        return scan_phantom(opt)
+    if name not in MODALITY:
+        raise ValueError(f"unknown dataset {name!r}; one of {sorted(MODALITY)} or 'phantom'")
+    root = Path(root or "")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset root not found")
+    if name.startswith("folder"):
+        return scan_folder(root, MODALITY[name])
+    return {"mimic": scan_mimic, "chexpert": scan_chexpert, "ctrate": scan_ctrate, "radchest": scan_radchest}[name](root, opt)
+
+
+def read_nifti(path: str, rescale=None, flip: str = ""):
+    """NIfTI -> ((Z, Y, X) HU float32, header spacing (z, y, x) mm) in the project orientation.
+
+    With a trustworthy affine (rescale None): reoriented to RAS+ by nibabel
+    (axis 0 -> patient right, 1 -> anterior, 2 -> superior), header scaling
+    applied, then every axis reversed and transposed to (Z, Y, X).
+    CT-RATE v1 (rescale = (slope, intercept)): header scaling and affine are
+    ignored; the stored array (i, j, k), k the slice axis, becomes (k, j, i)
+    and HU = slope * stored + intercept; `flip` reverses axes of the result.
+    """
+    import nibabel as nib
+    img = nib.load(path)
+    if len(img.shape) != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {img.shape}")
+    if rescale is None:
+        img = nib.as_closest_canonical(img)
+        vol = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)[::-1, ::-1, ::-1]
+    else:
+        vol = (img.dataobj.get_unscaled().astype(np.float32) * rescale[0] + rescale[1]).transpose(2, 1, 0)
+    for axis in flip:
+        vol = np.flip(vol, "zyx".index(axis))
+    return vol, tuple(float(s) for s in img.header.get_zooms()[:3][::-1])
+
+
+def load_source(src: Source, opt: Options) -> np.ndarray:
+    """Decode and preprocess one raw file -> float32 (Z, H, W) in [-1, 1], validated."""
+    if src.problem:
+        raise ValueError(f"{src.path}: {src.problem}")
+    size = opt.size or (XRAY_SIZE if src.kind == "xray" or src.path.startswith("phantom2d") else CT_SIZE)
+    if src.kind == "xray":
+        from PIL import Image
+        with Image.open(src.path) as im:
+            scale = size / max(im.size)
+            im.draft("L", (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))  # JPEG: decode at reduced size
+            img = preprocess_xray(im, size, src.path)
+    elif src.kind == "nifti":
+        hu, spacing = read_nifti(src.path, src.rescale, opt.v1_flip if src.rescale else "")
+        img = preprocess_ct(hu, src.spacing or spacing, size, src.path)
+    elif src.kind == "npz":
+        with np.load(src.path) as z:
+            if "ct" not in z.files:
+                raise ValueError(f"{src.path}: no 'ct' array (found {z.files})")
+            hu = z["ct"].astype(np.float32)
+        img = preprocess_ct(hu, RADCHEST_SPACING, size, src.path)
+    else:
+        name, split, index = src.path.split("/")
+        img = phantom_record(name, split, int(index), size, opt.seed).image
+    return validate_image(img, src.path, opt.min_side)
+
+
+# ---------------------------------------------------------------- cache: prepare and read
+
+def _atomic_write(path: Path, write) -> None:
+    """write(f) into a temporary file next to path, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _npy_shape(path: Path):
+    """Shape of a complete .npy file, None if it is missing or unreadable."""
+    try:
+        return tuple(np.load(path, mmap_mode="r").shape)
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def _convert(task):
+    """Worker: decode, preprocess and store one source; never raises."""
+    i, src, opt, path = task
+    try:
+        img = load_source(src, opt)
+        _atomic_write(path, lambda f: np.save(f, img.astype(np.float16)))
+        return i, img.shape, None
+    except Exception as e:  # a corrupt file is reported, not fatal
+        return i, None, f"{type(e).__name__}: {e}".replace("\n", " ")
+
+
+def _init_worker():
+    torch.set_num_threads(1)
+
+
+def prepare(name: str, root, out, opt: Options, workers: int = 1) -> dict:
+    """Convert a raw dataset into a cache (see the module docstring); resumable.
+
+    Returns {"converted", "reused", "failed": [(path, error)], "records"}.
+    """
+    sources = scan(name, root, opt)
+    if not sources:
+        raise FileNotFoundError(f"{root}: no {name} images found")
+    keys = [s.key for s in sources]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise ValueError(f"{root}: several files map to the same cache key, e.g. {dup}")
+    modality = "3d" if "3d" in opt.phantom else "2d" if name == "phantom" else MODALITY[name]
+    out = Path(out)
+    (out / "arrays").mkdir(parents=True, exist_ok=True)
+    settings = {"dataset": name, "modality": modality, **asdict(opt),
+                "size": opt.size or (CT_SIZE if modality == "3d" else XRAY_SIZE),
+                "window": [WINDOW_LEVEL, WINDOW_WIDTH], "dtype": "float16",
+                "orientation": "(Z, Y, X): superior->inferior, anterior->posterior, right->left"}
+    if (out / "settings.json").is_file():
+        old = json.loads((out / "settings.json").read_text())
+        if old != json.loads(json.dumps(settings)):
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise ValueError(f"{out}: prepared with other settings {diff}; use a new --out")
+    else:
+        _write_json(out / "settings.json", settings)
+    shapes, todo = {}, []
+    for i, src in enumerate(sources):
+        path = out / "arrays" / f"{src.key}.npy"
+        shapes[i] = _npy_shape(path)
+        if shapes[i] is None:
+            todo.append((i, src, opt, path))
+    reused = len(sources) - len(todo)
+    failed = []
+    bar = tqdm(total=len(todo), desc=f"prepare {name}", unit="file", disable=not todo)
+    if workers > 1 and len(todo) > 1:
+        pool = multiprocessing.Pool(workers, initializer=_init_worker)
+        results = pool.imap_unordered(_convert, todo)
+    else:
+        pool, results = None, map(_convert, todo)
+    for i, shape, error in results:
+        shapes[i] = shape
+        if error:
+            failed.append((sources[i].path, error))
+        bar.update(1)
+        bar.set_postfix(failed=len(failed))
+    bar.close()
+    if pool is not None:
+        pool.close()
+        pool.join()
+    failed.sort()
+    _atomic_write(out / "report.tsv", lambda f: f.write("".join(f"{p}\t{e}\n" for p, e in failed).encode()))
+    records = [{"key": s.key, "id": s.id, "split": s.split, "shape": list(shapes[i]),
+                "labels": [None if math.isnan(v) else float(v) for v in s.labels]}
+               for i, s in enumerate(sources) if shapes[i] is not None]
+    if not records:
+        raise RuntimeError(f"{root}: nothing usable: all {len(sources)} files failed, e.g. {failed[0][1]} "
+                           f"(all listed in {out / 'report.tsv'})")
+    index_name = opt.phantom if name == "phantom" else name
+    _write_json(out / "index.json", {"format": CACHE_FORMAT, "name": index_name, "modality": modality,
+                                     "settings": settings, "records": records, "n_failed": len(failed)})
+    summary = {"converted": len(todo) - len(failed), "reused": reused, "failed": failed, "records": len(records)}
+    print(f"{out}: {len(records)} records ({summary['converted']} converted, {reused} already done), "
+          f"{len(failed)} failed" + (f" (listed in {out / 'report.tsv'})" if failed else ""))
+    return summary
+
+
+SPLIT_ORDER = ("train", "validate", "valid", "test")
+
+
+def _read_index(root: Path) -> dict:
+    path = Path(root) / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: neither a phantom name {PHANTOMS} nor a cache directory with index.json "
+                                f"(make one with `python data.py prepare`)")
+    index = json.loads(path.read_text())
+    if index.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path}: cache format {index.get('format')}, this data.py reads {CACHE_FORMAT}; prepare again")
+    return index
+
+
+def _splits_of(records) -> list:
+    found = {r["split"] for r in records}
+    return sorted(found, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """One split of a cache written by `prepare`; items are Records read through a memory map."""
+
+    def __init__(self, root, split: str):
+        self.root = Path(root)
+        index = _read_index(self.root)
+        splits = _splits_of(index["records"])
+        if split not in splits:
+            raise ValueError(f"{root}: no split {split!r}; it has {splits}")
+        self.records = [r for r in index["records"] if r["split"] == split]
+        self.name, self.modality, self.split = index["name"], index["modality"], split
+        self.ids = [r["id"] for r in self.records]
+        self.labels = np.array([[math.nan if v is None else v for v in r["labels"]] for r in self.records],
+                               np.float32).reshape(-1, len(LABELS))
+        self.fingerprint = _digest([index["settings"], self.name, split, self.records])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        r = self.records[i]
+        path = self.root / "arrays" / f"{r['key']}.npy"
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{path}: unreadable cache array ({e})") from e
+        if list(arr.shape) != r["shape"]:
+            raise ValueError(f"{path}: shape {arr.shape}, index.json says {r['shape']}")
+        image = validate_image(np.asarray(arr, dtype=np.float32), str(path), 1)
+        return Record(image, self.labels[i], self.modality, r["id"])
+
+
+class PhantomDataset(torch.utils.data.Dataset):
+    """A phantom split generated on the fly, deterministic by (seed, split, index), memoized.
+
+    n: samples in the split (default PHANTOM_N); size: long side (default 224
+    for 2D, 112 for 3D); memo_bytes: how much of the split each process keeps.
+    """
+
+    def __init__(self, name: str, split: str, n: int = None, size: int = None, seed: int = 0,
+                 memo_bytes: int = 2 << 30):
+        if name not in PHANTOMS:
+            raise ValueError(f"unknown phantom {name!r}; one of {PHANTOMS}")
+        if split not in ("train", "test"):
+            raise ValueError(f"{name}: no split {split!r}; it has ['train', 'test']")
+        self.name, self.split, self.seed = name, split, seed
+        self.modality = "3d" if "3d" in name else "2d"
+        self.n = PHANTOM_N[split] if n is None else int(n)
+        self.size = size or (CT_SIZE if self.modality == "3d" else XRAY_SIZE)
+        self.ids = [f"{name}-{split}-{i:06d}" for i in range(self.n)]
+        self.fingerprint = _digest(["phantom-v1", name, split, self.n, self.size, seed])
+        self._labels, self._memo, self._memo_left = None, {}, memo_bytes
+
+    @property
+    def labels(self) -> np.ndarray:  # (n, 5), from the patients' parameters: no rendering
+        if self._labels is None:
+            self._labels = np.stack([sample_patient(phantom_rng(self.name, self.split, i, self.seed))["labels"]
+                                     for i in range(self.n)]).reshape(-1, len(LABELS))
+        return self._labels
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Record:
+        if not 0 <= i < self.n:
+            raise IndexError(f"{self.name}/{self.split}: index {i} out of range({self.n})")
+        if i in self._memo:
+            image, labels = self._memo[i]
+            return Record(image.astype(np.float32), labels, self.modality, self.ids[i])
+        rec = phantom_record(self.name, self.split, i, self.size, self.seed)
+        if rec.image.size * 2 <= self._memo_left:
+            self._memo[i] = (rec.image.astype(np.float16), rec.labels)
+            self._memo_left -= rec.image.size * 2
+        return rec
+
+
+def open_dataset(spec: str, split: str, **phantom_options) -> torch.utils.data.Dataset:
+    """A phantom name (options n, size, seed) or a cache directory from `python data.py prepare`."""
+    if spec in PHANTOMS:
+        return PhantomDataset(spec, split, **phantom_options)
+    if phantom_options:
+        raise ValueError(f"{spec}: options {sorted(phantom_options)} apply to phantom datasets only")
+    return CacheDataset(spec, split)
+
+
+def list_splits(spec: str) -> list:
+    return ["train", "test"] if spec in PHANTOMS else _splits_of(_read_index(Path(spec))["records"])
+
+
+def describe(spec: str, **phantom_options) -> dict:
+    """{"name", "modality", "splits": {split: count}, "prevalence": {split: [5 floats, NaN-aware]}}."""
+    sets = [open_dataset(spec, s, **phantom_options) for s in list_splits(spec)]
+    return {"name": sets[0].name, "modality": sets[0].modality,
+            "splits": {d.split: len(d) for d in sets},
+            "prevalence": {d.split: [float(v) for v in np.nanmean(d.labels, 0)] if len(d) else [] for d in sets}}
+
+
+# ---------------------------------------------------------------- views (paper 2.4.1)
+
+def _patched(shape) -> np.ndarray:
+    """Which axes of (Z, H, W) are cut into patches: all three for a volume, H and W for a 2D image."""
+    return np.array([shape[0] > 1, True, True])
+
+
+def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global: int = 2, n_local: int = 8,
+               global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), ratio=(3 / 4, 4 / 3)) -> list:
+    """paper 2.4.1: n_global global then n_local local random crops, 2D and 3D alike.
+
+    A crop covers a fraction `scale` of the image's area (2D) or volume (3D),
+    its sides jittered around the image's own proportions (each pair of sides
+    within `ratio`), kept at native resolution (no resizing) and snapped to
+    whole patches, at least one per axis. Returns tensors (1, z, h, w).
+    """
+    dims = np.array(image.shape)
+    patched = _patched(dims)
+    grid = dims[patched] // patch
+    if grid.min() < 1:
+        raise ValueError(f"image {tuple(dims)} is smaller than one {patch}-pixel patch")
+    views = []
+    for k in range(n_global + n_local):
+        lo, hi = global_scale if k < n_global else local_scale
+        scale = rng.uniform(lo, hi)
+        jitter = rng.uniform(math.log(ratio[0]) / 2, math.log(ratio[1]) / 2, patched.sum())
+        side = dims[patched] * scale ** (1 / patched.sum()) * np.exp(jitter - jitter.mean())
+        size = dims.copy()
+        size[patched] = np.clip(np.rint(side / patch), 1, grid).astype(int) * patch
+        start = [rng.integers(0, d - s + 1) for d, s in zip(dims, size)]
+        crop = image[tuple(slice(a, a + s) for a, s in zip(start, size))]
+        views.append(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None])
+    return views
+
+
+def whole_view(record: Record, patch: int) -> torch.Tensor:
+    """The full image (1, Z, H, W), centre-cropped to whole patches (Z kept when Z == 1)."""
+    dims = np.array(record.image.shape)
+    size = np.where(_patched(dims), dims // patch * patch, dims)
+    if size.min() < 1:
+        raise ValueError(f"{record.id}: image {tuple(dims)} is smaller than one {patch}-pixel patch")
+    start = (dims - size) // 2
+    crop = record.image[tuple(slice(a, a + s) for a, s in zip(start, size))]
+    return torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None]
+
+
+# ---------------------------------------------------------------- mixed 2D/3D loader
+
+@dataclass
+class Batch:
+    packed: Packed        # views in view-major order: view v of local sample n is packed index v * n_samples + n
+    labels: torch.Tensor  # (n_samples, 5) float32, NaN unknown
+    is_3d: torch.Tensor   # (n_samples,) bool; local samples are 2D first, then 3D
+    n_samples: int
+    n_views: int          # views per sample
+    n_global: int         # the first n_global views of each sample are global
+    step: int
+    n_skipped: int        # records that failed to load and were replaced
+    ids: list = field(default_factory=list)  # record id of each local sample
+
+    def _map(self, fn) -> "Batch":
+        return Batch(fn(self.packed), fn(self.labels), fn(self.is_3d), self.n_samples, self.n_views,
+                     self.n_global, self.step, self.n_skipped, self.ids)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        return self._map(lambda t: t.pin_memory())
+
+
+_WARNED = set()
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose item s is this rank's share of the batch of step s.
+
+    The content of step s is a pure function of (seed, s), whatever the rank,
+    the world size or where a run resumed:
+    - the global batch of step s takes positions s*B .. s*B+B-1 of an endless
+      stream of per-epoch permutations (seeded by (seed, epoch)) of each dataset;
+    - rank r takes the contiguous share [r*B/world, (r+1)*B/world);
+    - the views of a sample come from an RNG seeded by (seed, step, modality,
+      position in the global batch);
+    - a record that fails to load is replaced by the next index of the same
+      permutation (a function of the position only), counted and warned once.
+    """
+
+    def __init__(self, ds_2d, ds_3d, *, batch_2d, batch_3d, steps, mode, n_global, n_local,
+                 global_scale, local_scale, patch, seed, rank, world):
+        if mode not in ("lejepa", "supervised"):
+            raise ValueError(f"mode must be 'lejepa' or 'supervised', got {mode!r}")
+        self.parts = []  # (modality code, dataset, global batch)
+        for code, ds, b in ((0, ds_2d, batch_2d), (1, ds_3d, batch_3d)):
+            if ds is None or not b:
+                continue
+            if b % world:
+                raise ValueError(f"batch_{code + 2}d={b} is not divisible by world={world}")
+            if len(ds) == 0:
+                raise ValueError(f"{ds.name}/{ds.split}: empty dataset")
+            self.parts.append((code, ds, b))
+        if not self.parts:
+            raise ValueError("make_loader needs a 2D or a 3D dataset with a batch size > 0")
+        self.steps, self.mode, self.patch, self.seed, self.rank, self.world = steps, mode, patch, seed, rank, world
+        self.n_global, self.n_local = (1, 0) if mode == "supervised" else (n_global, n_local)
+        self.global_scale, self.local_scale = global_scale, local_scale
+        self._perms = {}
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _perm(self, code: int, n: int, epoch: int) -> np.ndarray:
+        key = (code, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            self._perms[key] = np.random.default_rng([self.seed, code, epoch]).permutation(n)
+        return self._perms[key]
+
+    def _record(self, code: int, ds, position: int):
+        """(record, n_skipped) at a stream position; failures move on within the permutation."""
+        epoch, offset = divmod(position, len(ds))
+        perm = self._perm(code, len(ds), epoch)
+        for skipped in range(len(ds)):
+            i = int(perm[(offset + skipped) % len(ds)])
+            try:
+                rec = ds[i]
+                validate_image(rec.image, f"{ds.name}/{ds.split}[{i}] ({rec.id})", self.patch)
+                return rec, skipped
+            except Exception as e:  # never crash mid-run on one bad file
+                if (ds.name, ds.split, i) not in _WARNED:
+                    _WARNED.add((ds.name, ds.split, i))
+                    warnings.warn(f"skipping {ds.name}/{ds.split}[{i}]: {e}")
+        raise RuntimeError(f"{ds.name}/{ds.split}: no record could be loaded (all {len(ds)} failed)")
+
+    def sample(self, step: int):
+        """(ids, labels (n, 5), is_3d (n,), views per sample, n_skipped) of this rank at `step`."""
+        ids, labels, is_3d, views, skipped = [], [], [], [], 0
+        for code, ds, b in self.parts:
+            share = b // self.world
+            for pos in range(self.rank * share, (self.rank + 1) * share):
+                rec, k = self._record(code, ds, step * b + pos)
+                rng = np.random.default_rng([self.seed, step, code, pos])
+                views.append(make_views(rec.image, rng, self.patch, self.n_global, self.n_local,
+                                        self.global_scale, self.local_scale))
+                ids.append(rec.id)
+                labels.append(rec.labels)
+                is_3d.append(code == 1)
+                skipped += k
+        return ids, np.stack(labels).astype(np.float32), np.array(is_3d), views, skipped
+
+    def __getitem__(self, step: int) -> Batch:
+        ids, labels, is_3d, views, skipped = self.sample(step)
+        n_views = self.n_global + self.n_local
+        flat = [v[k] for k in range(n_views) for v in views]  # view-major
+        return Batch(pack(flat, self.patch), torch.from_numpy(labels), torch.from_numpy(is_3d), len(ids),
+                     n_views, self.n_global, step, skipped, ids)
+
+
+def _as_is(batch):
+    return batch
+
+
+def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="lejepa", n_global=2, n_local=8,
+                global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), patch=14, alpha=128.0, seed=0, rank=0, world=1,
+                workers=0, pin_memory=False) -> torch.utils.data.DataLoader:
+    """Batches of steps start_step .. steps-1 (paper 2.3/2.4: 192 2D + 64 3D; stage 1: 256 2D).
+
+    Views are cropped and packed inside the worker processes; resume = start
+    at start_step. alpha (RoPE scale) is applied by the model: pack.py stores
+    grid indices, so it does not change the batches.
+    """
+    ds = StepDataset(ds_2d, ds_3d, batch_2d=batch_2d, batch_3d=batch_3d, steps=steps, mode=mode,
+                     n_global=n_global, n_local=n_local, global_scale=global_scale, local_scale=local_scale,
+                     patch=patch, seed=seed, rank=rank, world=world)
+    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start_step, steps), num_workers=workers,
+                                       collate_fn=_as_is, pin_memory=pin_memory,
+                                       persistent_workers=False)
+
+
+# ---------------------------------------------------------------- command line
+
+def _peek(src: Source) -> None:
+    """Cheap readability check: headers only."""
+    if src.kind == "xray":
+        from PIL import Image
+        with Image.open(src.path) as im:
+            im.size
+    elif src.kind == "nifti":
+        import nibabel as nib
+        shape = nib.load(src.path).shape
+        if len(shape) != 3:
+            raise ValueError(f"{src.path}: expected a 3D volume, got shape {shape}")
+    elif src.kind == "npz":
+        with np.load(src.path) as z:
+            if "ct" not in z.files:
+                raise ValueError(f"{src.path}: no 'ct' array (found {z.files})")
+
+
+def check(name: str, root, opt: Options, full: bool = False) -> dict:
+    """What a dataset holds before a long run: counts, label prevalence and every problem with its path."""
+    sources = scan(name, root, opt)
+    problems = []
+    for src in tqdm(sources, desc=f"check {name}", unit="file", disable=len(sources) < 100):
+        try:
+            if src.problem:
+                raise ValueError(src.problem)
+            if src.kind != "phantom" and not Path(src.path).is_file():
+                raise FileNotFoundError("file not found")
+            load_source(src, opt) if full else _peek(src)
+        except Exception as e:
+            problems.append((src.path, f"{type(e).__name__}: {e}"))
+    splits = {s: [x for x in sources if x.split == s] for s in _splits_of([{"split": x.split} for x in sources])}
+    labels = {s: {name: [int((y == 1).sum()), int((y == 0).sum()), int(np.isnan(y).sum())]
+                  for name, y in zip(LABELS, np.stack([x.labels for x in xs]).T)} for s, xs in splits.items()}
+    print(f"{name} at {root}: {len(sources)} files, {len(problems)} with problems")
+    for s, xs in splits.items():
+        print(f"  {s or '(no split)'}: {len(xs)}")
+        for label, (pos, neg, unk) in labels[s].items():
+            print(f"    {label:17s} positive {pos:7d}  negative {neg:7d}  unknown {unk:7d}")
+    for path, error in problems:
+        print(f"  problem: {path}: {error}")
+    return {"splits": {s: len(xs) for s, xs in splits.items()}, "labels": labels, "problems": problems}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Prepare (convert once into a cache) or check a dataset.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for command in ("prepare", "check"):
+        p = sub.add_parser(command)
+        p.add_argument("--dataset", required=True, choices=[*MODALITY, "phantom"])
+        p.add_argument("--root", default="", help="raw dataset folder (not needed for phantom)")
+        p.add_argument("--size", type=int, default=0, help="long side; default 224 (2D) / 112 (3D), paper 2.4")
+        p.add_argument("--min-side", type=int, default=14, help="reject images with a side shorter than this (one patch)")
+        p.add_argument("--uncertain", choices=["nan", "zero", "one"], default="nan", help="MIMIC/CheXpert label -1.0")
+        p.add_argument("--blank", choices=["nan", "zero"], default="nan", help="MIMIC/CheXpert blank label")
+        p.add_argument("--mimic-views", default="PA,AP", help="MIMIC frontal views in order of preference")
+        p.add_argument("--frontal-only", action="store_true", help="CheXpert: drop lateral views")
+        p.add_argument("--chexpert-table", default="", help="CheXpert label CSV (default: groundtruth.csv, ...)")
+        p.add_argument("--ctrate-version", choices=["auto", "1", "2"], default="auto")
+        p.add_argument("--one-per-scan", action="store_true", help="CT-RATE: first reconstruction of each scan only")
+        p.add_argument("--v1-flip", default="", help="CT-RATE v1: axes of (Z, Y, X) to flip, e.g. 'zy'")
+        p.add_argument("--phantom", choices=PHANTOMS, default="phantom2d")
+        p.add_argument("--n", type=int, default=1024, help="phantom: train samples (test: n // 4)")
+        p.add_argument("--seed", type=int, default=0, help="phantom: seed")
+        if command == "prepare":
+            p.add_argument("--out", required=True, help="cache folder")
+            p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+        else:
+            p.add_argument("--full", action="store_true", help="decode every file, not only headers")
+    args = ap.parse_args(argv)
+    opt = Options(size=args.size, min_side=args.min_side, uncertain=args.uncertain, blank=args.blank,
+                  mimic_views=args.mimic_views, frontal_only=args.frontal_only, chexpert_table=args.chexpert_table,
+                  ctrate_version=args.ctrate_version, one_per_scan=args.one_per_scan, v1_flip=args.v1_flip,
+                  phantom=args.phantom, n=args.n, seed=args.seed)
+    if args.command == "prepare":
+        prepare(args.dataset, args.root, args.out, opt, args.workers)
+        return 0
+    return 0 if len(check(args.dataset, args.root, opt, args.full)["problems"]) == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
