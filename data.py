@@ -246,8 +246,8 @@ def render_labels(p: dict, axes) -> np.ndarray:
     for k, c, r in p["vessels"]:
         _paint(lab, axes, *_ellipsoid(c, np.full(3, r)), VESSEL, IN_LUNG)
     hs = p["heart_scale"]
-    heart = np.array([0.30, -0.08 + oy, 0.10 * s + ox])
-    _paint(lab, axes, *_ellipsoid(heart, np.array([0.22, 0.28 * (1 + (hs - 1) / 2), 0.26 * hs]) * s), HEART)
+    heart = np.array([0.25, -0.06 + oy, 0.08 * s + ox])
+    _paint(lab, axes, *_ellipsoid(heart, np.array([0.22, 0.32 * (1 + (hs - 1) / 2), 0.25 * hs]) * s), HEART)
     aorta = cylinder(0.12 * s + ox, 0.30 * s + oy, 0.055 * s, 0.055 * s)
     _paint(lab, axes, ((-0.55, *aorta[0][0][1:]), (0.7, *aorta[0][1][1:])), aorta[1], HEART)
     spine, disc = cylinder(ox, 0.50 * s + oy, 0.11 * s, 0.11 * s), 0.11 * s
@@ -973,9 +973,10 @@ class StepDataset(torch.utils.data.Dataset):
                 validate_image(rec.image, f"{ds.name}/{ds.split}[{i}] ({rec.id})", self.patch)
                 return rec, skipped
             except Exception as e:  # never crash mid-run on one bad file
-                if (ds.name, ds.split, i) not in _WARNED:
-                    _WARNED.add((ds.name, ds.split, i))
-                    warnings.warn(f"skipping {ds.name}/{ds.split}[{i}]: {e}")
+                message = f"skipping {ds.name}/{ds.split}[{i}]: {e}"
+                if message not in _WARNED:  # once per file and process
+                    _WARNED.add(message)
+                    warnings.warn(message)
         raise RuntimeError(f"{ds.name}/{ds.split}: no record could be loaded (all {len(ds)} failed)")
 
     def sample(self, step: int):

@@ -1,0 +1,534 @@
+"""data.py: readers on fixture trees that mimic each real layout, preprocessing,
+the cache, phantoms, multi-crop views and the mixed loader (all on CPU, tiny sizes)."""
+import csv
+import gzip
+import json
+import math
+import os
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+nib = pytest.importorskip("nibabel")
+from PIL import Image  # noqa: E402
+
+NAN = float("nan")
+ALL14 = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+         "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+         "Fracture", "Support Devices"]
+
+
+# ---------------------------------------------------------------- fixture helpers
+
+def write_jpg(path: Path, h=40, w=32, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(path, quality=95)
+
+
+def write_csv(path: Path, header, rows, gz=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (gzip.open(path, "wt", newline="") if gz else open(path, "w", newline="")) as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def labels_of(ds):
+    return {ds.ids[i]: ds[i].labels for i in range(len(ds))}
+
+
+def same(a, b):
+    return np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), equal_nan=True)
+
+
+def opt(**kw):
+    return data.Options(size=28, **kw)
+
+
+def prepared(name, root, tmp_path, **kw):
+    out = tmp_path / f"cache-{name}"
+    data.prepare(name, root, out, opt(**kw))
+    return out
+
+
+# ---------------------------------------------------------------- MIMIC-CXR-JPG
+
+def mimic_tree(root: Path):
+    studies = [  # subject, study, [(dicom, view)], split, labels row (5 paper labels)
+        ("10000032", "50414267", [("aaaaaaa1-11111111-22222222-33333333-44444444", "AP"),
+                                  ("aaaaaaa2-11111111-22222222-33333333-44444444", "PA"),
+                                  ("aaaaaaa3-11111111-22222222-33333333-44444444", "LATERAL")],
+         "train", ["1.0", "0.0", "-1.0", "", "1.0"]),
+        ("10000764", "57375967", [("bbbbbbb1-11111111-22222222-33333333-44444444", "AP")],
+         "test", ["0.0", "1.0", "", "1.0", "0.0"]),
+        ("11000011", "51234567", [("ccccccc1-11111111-22222222-33333333-44444444", "LL"),
+                                  ("ccccccc2-11111111-22222222-33333333-44444444", "")],
+         "train", ["1.0", "1.0", "1.0", "1.0", "1.0"]),  # no frontal view: dropped
+    ]
+    meta, split, lab = [], [], []
+    for subject, study, images, sp, labels in studies:
+        for dicom, view in images:
+            meta.append([dicom, subject, study, "", view, 3056, 2544, "21800506", "213014.531"])
+            split.append([dicom, study, subject, sp])
+            write_jpg(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg", seed=len(meta))
+        row = dict(zip(ALL14, [""] * 14), **dict(zip(data.LABELS, labels)))
+        lab.append([subject, study, *[row[c] for c in ALL14]])
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id",
+              "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns", "StudyDate", "StudyTime"],
+              meta, gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split, gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *ALL14], lab, gz=True)
+
+
+def test_mimic_one_frontal_per_study_pa_first_with_label_policy(tmp_path):
+    mimic_tree(tmp_path / "mimic")
+    cache = prepared("mimic", tmp_path / "mimic", tmp_path)
+    assert data.list_splits(str(cache)) == ["train", "test"]
+    train, test = data.open_dataset(str(cache), "train"), data.open_dataset(str(cache), "test")
+    assert (train.name, train.modality) == ("mimic", "2d")
+    assert train.ids == ["p10000032/s50414267"] and test.ids == ["p10000764/s57375967"]
+    assert same(train[0].labels, [1, 0, NAN, NAN, 1])  # -1 and blank are unknown by default
+    assert same(test[0].labels, [0, 1, NAN, 1, 0])
+    index = json.loads((cache / "index.json").read_text())
+    assert index["records"][0]["key"].startswith("aaaaaaa2")  # PA preferred over AP
+    zero = data.scan("mimic", tmp_path / "mimic", opt(uncertain="zero", blank="zero"))
+    assert same(zero[0].labels, [1, 0, 0, 0, 1])
+    img = train[0].image
+    assert img.shape == (1, 28, 22) and img.dtype == np.float32  # long side 28 (40x32 raw)
+    assert img.min() == pytest.approx(-1, abs=1e-3) and img.max() == pytest.approx(1, abs=1e-3)
+
+
+# ---------------------------------------------------------------- CheXpert
+
+def test_chexpert_study_table_labels_every_image_and_frontal_only_option(tmp_path):
+    root = tmp_path / "chexpert"
+    for k, view in ((1, "frontal"), (2, "lateral")):
+        write_jpg(root / "test" / "patient64741" / "study1" / f"view{k}_{view}.jpg", seed=k)
+    write_jpg(root / "test" / "patient64742" / "study1" / "view1_frontal.jpg", seed=3)
+    row = lambda study, values: [study, *[values.get(c, 0) for c in ALL14]]
+    write_csv(root / "groundtruth.csv", ["Study", *ALL14], [
+        row("CheXpert-v1.0/test/patient64741/study1", {"Cardiomegaly": 1, "Pleural Effusion": 1}),
+        row("CheXpert-v1.0/test/patient64742/study1", {"Atelectasis": 1})])
+    ds = data.open_dataset(str(prepared("chexpert", root, tmp_path)), "test")
+    got = labels_of(ds)
+    assert sorted(got) == ["patient64741/study1/view1_frontal", "patient64741/study1/view2_lateral",
+                           "patient64742/study1/view1_frontal"]
+    assert same(got["patient64741/study1/view2_lateral"], [0, 1, 0, 0, 1])
+    assert same(got["patient64742/study1/view1_frontal"], [1, 0, 0, 0, 0])
+    frontal = data.scan("chexpert", root, opt(frontal_only=True))
+    assert [s.id for s in frontal] == ["patient64741/study1/view1_frontal", "patient64742/study1/view1_frontal"]
+
+
+def test_chexpert_path_table_is_accepted(tmp_path):
+    root = tmp_path / "chexpert"
+    write_jpg(root / "test" / "patient1" / "study1" / "view1_frontal.jpg")
+    values = dict.fromkeys(ALL14, "0.0") | {"Lung Opacity": "1.0", "Consolidation": "-1.0"}
+    write_csv(root / "test.csv", ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *ALL14],
+              [["CheXpert-v1.0/test/patient1/study1/view1_frontal.jpg", "Male", 60, "Frontal", "PA",
+                *[values[c] for c in ALL14]]])
+    (src,) = data.scan("chexpert", root, opt())
+    assert Path(src.path).is_file() and src.id == "patient1/study1/view1_frontal"
+    assert same(src.labels, [0, 0, NAN, 1, 0])
+
+
+# ---------------------------------------------------------------- CT-RATE
+
+CTRATE_18 = ["Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+             "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
+             "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
+             "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+             "Interlobular septal thickening"]
+
+
+def ctrate_labels(ds: Path, split, names_positive):
+    rows = [[name, *[int(c in pos) for c in CTRATE_18]] for name, pos in names_positive]
+    write_csv(ds / "multi_abnormality_labels" / f"{split}_predicted_labels.csv", ["VolumeName", *CTRATE_18], rows)
+
+
+def test_ctrate_v1_hu_from_metadata_rescale_and_spacing(tmp_path):
+    ds = tmp_path / "CT-RATE" / "dataset"
+    name = "train_1_a_1.nii.gz"
+    stored = np.full((20, 20, 5), 1274, np.uint16)  # (i, j, k), k = slices; 1274 - 1024 = 250 HU
+    stored[:, :, 0] = 2524  # first stored slice: 1500 HU
+    img = nib.Nifti1Image(stored, np.diag([-3.0, -3.0, 9.0, 1]))  # a header v1 must not trust
+    img.header.set_slope_inter(2.0, 7.0)
+    path = ds / "train" / "train_1" / "train_1_a" / name
+    path.parent.mkdir(parents=True)
+    nib.save(img, path)
+    ctrate_labels(ds, "train", [(name, {"Cardiomegaly", "Lung opacity", "Lung nodule"})])
+    write_csv(ds / "metadata" / "train_metadata.csv",
+              ["VolumeName", "Manufacturer", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"],
+              [[name, "X", 1, -1024, "[0.7, 0.7]", 2.8]])
+    cache = prepared("ctrate", tmp_path / "CT-RATE", tmp_path)
+    rec = data.open_dataset(str(cache), "train")[0]
+    assert rec.id == "train_1/train_1_a_1" and rec.modality == "3d"
+    assert same(rec.labels, [0, 1, 0, 1, 0])
+    assert rec.image.shape == (28, 28, 28)  # 5 x 2.8 mm = 20 x 0.7 mm: a cube, from the metadata spacing
+    assert np.allclose(rec.image[8:], 0.0, atol=2e-3)  # 250 HU = the window level -> 0
+    assert np.allclose(rec.image[:3], 1.0, atol=2e-3)  # stored slice k=0 stays first, 1500 HU -> +1
+
+
+def write_ras_volume(path: Path, affine_sign, shape=(16, 12, 10), zooms=(1.0, 1.0, 1.0)):
+    """int16 HU volume whose marker sits at the patient's superior-anterior-right corner, whatever the affine."""
+    vol = np.full(shape, 250, np.int16)
+    # marker at RAS world corner (x right = max, y anterior = max, z superior = max)
+    sl = tuple(slice(-3, None) if s > 0 else slice(0, 3) for s in affine_sign)
+    vol[sl] = 1500
+    affine = np.diag([*(s * z for s, z in zip(affine_sign, zooms)), 1.0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(vol, affine), path)
+
+
+@pytest.mark.parametrize("affine_sign", [(1, 1, 1), (-1, -1, 1), (1, -1, -1)])
+def test_ctrate_v2_fixed_keeps_hu_and_reorients_by_affine(tmp_path, affine_sign):
+    ds = tmp_path / "dataset"
+    name = "valid_53_a_1.nii.gz"
+    write_ras_volume(ds / "valid_fixed" / "valid_53" / "valid_53_a" / name, affine_sign, zooms=(2.0, 2.0, 2.0))
+    ctrate_labels(ds, "valid", [(name, {"Atelectasis", "Pleural effusion", "Consolidation"})])
+    cache = prepared("ctrate", tmp_path, tmp_path)  # no metadata: v2 spacing from the header
+    rec = data.open_dataset(str(cache), "valid")[0]
+    assert rec.id == "valid_53/valid_53_a_1" and same(rec.labels, [1, 0, 1, 0, 1])
+    assert rec.image.shape == (18, 21, 28)  # (Z, Y, X) = (k, j, i) extents 20, 24, 32 mm, long side 28
+    assert rec.image[0, 0, 0] == pytest.approx(1.0, abs=2e-3)  # superior, anterior, patient right: index 0
+    assert rec.image[-1, -1, -1] == pytest.approx(0.0, abs=2e-3)  # 250 HU, not rescaled twice
+    assert np.argmax(rec.image.mean(axis=(1, 2))) < 4 and np.argmax(rec.image.mean(axis=(0, 1))) < 4
+
+
+def test_folder3d_nifti_uses_affine_and_header_spacing(tmp_path):
+    write_ras_volume(tmp_path / "vols" / "case1" / "ct.nii.gz", (-1, -1, 1), shape=(20, 20, 5), zooms=(1.0, 1.0, 4.0))
+    (src,) = data.scan("folder3d", tmp_path / "vols", opt())
+    img = data.load_source(src, opt())
+    assert src.id == "case1/ct" and img.shape == (28, 28, 28) and img[0, 0, 0] == pytest.approx(1.0, abs=2e-3)
+
+
+# ---------------------------------------------------------------- RAD-ChestCT
+
+def test_radchest_npz_orientation_hu_and_exact_prefix_labels(tmp_path):
+    root = tmp_path / "radchest"
+    root.mkdir()
+    vol = np.full((20, 24, 28), -1000, np.int16)  # (Z, Y, X) superior->inferior, anterior->posterior, right->left
+    vol[:3, :3, :3] = 875  # superior-anterior-right corner: 875 HU -> 0.5
+    np.savez_compressed(root / "tst00007.npz", ct=vol)
+    np.savez_compressed(root / "tst00008.npz", ct=vol[::-1].copy())
+    cols = ["atelectasis*lung", "atelectasis*left_lower", "cardiomegaly*heart", "consolidation*right_upper",
+            "opacity*lung", "groundglass_opacity*lung", "pleural_effusion*left", "pleural_effusion_like*left"]
+    write_csv(root / "imgtest_Abnormality_and_Location_Labels.csv", ["NoteAcc_DEID", *cols],
+              [["tst00007", 0, 1, 0, 0, 0, 1, 0, 1],   # substring decoys only for opacity and effusion
+               ["tst00008", 0, 0, 1, 1, 1, 0, 1, 0]])
+    ds = data.open_dataset(str(prepared("radchest", root, tmp_path)), "test")
+    got = labels_of(ds)
+    assert same(got["tst00007"], [1, 0, 0, 0, 0]) and same(got["tst00008"], [0, 1, 1, 1, 1])
+    img = ds[ds.ids.index("tst00007")].image
+    assert img.shape == (20, 24, 28)  # 0.8 mm isotropic, long side 28: no resampling
+    assert img[0, 0, 0] == pytest.approx(0.5, abs=2e-3) and img[-1, -1, -1] == pytest.approx(-1.0)
+    assert ds[ds.ids.index("tst00008")].image[-1, 0, 0] == pytest.approx(0.5, abs=2e-3)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_missing_root_table_and_column_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.*root not found"):
+        data.scan("mimic", tmp_path / "nowhere", opt())
+    root = tmp_path / "mimic"
+    mimic_tree(root)
+    (root / "mimic-cxr-2.0.0-split.csv.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-split.csv.gz: table not found"):
+        data.scan("mimic", root, opt())
+    write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id"], [], gz=True)
+    with pytest.raises(ValueError, match=r"split.csv.gz: missing column\(s\) \['split'\]"):
+        data.scan("mimic", root, opt())
+    rad = tmp_path / "rad"
+    rad.mkdir()
+    np.savez_compressed(rad / "trn00001.npz", ct=np.zeros((20, 20, 20), np.int16))
+    write_csv(rad / "imgtrain_Abnormality_and_Location_Labels.csv", ["NoteAcc_DEID", "atelectasis*lung"], [["trn00001", 1]])
+    with pytest.raises(ValueError, match=r"imgtrain_Abnormality_and_Location_Labels.csv: no column 'cardiomegaly\*"):
+        data.scan("radchest", rad, opt())
+
+
+def test_image_smaller_than_one_patch_is_rejected_with_its_path(tmp_path):
+    write_jpg(tmp_path / "imgs" / "thin.jpg", h=300, w=8)  # long side 28 -> 28 x 1
+    (src,) = data.scan("folder2d", tmp_path / "imgs", opt())
+    with pytest.raises(ValueError, match=r"thin.jpg: image \(1, 28, 1\) is smaller than one 14-pixel patch"):
+        data.load_source(src, opt())
+    with pytest.raises(ValueError, match="smaller than one 14-pixel patch"):
+        data.whole_view(data.Record(np.zeros((1, 10, 40), np.float32), np.zeros(5, np.float32), "2d", "x"), 14)
+
+
+def test_prepare_skips_a_corrupt_file_reports_exactly_it_and_resumes(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    for k in range(3):
+        write_jpg(root / f"p{k}" / "img.jpg", seed=k)
+    bad = root / "p9" / "img.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    out = tmp_path / "cache"
+    first = data.prepare("folder2d", root, out, opt(), workers=2)
+    assert first["converted"] == 3 and first["reused"] == 0 and first["records"] == 3
+    assert [p for p, _ in first["failed"]] == [str(bad)]
+    report = (out / "report.tsv").read_text().splitlines()
+    assert len(report) == 1 and report[0].startswith(f"{bad}\t")
+    arrays = sorted((out / "arrays").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in arrays]
+    index = (out / "index.json").read_text()
+    second = data.prepare("folder2d", root, out, opt(), workers=1)
+    assert second["converted"] == 0 and second["reused"] == 3 and [p for p, _ in second["failed"]] == [str(bad)]
+    assert [p.stat().st_mtime_ns for p in sorted((out / "arrays").iterdir())] == stamps
+    assert (out / "index.json").read_text() == index
+    assert not list(out.rglob("*.tmp"))
+    ds = data.open_dataset(str(out), "train")
+    assert ds.ids == ["p0/img", "p1/img", "p2/img"] and np.isnan(ds.labels).all()
+    with pytest.raises(ValueError, match="other settings"):
+        data.prepare("folder2d", root, out, data.Options(size=42))
+    for p in root.rglob("*.jpg"):
+        p.write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="nothing usable"):
+        data.prepare("folder2d", root, tmp_path / "cache2", opt())
+
+
+def test_check_reports_counts_prevalence_and_problem_paths(tmp_path, capsys):
+    root = tmp_path / "mimic"
+    mimic_tree(root)
+    missing = next(root.rglob("aaaaaaa2*.jpg"))
+    missing.unlink()
+    report = data.check("mimic", root, opt())
+    assert report["splits"] == {"train": 1, "test": 1}
+    assert report["labels"]["train"]["Consolidation"] == [0, 0, 1]  # positive, negative, unknown
+    assert [p for p, _ in report["problems"]] == [str(missing)]
+    assert str(missing) in capsys.readouterr().out
+    assert data.main(["check", "--dataset", "mimic", "--root", str(root), "--size", "28"]) == 1
+
+
+def test_ct_resampling_keeps_anatomy_proportions():
+    hu = np.zeros((10, 40, 20), np.float32)  # 4 mm slices, 1 mm pixels: 40 x 40 x 20 mm
+    out = data.preprocess_ct(hu, (4.0, 1.0, 1.0), 28, "x")
+    assert out.shape == (28, 28, 14)
+    assert data.window_ct(np.array([-1000.0, 250.0, 875.0, 1500.0, 3000.0])).tolist() == [-1, 0, 0.5, 1, 1]
+
+
+def test_cache_fingerprint_changes_with_content_and_corrupt_array_is_skipped(tmp_path):
+    out = tmp_path / "cache"
+    data.prepare("phantom", "", out, data.Options(size=28, phantom="phantom3d", n=8))
+    ds = data.open_dataset(str(out), "train")
+    assert len(ds) == 8 and ds.modality == "3d" and ds.name == "phantom3d"
+    direct = data.open_dataset("phantom3d", "train", n=8, size=28)
+    assert ds.ids == direct.ids and np.array_equal(ds[3].image, direct[3].image)  # cache == on the fly
+    assert data.describe(str(out))["splits"] == {"train": 8, "test": 2}
+    fingerprint = ds.fingerprint
+    path = out / "arrays" / f"{ds.records[0]['key']}.npy"
+    arr = np.load(path)
+    arr[0, 0, 0] = np.nan
+    np.save(path, arr)
+    with pytest.raises(ValueError, match="non-finite"):
+        ds[0]
+    index = json.loads((out / "index.json").read_text())
+    index["records"][1]["labels"][0] = 1.0 - index["records"][1]["labels"][0]
+    (out / "index.json").write_text(json.dumps(index))
+    assert data.open_dataset(str(out), "train").fingerprint != fingerprint
+    ok = data.open_dataset(str(out), "train")
+    with pytest.warns(UserWarning, match="non-finite") as caught:
+        batches = list(data.make_loader(None, ok, batch_2d=0, batch_3d=4, steps=4, patch=14))
+    assert sum(b.n_skipped for b in batches) >= 1 and ds.ids[0] not in sum((b.ids for b in batches), [])
+    assert sum(str(path) in str(w.message) for w in caught) == 1  # warned once, with its path
+
+
+# ---------------------------------------------------------------- phantoms
+
+def test_phantoms_are_deterministic_with_disjoint_splits_and_sources():
+    a = data.open_dataset("phantom2d", "train", n=4, size=42, seed=1)
+    b = data.open_dataset("phantom2d", "train", n=4, size=42, seed=1)
+    assert np.array_equal(a[2].image, b[2].image) and np.array_equal(a[2].image, a[2].image)  # memoized == fresh
+    test = data.open_dataset("phantom2d", "test", n=4, size=42, seed=1)
+    three = data.open_dataset("phantom3d", "train", n=4, size=42, seed=1)
+    assert not set(a.ids) & set(test.ids) and not set(a.ids) & set(three.ids)
+    params = lambda name, split: data.sample_patient(data.phantom_rng(name, split, 0, 1))["scale"]
+    assert len({params("phantom2d", "train"), params("phantom2d", "test"), params("phantom3d", "train")}) == 3
+    assert a.fingerprint != data.open_dataset("phantom2d", "train", n=4, size=42, seed=2).fingerprint
+    rec, vol = a[0], three[0]
+    assert rec.image.shape[0] == 1 and max(rec.image.shape) == 42 and vol.image.shape[1:] == (42, 42)
+    assert -1 <= rec.image.min() and rec.image.max() <= 1 and rec.image.dtype == np.float32
+    assert data.describe("phantom3d", n=4, size=28)["splits"] == {"train": 4, "test": 4}
+
+
+def test_external_phantoms_have_a_shifted_acquisition():
+    def noise(name):  # median difference between neighbouring pixels: the noise level, robust to edges
+        ds = data.open_dataset(name, "test", n=6, size=64)
+        return np.mean([np.median(np.abs(np.diff(ds[i].image, axis=-1))) for i in range(6)])
+    def brightness(name):
+        ds = data.open_dataset(name, "test", n=6, size=64)
+        return np.mean([ds[i].image.mean() for i in range(6)])
+    assert noise("phantom2d-ext") > 1.2 * noise("phantom2d") and noise("phantom3d-ext") > 2 * noise("phantom3d")
+    assert brightness("phantom2d-ext") > brightness("phantom2d") + 0.05
+
+
+def pooled_features(img: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(img)[None]
+    if img.shape[0] == 1:
+        t = t[:, 0]
+        return torch.cat([torch.nn.functional.adaptive_avg_pool2d(t, 6).flatten(),
+                          torch.nn.functional.adaptive_max_pool2d(t, 6).flatten()]).numpy()
+    return torch.cat([torch.nn.functional.adaptive_avg_pool3d(t, 4).flatten(),
+                      -torch.nn.functional.adaptive_max_pool3d(-t, 4).flatten()]).numpy()
+
+
+@pytest.mark.parametrize("name,size", [("phantom2d", 48), ("phantom3d", 28)])
+def test_phantom_labels_are_learnable_from_simple_features(name, size):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+    train, test = data.open_dataset(name, "train", n=300, size=size), data.open_dataset(name, "test", n=200, size=size)
+    x_train = np.stack([pooled_features(train[i].image) for i in range(len(train))])
+    x_test = np.stack([pooled_features(test[i].image) for i in range(len(test))])
+    assert np.all((0.08 < train.labels.mean(0)) & (train.labels.mean(0) < 0.45))  # realistic prevalences
+    scaler = StandardScaler().fit(x_train)
+    for k, label in enumerate(data.LABELS):
+        clf = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(x_train), train.labels[:, k])
+        auc = roc_auc_score(test.labels[:, k], clf.predict_proba(scaler.transform(x_test))[:, 1])
+        assert auc > 0.65, f"{name} {label}: AUROC {auc:.2f}"
+
+
+def frontal(img: np.ndarray) -> np.ndarray:
+    """A radiograph-like (H, W) picture: the image itself (2D) or the volume projected along Y (3D)."""
+    return img[0] if img.shape[0] == 1 else (img + 1).mean(axis=1)
+
+
+def test_cardiomegaly_widens_the_projected_heart_in_2d_and_3d_alike():
+    patients = []
+    for i in range(20):  # patients whose lung bases are aerated (fluid would hide the heart border)
+        rng = data.phantom_rng("phantom2d", "train", i, 0)
+        patient = data.sample_patient(rng)
+        if patient["labels"][0] == patient["labels"][4] == 0:
+            patients.append((i, rng, patient))
+    for i, rng, patient in patients[:4]:
+        state = rng.bit_generator.state
+        centres = []
+        for modality in ("2d", "3d"):
+            pictures = []
+            for heart_scale in (1.0, 1.5):  # same patient, same noise: only the heart differs
+                rng.bit_generator.state = state
+                pictures.append(frontal(data.phantom_image(dict(patient, heart_scale=heart_scale), rng, modality, 64, False)))
+            grown = (pictures[1] - pictures[0]) > 0.05  # lung replaced by heart: denser
+            cols = np.flatnonzero(grown.any(axis=0)) / grown.shape[1]
+            rows = np.flatnonzero(grown.any(axis=1)) / grown.shape[0]
+            assert cols.max() - cols.min() > 0.25, f"patient {i} {modality}: the heart shadow did not widen"
+            assert 0.3 < rows.mean() < 0.85  # in the lower chest, not everywhere
+            centres.append(cols.mean())
+        assert abs(centres[0] - centres[1]) < 0.1  # at the same place in the radiograph and the CT's projection
+
+
+# ---------------------------------------------------------------- views (paper 2.4.1)
+
+@pytest.mark.parametrize("shape", [(1, 200, 160), (64, 64, 48)])
+def test_views_scales_within_bounds_for_2d_and_3d(shape):
+    image = np.zeros(shape, np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        views = data.make_views(image, rng, patch=1)
+        frac = np.array([v[0].numel() / image.size for v in views])
+        assert len(views) == 10
+        assert np.all((0.3 * 0.9 <= frac[:2]) & (frac[:2] <= 1.0))
+        assert np.all((0.05 * 0.9 <= frac[2:]) & (frac[2:] <= 0.3 * 1.1))
+        for v in views:
+            assert v.shape[1] == 1 if shape[0] == 1 else v.shape[1] > 1
+            sides = np.array(v.shape[1:], float)[[shape[0] > 1, True, True]] / np.array(shape)[[shape[0] > 1, True, True]]
+            assert sides.max() / sides.min() < 4 / 3 * 1.15  # modest aspect jitter around the image's proportions
+
+
+@pytest.mark.parametrize("shape", [(1, 224, 182), (84, 112, 112), (14, 30, 100)])
+def test_views_counts_and_whole_patches_at_native_resolution(shape):
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)  # every voxel unique
+    views = data.make_views(image, np.random.default_rng(1), patch=14, n_global=3, n_local=5)
+    assert len(views) == 8
+    for v in views:
+        assert v.dtype == torch.float32 and v.shape[0] == 1
+        _, z, h, w = v.shape
+        assert (z == 1) if shape[0] == 1 else (z % 14 == 0 and z >= 14)
+        assert h % 14 == 0 and w % 14 == 0 and h >= 14 and w >= 14
+        z0, y0, x0 = np.unravel_index(int(v[0, 0, 0, 0]), shape)  # a crop, not a resize
+        assert torch.equal(v[0], torch.from_numpy(image[z0:z0 + z, y0:y0 + h, x0:x0 + w]))
+    big = np.array([v.numel() for v in views])
+    assert big[:3].mean() > big[3:].mean()
+
+
+def test_whole_view_is_a_centred_crop_to_whole_patches():
+    image = np.arange(20 * 30 * 45, dtype=np.float32).reshape(20, 30, 45)
+    v = data.whole_view(data.Record(image, np.zeros(5, np.float32), "3d", "x"), 14)
+    assert v.shape == (1, 14, 28, 42) and torch.equal(v[0], torch.from_numpy(image[3:17, 1:29, 1:43]))
+    flat = data.whole_view(data.Record(image[:1], np.zeros(5, np.float32), "2d", "x"), 14)
+    assert flat.shape == (1, 1, 28, 42)
+
+
+# ---------------------------------------------------------------- loader
+
+def small_sets():
+    return (data.open_dataset("phantom2d", "train", n=12, size=42),
+            data.open_dataset("phantom3d", "train", n=6, size=28))
+
+
+def packed_equal(a, b):
+    pairs = [(getattr(a, f.name), getattr(b, f.name)) for f in fields(a)]
+    return all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in pairs)
+
+
+def test_loader_batch_is_view_major_with_2d_first():
+    d2, d3 = small_sets()
+    loader = data.make_loader(d2, d3, batch_2d=4, batch_3d=2, steps=1, patch=14)
+    (batch,) = list(loader)
+    ids, labels, is_3d, views, _ = loader.dataset.sample(0)
+    assert (batch.n_samples, batch.n_views, batch.n_global, batch.packed.n_views) == (6, 10, 2, 60)
+    assert batch.is_3d.tolist() == [False] * 4 + [True] * 2 and batch.ids == ids
+    assert torch.equal(batch.labels, torch.from_numpy(labels)) and batch.labels.dtype == torch.float32
+    for v in range(10):
+        for n in range(6):
+            assert batch.packed.view_grid[v * 6 + n].tolist() == [max(1, views[n][v].shape[1] // 14),
+                                                                  views[n][v].shape[2] // 14, views[n][v].shape[3] // 14]
+    moved = batch.to("cpu")
+    assert isinstance(moved, data.Batch) and moved.step == 0
+
+
+def test_loader_two_ranks_cover_the_global_batch_without_overlap_and_same_views():
+    d2, d3 = small_sets()
+    kw = dict(batch_2d=4, batch_3d=2, steps=3, patch=14, seed=5)
+    whole = data.make_loader(d2, d3, **kw).dataset
+    ranks = [data.make_loader(d2, d3, rank=r, world=2, **kw).dataset for r in range(2)]
+    for step in range(3):
+        ids, labels, _, views, _ = whole.sample(step)
+        parts = [r.sample(step) for r in ranks]
+        assert not set(parts[0][0]) & set(parts[1][0])
+        assert parts[0][0][:2] + parts[1][0][:2] + parts[0][0][2:] + parts[1][0][2:] == ids
+        ranked_views = parts[0][3][:2] + parts[1][3][:2] + parts[0][3][2:] + parts[1][3][2:]
+        for a, b in zip(views, ranked_views):  # same global position -> identical views
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    seen = [i for s in range(2) for i in whole.sample(s)[0] if i.startswith("phantom2d")]
+    assert len(set(seen)) == 8  # two steps of one epoch's permutation: no repeats
+    with pytest.raises(ValueError, match="batch_3d=3 is not divisible by world=2"):
+        data.make_loader(d2, d3, batch_2d=4, batch_3d=3, steps=1, world=2)
+
+
+def test_loader_resume_equals_the_uninterrupted_stream_and_workers_agree():
+    d2, d3 = small_sets()
+    kw = dict(batch_2d=2, batch_3d=2, steps=5, patch=14, seed=3)
+    full = list(data.make_loader(d2, d3, **kw))
+    resumed = list(data.make_loader(d2, d3, start_step=3, **kw))
+    assert [b.step for b in resumed] == [3, 4]
+    for a, b in zip(full[3:], resumed):
+        assert a.ids == b.ids and packed_equal(a.packed, b.packed) and torch.equal(a.labels, b.labels)
+    in_worker = list(data.make_loader(d2, d3, start_step=3, workers=1, **kw))
+    assert all(packed_equal(a.packed, b.packed) for a, b in zip(resumed, in_worker))
+    epochs = [i for b in full for i in b.ids if i.startswith("phantom3d")]  # 10 draws over 6 volumes
+    assert sorted(epochs[:6]) == sorted(d3.ids)
+
+
+def test_loader_supervised_mode_gives_one_global_view_with_labels():
+    d2, _ = small_sets()
+    (batch,) = list(data.make_loader(d2, None, batch_2d=4, batch_3d=8, steps=1, mode="supervised", patch=14))
+    assert (batch.n_views, batch.n_global, batch.packed.n_views, batch.n_samples) == (1, 1, 4, 4)
+    assert not batch.is_3d.any()
+    expected = np.stack([d2[d2.ids.index(i)].labels for i in batch.ids])
+    assert torch.equal(batch.labels, torch.from_numpy(expected))
