@@ -1,0 +1,168 @@
+"""train.py: stages, checkpoints, exact resume, DDP equivalence, safe loading."""
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train
+from model import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--depth", "2", "--size-2d", "56", "--size-3d", "28", "--n-2d", "32", "--n-3d", "16",
+        "--batch-2d", "8", "--batch-3d", "4", "--n-local", "4", "--workers", "0", "--log-every", "1", "--lr", "1e-3",
+        "--proj-hidden", "256", "--proj-out", "32"]
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    last = train.train(train.get_args([*TINY, "--out", out, *extra]))
+    return out, last
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.mark.parametrize("stage,objective", [(3, "lejepa"), (1, "lejepa"), (3, "supervised")])
+def test_short_run_learns_and_checkpoints(tmp_path, stage, objective):
+    only_2d = ["--batch-3d", "0"] if stage == 1 else []
+    out, _ = run(tmp_path, "run", "--stage", str(stage), "--objective", objective, "--steps", "30", "--warmup", "3", *only_2d)
+    curve = losses(out)
+    assert len(curve) == 30
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5  # the loss falls
+    ckpt = load_checkpoint(os.path.join(out, "last.pt"))
+    assert ckpt["step"] == 30 and ckpt["args"]["stage"] == stage
+    assert json.load(open(os.path.join(out, "config.json")))["objective"] == objective
+
+
+def test_stage2_starts_from_stage1_weights(tmp_path):
+    s1, _ = run(tmp_path, "s1", "--stage", "1", "--batch-3d", "0", "--steps", "2")
+    s1_weights = load_checkpoint(os.path.join(s1, "last.pt"))["model"]
+    net = train.build_net(train.get_args([*TINY, "--stage", "2", "--init", os.path.join(s1, "last.pt")]))
+    train.load_init(net, os.path.join(s1, "last.pt"))
+    for k, v in net.backbone.state_dict().items():
+        assert torch.equal(v, s1_weights[k])
+    s2, _ = run(tmp_path, "s2", "--stage", "2", "--init", os.path.join(s1, "last.pt"), "--steps", "2")
+    assert load_checkpoint(os.path.join(s2, "last.pt"))["args"]["init"].endswith("last.pt")
+
+
+def test_stage2_errors(tmp_path):
+    with pytest.raises(ValueError, match="--init"):
+        run(tmp_path, "s2", "--stage", "2", "--steps", "1")
+    s1, _ = run(tmp_path, "s1", "--stage", "1", "--batch-3d", "0", "--steps", "1")
+    with pytest.raises(ValueError, match="differs"):
+        run(tmp_path, "s2b", "--stage", "2", "--init", os.path.join(s1, "last.pt"), "--steps", "1", "--depth", "3")
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        run(tmp_path, "s2c", "--stage", "2", "--init", str(tmp_path / "nowhere.pt"), "--steps", "1")
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    common = ["--steps", "6", "--warmup", "2", "--drop-path", "0.1"]
+    straight, _ = run(tmp_path, "straight", *common)
+    split, _ = run(tmp_path, "split", *common, "--stop-at", "3")
+    assert load_checkpoint(os.path.join(split, "last.pt"))["step"] == 3
+    run(tmp_path, "split", *common, "--resume", "auto")
+    a = load_checkpoint(os.path.join(straight, "last.pt"))
+    b = load_checkpoint(os.path.join(split, "last.pt"))
+    assert b["step"] == 6
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    assert losses(straight) == pytest.approx(losses(split), rel=1e-5)  # the log was rewound, not duplicated
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "model": {}, "model_config": {}, "x": Exploit()}, path)
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_checkpoint(str(path))
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    out, _ = run(tmp_path, "run", "--steps", "1")
+    blob = open(os.path.join(out, "last.pt"), "rb").read()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="cut.pt"):
+        load_checkpoint(str(cut))
+    with pytest.raises(ValueError, match="format"):
+        torch.save({"format": 99, "model": {}, "model_config": {}}, tmp_path / "new.pt")
+        load_checkpoint(str(tmp_path / "new.pt"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_step_grads(rank, world, port, argv, queue):
+    """One training step's gradients in a process group of `world` (world 1: no DDP)."""
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    args = train.get_args(argv)
+    train.resolve_defaults(args, cuda=False)
+    torch.manual_seed(args.seed)
+    net = train.build_net(args)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    ds2, ds3 = train.open_training_data(args)
+    import data
+    batch = next(iter(data.make_loader(ds2, ds3, batch_2d=args.batch_2d, batch_3d=args.batch_3d, steps=1,
+                                       n_global=args.n_global, n_local=args.n_local, patch=14, seed=args.seed,
+                                       rank=rank, world=world)))
+    loss, _ = train.compute_loss(model, batch, args.objective, args.lambd, 0)
+    loss.backward()
+    if rank == 0:
+        queue.put(pickle.dumps([p.grad.clone() for p in net.parameters()]))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_give_single_process_gradients():
+    argv = [*TINY, "--stage", "3"]
+    ctx = mp.get_context("spawn")
+    grads = {}
+    for world in (1, 2):
+        queue, port = ctx.Queue(), _free_port()
+        procs = [ctx.Process(target=_first_step_grads, args=(r, world, port, argv, queue)) for r in range(world)]
+        for p in procs:
+            p.start()
+        grads[world] = pickle.loads(queue.get(timeout=300))
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    for g1, g2 in zip(grads[1], grads[2]):
+        assert torch.allclose(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+def test_torchrun_two_processes_end_to_end(tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "train.py", *TINY, "--steps", "3", "--out", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 3
+    assert len(losses(out)) == 3
+
+
+def test_failure_on_one_rank_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "train.py", *TINY, "--steps", "2", "--batch-2d", "7", "--out", str(tmp_path / "bad")]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    assert "[rank 0] ValueError" in res.stderr and "--batch-2d 7" in res.stderr

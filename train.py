@@ -1,0 +1,408 @@
+"""Pretrain SparseMedicalViT with LeJEPA on a mixed 2D/3D stream (paper 2.2-2.4).
+
+    python train.py --stage 3                          # one process (CPU demo on phantoms)
+    torchrun --nproc_per_node=8 train.py --stage 3     # one node, 8 GPUs
+    torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 \\
+        --nproc_per_node=8 train.py --stage 3 --data CACHE_2D CACHE_3D
+
+Stage 1: 2D only from scratch. Stage 2: from a stage-1 checkpoint (--init) on
+the mixed stream. Stage 3: mixed stream from scratch. --objective supervised
+trains the same backbone with a linear head on the five labels.
+
+The content of step s (samples, crops, drop-path draws) is a function of
+(seed, s, rank) alone, so a resumed run continues exactly as if it had never
+stopped, and N processes see the same global batch as one.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import lejepa
+from model import CKPT_FORMAT, PRESETS, Projector, SparseMedicalViT, load_checkpoint, model_flops_per_token
+
+STAGE_BATCH = {1: (256, 0), 2: (192, 64), 3: (192, 64)}  # paper 2.4: (2D, 3D) samples per step
+CPU_DEMO = dict(model="tiny", depth=6, steps=150, batch_2d=32, batch_3d=16, size_2d=112, size_3d=56,
+                n_2d=512, n_3d=256, warmup=15, log_every=5)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=3, help="1: 2D only; 2: mixed from --init; 3: mixed from scratch")
+    p.add_argument("--objective", choices=("lejepa", "supervised"), default="lejepa", help="LeJEPA (paper 2.2) or the supervised baseline")
+    p.add_argument("--model", choices=sorted(PRESETS), default=None, help="model size (default: small; tiny on a CPU demo)")
+    p.add_argument("--depth", type=int, default=None, help="override the preset's depth")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (paper 2.2 head)")
+    p.add_argument("--proj-out", type=int, default=128, help="projector output size K, where the LeJEPA loss is computed")
+    p.add_argument("--data", nargs="+", default=["phantom"], help="'phantom' or cache dirs from `python data.py prepare` (2D and/or 3D)")
+    p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default 224; 112 on a CPU demo)")
+    p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default 112; 56 on a CPU demo)")
+    p.add_argument("--n-2d", type=int, default=None, help="phantom 2D training images (default 20000; 512 on a CPU demo)")
+    p.add_argument("--n-3d", type=int, default=None, help="phantom 3D training volumes (default 5000; 256 on a CPU demo)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100000; 150 on a CPU demo)")
+    p.add_argument("--batch-2d", type=int, default=None, help="global 2D samples per step (paper: 256 stage 1, 192 stages 2-3)")
+    p.add_argument("--batch-3d", type=int, default=None, help="global 3D samples per step (paper: 0 stage 1, 64 stages 2-3)")
+    p.add_argument("--n-global", type=int, default=2, help="global views per sample, V_g (paper 2.4.1)")
+    p.add_argument("--n-local", type=int, default=8, help="local views per sample, V_l (paper 2.4.1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (paper 2.4)")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine decay")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 5%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms and biases (paper 2.4)")
+    p.add_argument("--lambd", type=float, default=0.025, help="SIGReg weight lambda (paper 2.2, 2.4)")
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (per view)")
+    p.add_argument("--clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per optimizer step")
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"), help="attention backend")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--out", default="runs/stage3", help="folder for checkpoints and logs")
+    p.add_argument("--init", default=None, help="stage-1 checkpoint to start stage 2 from")
+    p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint path")
+    p.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many steps (and at the end)")
+    p.add_argument("--stop-at", type=int, default=None, help="checkpoint and exit after this step (job time limits); resume with --resume auto")
+    p.add_argument("--log-every", type=int, default=None, help="log metrics every this many steps (default 20; 5 on a CPU demo)")
+    p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="data-loader workers per process (default: 0 on CPU, 8 on GPU)")
+    return p.parse_args(argv)
+
+
+def resolve_defaults(args, cuda: bool) -> list[str]:
+    """Fill the flags left unset: paper defaults, or a CPU demo that finishes in minutes on 2 cores."""
+    demo = not cuda and args.data == ["phantom"]
+    full = dict(model="small", depth=None, steps=100_000, size_2d=224, size_3d=112, n_2d=20_000, n_3d=5_000, log_every=20)
+    chosen = []
+    for key, value in (CPU_DEMO if demo else full).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+            chosen.append(f"{key}={value}")
+    b2, b3 = STAGE_BATCH[args.stage]
+    args.batch_2d = b2 if args.batch_2d is None else args.batch_2d
+    args.batch_3d = (0 if args.stage == 1 else b3) if args.batch_3d is None else args.batch_3d
+    args.warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
+    args.workers = (8 if cuda else 0) if args.workers is None else args.workers
+    if args.stage == 1 and args.batch_3d:
+        raise ValueError("--stage 1 is 2D only: --batch-3d must be 0")
+    if args.stage == 2 and not args.init:
+        raise ValueError("--stage 2 starts from a stage-1 checkpoint: pass --init PATH")
+    return ["CPU demo on phantoms: " + ", ".join(chosen)] if demo else []
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup then cosine decay to min_lr (paper 2.4: AdamW, cosine decay)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+class Net(nn.Module):
+    """Backbone + head (projector for LeJEPA, linear layer for supervised), one module for DDP."""
+
+    def __init__(self, backbone: SparseMedicalViT, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, packed):
+        return self.head(self.backbone(packed))
+
+
+def build_net(args) -> Net:
+    overrides = dict(attn=args.attn, drop_path=args.drop_path)
+    if args.depth:
+        overrides["depth"] = args.depth
+    backbone = SparseMedicalViT.from_preset(args.model, **overrides)
+    head = Projector(backbone.dim, args.proj_hidden, args.proj_out) if args.objective == "lejepa" else nn.Linear(backbone.dim, len(data.LABELS))
+    return Net(backbone, head)
+
+
+def compute_loss(net, batch, objective: str, lambd: float, step: int):
+    """Loss of one (micro-)batch -> (loss, dict of float-able parts). Shared with bench.py."""
+    out = net(batch.packed)  # (V * N, K): view v of sample n at row v * N + n
+    if objective == "supervised":
+        known = ~torch.isnan(batch.labels)  # masked BCE: unknown labels do not count
+        loss = F.binary_cross_entropy_with_logits(out.float()[known], batch.labels[known])
+        return loss, {"bce": loss.detach()}
+    z = out.view(batch.n_views, batch.n_samples, -1)
+    loss, parts = lejepa.lejepa_loss(z, batch.n_global, lambd=lambd, step=step)
+    return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in parts.items()}
+
+
+def param_groups(net: nn.Module, weight_decay: float):
+    """Weight decay on matrices only: norms and biases are not decayed."""
+    decay = [p for p in net.parameters() if p.ndim >= 2]
+    no_decay = [p for p in net.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def open_training_data(args):
+    """(2D dataset or None, 3D dataset or None) from --data."""
+    if args.data == ["phantom"]:
+        ds2 = data.open_dataset("phantom2d", "train", n=args.n_2d, size=args.size_2d, seed=args.seed)
+        ds3 = data.open_dataset("phantom3d", "train", n=args.n_3d, size=args.size_3d, seed=args.seed)
+    else:
+        found = {"2d": [], "3d": []}
+        for spec in args.data:
+            found[data.describe(spec)["modality"]].append(data.open_dataset(spec, "train"))
+        if len(found["2d"]) > 1 or len(found["3d"]) > 1:
+            raise ValueError(f"--data: give at most one 2D and one 3D cache, got {args.data}")
+        ds2, ds3 = (found["2d"] or [None])[0], (found["3d"] or [None])[0]
+    if args.batch_2d and ds2 is None:
+        raise ValueError(f"--batch-2d {args.batch_2d} but no 2D dataset in --data {args.data}")
+    if args.batch_3d and ds3 is None:
+        raise ValueError(f"--batch-3d {args.batch_3d} but no 3D dataset in --data {args.data} (stage 1 needs none)")
+    return (ds2 if args.batch_2d else None), (ds3 if args.batch_3d else None)
+
+
+def save_checkpoint(path: str, net: Net, opt, step: int, args, bad_steps: int):
+    """Everything needed to resume exactly; written to a temporary file, then renamed (atomic)."""
+    ckpt = {
+        "format": CKPT_FORMAT,
+        "model_config": net.backbone.config,
+        "model": net.backbone.state_dict(),
+        "head": net.head.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,  # the data stream and the LR schedule are functions of the step
+        "bad_steps": bad_steps,
+        "args": vars(args),
+    }
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def find_resume(args) -> str | None:
+    if args.resume in (None, "auto"):
+        last = os.path.join(args.out, "last.pt")
+        return last if args.resume == "auto" and os.path.exists(last) else None
+    return args.resume
+
+
+def load_init(net: Net, path: str):
+    """Stage 2: backbone (and projector, if shapes agree) from a stage-1 checkpoint."""
+    ckpt = load_checkpoint(path)
+    mine, theirs = net.backbone.config, ckpt["model_config"]
+    shape_keys = ("dim", "depth", "heads", "mlp_ratio", "patch", "in_chans")
+    if any(mine[k] != theirs[k] for k in shape_keys):
+        diff = {k: (theirs[k], mine[k]) for k in shape_keys if mine[k] != theirs[k]}
+        raise ValueError(f"{path}: checkpoint model differs from --model (checkpoint, this run): {diff}")
+    net.backbone.load_state_dict(ckpt["model"])
+    head = ckpt.get("head", {})
+    if all(k in head and head[k].shape == v.shape for k, v in net.head.state_dict().items()):
+        net.head.load_state_dict(head)
+
+
+class Logger:
+    """Rank 0 writes metrics.jsonl (one JSON object per logged step) and config.json."""
+
+    def __init__(self, out: str, rank: int, resume_step: int):
+        self.path = os.path.join(out, "metrics.jsonl") if rank == 0 else None
+        if self.path and os.path.exists(self.path):  # drop lines from after the checkpoint we resume from
+            with open(self.path) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            _atomic_write(self.path, "".join(keep))
+
+    def log(self, record: dict):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _atomic_write(path: str, text: str):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def setup_distributed():
+    """Process group from torchrun's environment; a plain `python train.py` is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local_rank) if cuda else None)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def train(args) -> dict:
+    rank, world, local_rank = setup_distributed()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    notes = resolve_defaults(args, cuda)
+    for b, name in ((args.batch_2d, "--batch-2d"), (args.batch_3d, "--batch-3d")):
+        if b % (world * args.accum):
+            raise ValueError(f"{name} {b} must divide by processes x --accum = {world * args.accum}")
+    os.makedirs(args.out, exist_ok=True)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    for note in notes:
+        say(note)
+
+    torch.manual_seed(args.seed)  # identical initialisation on every rank
+    net = build_net(args)
+    if args.stage == 2:
+        load_init(net, args.init)
+    net.to(device)
+    opt = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=cuda)
+    step, bad_steps = 0, 0
+    resume = find_resume(args)
+    if resume:
+        ckpt = load_checkpoint(resume, map_location=device)
+        net.backbone.load_state_dict(ckpt["model"])
+        net.head.load_state_dict(ckpt["head"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, bad_steps = ckpt["step"], ckpt["bad_steps"]
+        say(f"resumed from {resume} at step {step}")
+    if rank == 0:
+        _atomic_write(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2))
+    logger = Logger(args.out, rank, step)
+
+    model = DDP(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
+    if args.compile:
+        net.backbone.compile(dynamic=True)
+    ds2, ds3 = open_training_data(args)
+    say(f"model {args.model} ({sum(p.numel() for p in net.backbone.parameters()) / 1e6:.1f}M params), "
+        f"{world} process(es) on {device.type}, stage {args.stage}, {args.objective}, "
+        f"{args.batch_2d} 2D + {args.batch_3d} 3D samples per step, data {args.data}")
+    loader = data.make_loader(
+        ds2, ds3, batch_2d=args.batch_2d // args.accum, batch_3d=args.batch_3d // args.accum,
+        steps=args.steps * args.accum, start_step=step * args.accum,
+        mode=args.objective, n_global=args.n_global, n_local=args.n_local, patch=net.backbone.patch,
+        seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda)
+    batches = iter(loader)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+
+    stop = {"signal": None}
+
+    def on_signal(sig, frame):  # first signal: finish the step, checkpoint, exit; second: stop now
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = sig
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    end = min(args.steps, args.stop_at or args.steps)
+    ckpt_path = os.path.join(args.out, "last.pt")
+    bar = _progress(step, end, rank)
+    tokens = samples = skipped_samples = 0
+    t0, last = time.perf_counter(), {}
+    flops_per_token = []
+    while step < end:
+        net.train()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # drop-path draws: a function of (seed, step, rank)
+        parts_sum = {}
+        for micro in range(args.accum):
+            batch = next(batches).to(device, non_blocking=True)
+            sync = micro == args.accum - 1 or world == 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                loss, parts = compute_loss(model, batch, args.objective, args.lambd, step)
+            (loss / args.accum).backward()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / args.accum
+            tokens += batch.packed.n_tokens * world
+            samples += batch.n_samples * world
+            skipped_samples += batch.n_skipped
+            flops_per_token.append(model_flops_per_token(net.backbone.config, batch.packed.seqlens))
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip if args.clip > 0 else float("inf"))
+        # one host sync per step: skip a non-finite step honestly (gradients are all-reduced, so every rank agrees)
+        if torch.isfinite(gnorm).item():
+            opt.step()
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            say(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+            logger.log({"step": step, "skipped": "non-finite"})
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        done = step == end
+        if step % args.log_every == 0 or done:
+            last = _log_metrics(logger, bar, step, parts_sum, gnorm, opt, tokens, samples, skipped_samples,
+                                time.perf_counter() - t0, flops_per_token, device, world)
+            tokens = samples = 0
+            flops_per_token = []
+            t0 = time.perf_counter()
+            if _any_rank(stop["signal"] is not None, device, world):
+                say(f"signal received: checkpoint at step {step} and exit")
+                done = True
+        if bad_steps >= args.max_bad_steps:
+            if rank == 0:
+                save_checkpoint(ckpt_path, net, opt, step, args, bad_steps)
+            raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping "
+                               f"(lower --lr, set --clip, or check the data with `python data.py check`)")
+        if rank == 0 and (step % args.ckpt_every == 0 or done):
+            save_checkpoint(ckpt_path, net, opt, step, args, bad_steps)
+        if done:
+            break
+    bar.close()
+    if skipped_samples:
+        say(f"{skipped_samples} unreadable samples were skipped (see the warnings above)")
+    say(f"done at step {step}: checkpoint {ckpt_path}")
+    return last
+
+
+def _any_rank(flag: bool, device, world: int) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, tokens, samples, skipped, elapsed, flops_per_token,
+                 device, world) -> dict:
+    """All-reduce the step's loss parts, print and append one JSONL record (every --log-every steps)."""
+    names = sorted(parts_sum)
+    values = torch.stack([torch.as_tensor(parts_sum[k], dtype=torch.float32, device=device) for k in names])
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    record = {"step": step, **dict(zip(names, values.tolist())), "lr": opt.param_groups[0]["lr"],
+              "grad_norm": gnorm.item(), "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
+              "step_time_s": elapsed / max(1, len(flops_per_token)), "skipped_samples": skipped,
+              "tflops_per_s": tokens * sum(flops_per_token) / max(1, len(flops_per_token)) / elapsed / 1e12}
+    if device.type == "cuda":
+        record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    logger.log(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    return record
+
+
+def _progress(start, end, rank):
+    from tqdm import tqdm
+    return tqdm(total=end, initial=start, disable=rank != 0, dynamic_ncols=True, desc="train")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        train(args)
+    except Exception as e:
+        rank = os.environ.get("RANK")
+        if rank is None:
+            raise
+        # under torchrun: say which rank failed and leave at once (no collective that could hang);
+        # torchrun then stops the other ranks
+        print(f"[rank {rank}] {type(e).__name__}: {e}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        os._exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
