@@ -34,7 +34,6 @@ import argparse
 import csv
 import gzip
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -43,7 +42,9 @@ import re
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -150,8 +151,8 @@ MU_OF = np.maximum((HU_OF + 1000) / 1000, 0)
 MU_OF[BONE] = 1.6
 IN_LUNG = np.isin(np.arange(11), [LUNG, VESSEL, HAZE, CONS, ATEL])  # lookups: which classes a finding may cover
 AERATED = np.arange(11) == LUNG
-PREVALENCE = (0.25, 0.20, 0.12, 0.35, 0.22)      # target prevalence of each label, LABELS order
-_THRESH = np.array([0.674, 0.842, 1.175, 0.385, 0.772])  # standard-normal quantiles at 1 - PREVALENCE
+PREVALENCE = np.array([0.25, 0.20, 0.12, 0.35, 0.22])  # target prevalence of each label, LABELS order
+PHANTOM_VERSION = 1  # bump when the generator changes: it is part of the phantom fingerprint
 
 
 def sample_patient(rng: np.random.Generator) -> dict:
@@ -161,8 +162,9 @@ def sample_patient(rng: np.random.Generator) -> dict:
     (patient right at -1), y anterior (-1) -> posterior (+1), z superior ->
     inferior in the same units. Labels co-occur through a shared severity.
     """
-    severity = rng.standard_normal()
-    labels = 0.6 * severity + 0.8 * rng.standard_normal(5) > _THRESH
+    severity = rng.standard_normal()  # shared by the five labels: findings co-occur
+    thresholds = [NormalDist().inv_cdf(1 - p) for p in PREVALENCE]
+    labels = 0.6 * severity + 0.8 * rng.standard_normal(5) > thresholds
     atel, cardio, cons, opac, effu = labels
     s = rng.uniform(0.9, 1.05)
     ox, oy = rng.uniform(-0.04, 0.04, 2)
@@ -175,7 +177,7 @@ def sample_patient(rng: np.random.Generator) -> dict:
          "lungs": lungs, "heart_scale": rng.uniform(1.35, 1.6) if cardio else rng.uniform(0.9, 1.05),
          "rib_phase": rng.uniform(0, 1), "hu_offset": rng.uniform(-10, 10),
          "gamma": rng.uniform(0.85, 1.15), "noise": rng.uniform(0.6, 1.4)}
-    p["vessels"] = [(k, lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.8), rng.uniform(0.018, 0.035))
+    p["vessels"] = [(lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.8), rng.uniform(0.018, 0.035))
                     for k in rng.integers(0, 2, 24)]
     if atel:  # volume loss of one lung plus a plate of collapsed lung at its base
         k = rng.integers(0, 2)
@@ -188,11 +190,11 @@ def sample_patient(rng: np.random.Generator) -> dict:
         p["atel"] = (k, c + r * np.array([rng.uniform(0.2, 0.5), 0, 0]), normal / np.linalg.norm(normal),
                      rng.uniform(0.025, 0.04))
     if cons:  # one or two dense blobs in a lobe
-        p["cons"] = [(k, lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.55), rng.uniform(0.10, 0.18, 3))
+        p["cons"] = [(lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.55), rng.uniform(0.10, 0.18, 3))
                      for k in rng.integers(0, 2, rng.integers(1, 3))]
     if opac:  # diffuse ground-glass haze over a large region
         k = rng.integers(0, 2)
-        p["haze"] = (k, lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.4), rng.uniform(0.35, 0.55))
+        p["haze"] = (lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.4), rng.uniform(0.35, 0.55))
     if effu:  # dependent fluid: inferior and posterior parts of one or both lungs
         sides = [[0], [1], [0, 1]][rng.choice(3, p=[0.4, 0.3, 0.3])]
         p["effusion"] = [(k, rng.uniform(0.3, 0.55)) for k in sides]
@@ -227,48 +229,51 @@ def _ellipsoid(c, r):
             lambda z, y, x: ((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2 <= 1)
 
 
+def _cylinder(cx, cy, rx, ry, z0=-9.0, z1=9.0):
+    """Elliptic cylinder along z: (box, inside) for _paint."""
+    return ((z0, cy - ry, cx - rx), (z1, cy + ry, cx + rx)), \
+        lambda z, y, x: ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+
+
 def render_labels(p: dict, axes) -> np.ndarray:
     """Paint the tissue classes of patient p on the grid axes (z, y, x) -> uint8 (Z, Y, X)."""
-    z, y, x = axes
-    lab = np.zeros((len(z), len(y), len(x)), np.uint8)
+    lab = np.zeros(tuple(len(a) for a in axes), np.uint8)
     s, (ox, oy) = p["scale"], p["offset"]
-    far = (-9, 9)
-    bx, by = 0.86 * s, 0.62 * s
-
-    def cylinder(cx, cy, rx, ry):  # elliptic cylinder along z
-        return ((far[0], cy - ry, cx - rx), (far[1], cy + ry, cx + rx)), \
-            lambda z, y, x: ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
-
-    _paint(lab, axes, *cylinder(ox, oy, bx, by), FAT)
-    _paint(lab, axes, *cylinder(ox, oy, bx - 0.06, by - 0.06), TISSUE)
+    bx, by = 0.86 * s, 0.62 * s  # body half-width and half-depth
+    _paint(lab, axes, *_cylinder(ox, oy, bx, by), FAT)
+    _paint(lab, axes, *_cylinder(ox, oy, bx - 0.06, by - 0.06), TISSUE)
     for c, r in p["lungs"]:
         _paint(lab, axes, *_ellipsoid(c, r), LUNG)
-    for k, c, r in p["vessels"]:
+    for c, r in p["vessels"]:
         _paint(lab, axes, *_ellipsoid(c, np.full(3, r)), VESSEL, IN_LUNG)
-    hs = p["heart_scale"]
-    heart = np.array([0.25, -0.06 + oy, 0.08 * s + ox])
-    _paint(lab, axes, *_ellipsoid(heart, np.array([0.22, 0.32 * (1 + (hs - 1) / 2), 0.25 * hs]) * s), HEART)
-    aorta = cylinder(0.12 * s + ox, 0.30 * s + oy, 0.055 * s, 0.055 * s)
-    _paint(lab, axes, ((-0.55, *aorta[0][0][1:]), (0.7, *aorta[0][1][1:])), aorta[1], HEART)
-    spine, disc = cylinder(ox, 0.50 * s + oy, 0.11 * s, 0.11 * s), 0.11 * s
-    _paint(lab, axes, spine[0], lambda z, y, x: spine[1](z, y, x) & ((z / disc + p["rib_phase"]) % 1 > 0.2), BONE)
-    ring = lambda y, x: (0.80 < (e := ((x - ox) / bx) ** 2 + ((y - oy) / by) ** 2)) & (e < 0.88) & (np.abs(x - ox) > 0.12)
-    band = lambda z, x: np.cos(2 * np.pi * (z / 0.22 - 0.5 * np.abs(x - ox) + p["rib_phase"])) > 0.6
-    _paint(lab, axes, ((-0.9, -1, -1), (0.65, 1, 1)), lambda z, y, x: band(z, x) & ring(y, x), BONE)
+    hs = p["heart_scale"]  # cardiomegaly: a wider (and somewhat deeper) heart pushes the lungs aside
+    heart_r = np.array([0.22, 0.32 * (1 + (hs - 1) / 2), 0.25 * hs]) * s
+    _paint(lab, axes, *_ellipsoid(np.array([0.25, -0.06 + oy, 0.08 * s + ox]), heart_r), HEART)
+    _paint(lab, axes, *_cylinder(0.12 * s + ox, 0.30 * s + oy, 0.055 * s, 0.055 * s, -0.55, 0.7), HEART)  # aorta
+    box, body = _cylinder(ox, 0.50 * s + oy, 0.11 * s, 0.11 * s)
+    pitch = 0.11 * s  # vertebrae separated by discs
+    _paint(lab, axes, box, lambda z, y, x: body(z, y, x) & ((z / pitch + p["rib_phase"]) % 1 > 0.2), BONE)
+
+    def ribs(z, y, x):  # a shell inside the body wall, cut into bands that slope down laterally
+        shell = ((x - ox) / bx) ** 2 + ((y - oy) / by) ** 2
+        bands = np.cos(2 * np.pi * (z / 0.22 - 0.5 * np.abs(x - ox) + p["rib_phase"])) > 0.6
+        return (0.80 < shell) & (shell < 0.88) & (np.abs(x - ox) > 0.12) & bands
+
+    _paint(lab, axes, ((-0.9, -1, -1), (0.65, 1, 1)), ribs, BONE)
     lungs = p["lungs"]
     if "haze" in p:
-        k, c, r = p["haze"]
+        c, r = p["haze"]
         _paint(lab, axes, *_ellipsoid(c, np.full(3, r)), HAZE, AERATED)
-    for k, c, r in p.get("cons", []):
+    for c, r in p.get("cons", []):
         _paint(lab, axes, *_ellipsoid(c, r), CONS, IN_LUNG)
-    if "atel" in p:
+    if "atel" in p:  # a plate of collapsed lung
         k, c, n, half = p["atel"]
         box = (lungs[k][0] - lungs[k][1], lungs[k][0] + lungs[k][1])
-        _paint(lab, axes, box, lambda z, y, x: np.abs((z - c[0]) * n[0] + (y - c[1]) * n[1] + (x - c[2]) * n[2]) < half,
-               ATEL, IN_LUNG)
-    for k, depth in p.get("effusion", []):
+        plate = lambda z, y, x: np.abs((z - c[0]) * n[0] + (y - c[1]) * n[1] + (x - c[2]) * n[2]) < half
+        _paint(lab, axes, box, plate, ATEL, IN_LUNG)
+    for k, depth in p.get("effusion", []):  # fluid fills the lung from its dependent (inferior-posterior) end
         c, r = lungs[k]
-        base = c[0] + 0.4 * c[1] + math.hypot(r[0], 0.4 * r[1])  # lowest point of z + 0.4 y in the lung
+        base = c[0] + 0.4 * c[1] + math.hypot(r[0], 0.4 * r[1])  # highest value of z + 0.4 y in the lung
         _paint(lab, axes, (c - r, c + r), lambda z, y, x: z + 0.4 * y > base - depth, FLUID, IN_LUNG)
     return lab
 
@@ -328,7 +333,7 @@ def phantom_record(name: str, split: str, index: int, size: int, seed: int) -> R
     p = sample_patient(rng)
     modality = "3d" if "3d" in name else "2d"
     img = phantom_image(p, rng, modality, size, name.endswith("-ext"))
-    return Record(img.astype(np.float16).astype(np.float32), p["labels"], modality, f"{name}-{split}-{index:06d}")
+    return Record(_float32(img.astype(np.float16)), p["labels"], modality, f"{name}-{split}-{index:06d}")
 
 
 # ---------------------------------------------------------------- raw datasets (see DATASETS.md)
@@ -482,7 +487,8 @@ def scan_ctrate(root: Path, opt: Options) -> list:
             continue
         found.append(folder)
         table = read_table(ds / "multi_abnormality_labels" / f"{split}_predicted_labels.csv", ["VolumeName", *CTRATE_COLUMNS])
-        labels_of = {r["VolumeName"]: np.array([float(r[c]) for c in CTRATE_COLUMNS], np.float32) for r in table}
+        labels_of = {r["VolumeName"]: np.array([parse_label(r[c], opt) for c in CTRATE_COLUMNS], np.float32)
+                     for r in table}
         meta_path = ds / "metadata" / f"{meta_name}_metadata.csv"
         meta = {}
         if version == "1" or meta_path.is_file():
@@ -633,6 +639,11 @@ def _write_json(path: Path, obj) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
+def _float32(arr: np.ndarray) -> np.ndarray:
+    """float16 -> float32 through torch (several times faster than numpy's conversion)."""
+    return torch.from_numpy(np.array(arr, dtype=np.float16)).float().numpy()
+
+
 def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -672,7 +683,7 @@ def prepare(name: str, root, out, opt: Options, workers: int = 1) -> dict:
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise ValueError(f"{root}: several files map to the same cache key, e.g. {dup}")
-    modality = "3d" if "3d" in opt.phantom else "2d" if name == "phantom" else MODALITY[name]
+    modality = ("3d" if "3d" in opt.phantom else "2d") if name == "phantom" else MODALITY[name]
     out = Path(out)
     (out / "arrays").mkdir(parents=True, exist_ok=True)
     settings = {"dataset": name, "modality": modality, **asdict(opt),
@@ -694,22 +705,15 @@ def prepare(name: str, root, out, opt: Options, workers: int = 1) -> dict:
             todo.append((i, src, opt, path))
     reused = len(sources) - len(todo)
     failed = []
-    bar = tqdm(total=len(todo), desc=f"prepare {name}", unit="file", disable=not todo)
-    if workers > 1 and len(todo) > 1:
-        pool = multiprocessing.Pool(workers, initializer=_init_worker)
-        results = pool.imap_unordered(_convert, todo)
-    else:
-        pool, results = None, map(_convert, todo)
-    for i, shape, error in results:
-        shapes[i] = shape
-        if error:
-            failed.append((sources[i].path, error))
-        bar.update(1)
-        bar.set_postfix(failed=len(failed))
-    bar.close()
-    if pool is not None:
-        pool.close()
-        pool.join()
+    parallel = workers > 1 and len(todo) > 1
+    with (multiprocessing.Pool(workers, initializer=_init_worker) if parallel else nullcontext()) as pool, \
+            tqdm(total=len(todo), desc=f"prepare {name}", unit="file", disable=not todo) as bar:
+        for i, shape, error in (pool.imap_unordered(_convert, todo) if parallel else map(_convert, todo)):
+            shapes[i] = shape
+            if error:
+                failed.append((sources[i].path, error))
+            bar.update(1)
+            bar.set_postfix(failed=len(failed), refresh=False)
     failed.sort()
     _atomic_write(out / "report.tsv", lambda f: f.write("".join(f"{p}\t{e}\n" for p, e in failed).encode()))
     records = [{"key": s.key, "id": s.id, "split": s.split, "shape": list(shapes[i]),
@@ -774,8 +778,8 @@ class CacheDataset(torch.utils.data.Dataset):
             raise ValueError(f"{path}: unreadable cache array ({e})") from e
         if list(arr.shape) != r["shape"]:
             raise ValueError(f"{path}: shape {arr.shape}, index.json says {r['shape']}")
-        image = validate_image(np.asarray(arr, dtype=np.float32), str(path), 1)
-        return Record(image, self.labels[i], self.modality, r["id"])
+        image = validate_image(_float32(arr), str(path), 1)
+        return Record(image, self.labels[i].copy(), self.modality, r["id"])
 
 
 class PhantomDataset(torch.utils.data.Dataset):
@@ -786,7 +790,7 @@ class PhantomDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, name: str, split: str, n: int = None, size: int = None, seed: int = 0,
-                 memo_bytes: int = 2 << 30):
+                 memo_bytes: int = 1 << 30):
         if name not in PHANTOMS:
             raise ValueError(f"unknown phantom {name!r}; one of {PHANTOMS}")
         if split not in ("train", "test"):
@@ -796,7 +800,7 @@ class PhantomDataset(torch.utils.data.Dataset):
         self.n = PHANTOM_N[split] if n is None else int(n)
         self.size = size or (CT_SIZE if self.modality == "3d" else XRAY_SIZE)
         self.ids = [f"{name}-{split}-{i:06d}" for i in range(self.n)]
-        self.fingerprint = _digest(["phantom-v1", name, split, self.n, self.size, seed])
+        self.fingerprint = _digest([PHANTOM_VERSION, name, split, self.n, self.size, seed])
         self._labels, self._memo, self._memo_left = None, {}, memo_bytes
 
     @property
@@ -814,7 +818,7 @@ class PhantomDataset(torch.utils.data.Dataset):
             raise IndexError(f"{self.name}/{self.split}: index {i} out of range({self.n})")
         if i in self._memo:
             image, labels = self._memo[i]
-            return Record(image.astype(np.float32), labels, self.modality, self.ids[i])
+            return Record(_float32(image), labels, self.modality, self.ids[i])
         rec = phantom_record(self.name, self.split, i, self.size, self.seed)
         if rec.image.size * 2 <= self._memo_left:
             self._memo[i] = (rec.image.astype(np.float16), rec.labels)
@@ -862,6 +866,7 @@ def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global
     dims = np.array(image.shape)
     patched = _patched(dims)
     grid = dims[patched] // patch
+    source = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))  # torch copies crops ~2x faster
     if grid.min() < 1:
         raise ValueError(f"image {tuple(dims)} is smaller than one {patch}-pixel patch")
     views = []
@@ -873,8 +878,8 @@ def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global
         size = dims.copy()
         size[patched] = np.clip(np.rint(side / patch), 1, grid).astype(int) * patch
         start = [rng.integers(0, d - s + 1) for d, s in zip(dims, size)]
-        crop = image[tuple(slice(a, a + s) for a, s in zip(start, size))]
-        views.append(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None])
+        crop = source[tuple(slice(a, a + s) for a, s in zip(start, size))]
+        views.append(crop.clone(memory_format=torch.contiguous_format)[None])
     return views
 
 
@@ -936,11 +941,11 @@ class StepDataset(torch.utils.data.Dataset):
         if mode not in ("lejepa", "supervised"):
             raise ValueError(f"mode must be 'lejepa' or 'supervised', got {mode!r}")
         self.parts = []  # (modality code, dataset, global batch)
-        for code, ds, b in ((0, ds_2d, batch_2d), (1, ds_3d, batch_3d)):
+        for code, name, ds, b in ((0, "batch_2d", ds_2d, batch_2d), (1, "batch_3d", ds_3d, batch_3d)):
             if ds is None or not b:
                 continue
             if b % world:
-                raise ValueError(f"batch_{code + 2}d={b} is not divisible by world={world}")
+                raise ValueError(f"{name}={b} is not divisible by world={world}")
             if len(ds) == 0:
                 raise ValueError(f"{ds.name}/{ds.split}: empty dataset")
             self.parts.append((code, ds, b))
@@ -962,16 +967,23 @@ class StepDataset(torch.utils.data.Dataset):
             self._perms[key] = np.random.default_rng([self.seed, code, epoch]).permutation(n)
         return self._perms[key]
 
-    def _record(self, code: int, ds, position: int):
-        """(record, n_skipped) at a stream position; failures move on within the permutation."""
-        epoch, offset = divmod(position, len(ds))
+    def _load(self, code: int, ds, step: int, batch: int, pos: int):
+        """(record, its views, n_skipped) at position pos of the global batch of step.
+
+        A record that fails (unreadable, non-finite, smaller than a patch) is
+        replaced by the next index of the same permutation: a function of the
+        position only, so every rank and every resume makes the same choice.
+        """
+        epoch, offset = divmod(step * batch + pos, len(ds))
         perm = self._perm(code, len(ds), epoch)
         for skipped in range(len(ds)):
             i = int(perm[(offset + skipped) % len(ds)])
             try:
                 rec = ds[i]
-                validate_image(rec.image, f"{ds.name}/{ds.split}[{i}] ({rec.id})", self.patch)
-                return rec, skipped
+                rng = np.random.default_rng([self.seed, step, code, pos])
+                views = make_views(rec.image, rng, self.patch, self.n_global, self.n_local,
+                                   self.global_scale, self.local_scale)
+                return rec, views, skipped
             except Exception as e:  # never crash mid-run on one bad file
                 message = f"skipping {ds.name}/{ds.split}[{i}]: {e}"
                 if message not in _WARNED:  # once per file and process
@@ -985,10 +997,8 @@ class StepDataset(torch.utils.data.Dataset):
         for code, ds, b in self.parts:
             share = b // self.world
             for pos in range(self.rank * share, (self.rank + 1) * share):
-                rec, k = self._record(code, ds, step * b + pos)
-                rng = np.random.default_rng([self.seed, step, code, pos])
-                views.append(make_views(rec.image, rng, self.patch, self.n_global, self.n_local,
-                                        self.global_scale, self.local_scale))
+                rec, rec_views, k = self._load(code, ds, step, b, pos)
+                views.append(rec_views)
                 ids.append(rec.id)
                 labels.append(rec.labels)
                 is_3d.append(code == 1)
@@ -1020,8 +1030,7 @@ def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="
                      n_global=n_global, n_local=n_local, global_scale=global_scale, local_scale=local_scale,
                      patch=patch, seed=seed, rank=rank, world=world)
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start_step, steps), num_workers=workers,
-                                       collate_fn=_as_is, pin_memory=pin_memory,
-                                       persistent_workers=False)
+                                       collate_fn=_as_is, pin_memory=pin_memory)
 
 
 # ---------------------------------------------------------------- command line
@@ -1057,8 +1066,8 @@ def check(name: str, root, opt: Options, full: bool = False) -> dict:
         except Exception as e:
             problems.append((src.path, f"{type(e).__name__}: {e}"))
     splits = {s: [x for x in sources if x.split == s] for s in _splits_of([{"split": x.split} for x in sources])}
-    labels = {s: {name: [int((y == 1).sum()), int((y == 0).sum()), int(np.isnan(y).sum())]
-                  for name, y in zip(LABELS, np.stack([x.labels for x in xs]).T)} for s, xs in splits.items()}
+    labels = {s: {label: [int((y == 1).sum()), int((y == 0).sum()), int(np.isnan(y).sum())]
+                  for label, y in zip(LABELS, np.stack([x.labels for x in xs]).T)} for s, xs in splits.items()}
     print(f"{name} at {root}: {len(sources)} files, {len(problems)} with problems")
     for s, xs in splits.items():
         print(f"  {s or '(no split)'}: {len(xs)}")
