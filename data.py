@@ -476,6 +476,8 @@ def _floats(text: str) -> list:
 def scan_ctrate(root: Path, opt: Options) -> list:
     """CT-RATE v1 (HU from metadata slope/intercept, header ignored) or v2 (*_fixed, HU in the file)."""
     ds = root / "dataset" if (root / "dataset").is_dir() else root
+    if set(opt.v1_flip) - set("zyx"):
+        raise ValueError(f"--v1-flip takes axes among 'zyx', got {opt.v1_flip!r}")
     version = opt.ctrate_version
     if version == "auto":
         version = "2" if any((ds / f"{s}_fixed").is_dir() for s in ("train", "valid")) else "1"
@@ -525,14 +527,15 @@ def scan_radchest(root: Path, opt: Options) -> list:
         raise FileNotFoundError(f"{root}: no RAD-ChestCT volumes (trnNNNNN.npz, valNNNNN.npz, tstNNNNN.npz)")
     labels_of = {}
     for prefix in sorted({p.stem[:3] for p in files}):
-        table = root / f"{RADCHEST_SPLITS[prefix][1]}_Abnormality_and_Location_Labels.csv"
+        name = f"{RADCHEST_SPLITS[prefix][1]}_Abnormality_and_Location_Labels.csv"
+        table = next(root.rglob(name), root / name)  # at the root or anywhere below it
         rows = read_table(table, ["NoteAcc_DEID"])
         columns = list(rows[0]) if rows else []
         groups = []
-        for name, want in zip(LABELS, RADCHEST_PREFIXES):
-            cols = [c for c in columns if c.split("*")[0] == want]
+        for label, want in zip(LABELS, RADCHEST_PREFIXES):
+            cols = [c for c in columns if c.split("*")[0] == want]  # exact prefix, never a substring
             if not cols:
-                raise ValueError(f"{table}: no column '{want}*<location>' for {name}")
+                raise ValueError(f"{table}: no column '{want}*<location>' for {label}")
             groups.append(cols)
         for r in rows:
             labels_of[r["NoteAcc_DEID"]] = np.array([max(float(r[c] or 0) for c in cols) for cols in groups], np.float32)

@@ -314,7 +314,8 @@ def test_ct_resampling_keeps_anatomy_proportions():
 
 def test_cache_fingerprint_changes_with_content_and_corrupt_array_is_skipped(tmp_path):
     out = tmp_path / "cache"
-    data.prepare("phantom", "", out, data.Options(size=28, phantom="phantom3d", n=8))
+    assert data.main(["prepare", "--dataset", "phantom", "--phantom", "phantom3d", "--n", "8", "--size", "28",
+                      "--out", str(out), "--workers", "1"]) == 0
     ds = data.open_dataset(str(out), "train")
     assert len(ds) == 8 and ds.modality == "3d" and ds.name == "phantom3d"
     direct = data.open_dataset("phantom3d", "train", n=8, size=28)
