@@ -954,7 +954,7 @@ class StepDataset(torch.utils.data.Dataset):
             self.parts.append((code, ds, b))
         if not self.parts:
             raise ValueError("make_loader needs a 2D or a 3D dataset with a batch size > 0")
-        self.steps, self.mode, self.patch, self.seed, self.rank, self.world = steps, mode, patch, seed, rank, world
+        self.steps, self.patch, self.seed, self.rank, self.world = steps, patch, seed, rank, world
         self.n_global, self.n_local = (1, 0) if mode == "supervised" else (n_global, n_local)
         self.global_scale, self.local_scale = global_scale, local_scale
         self._perms = {}
