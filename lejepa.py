@@ -1,0 +1,110 @@
+"""LeJEPA objective (paper 2.2): prediction loss + SIGReg, DDP-aware, torch only.
+
+    loss = (1 - lambd) * L_pred + lambd * L_SIGReg            (paper 2.2, lambd = 0.025)
+
+L_pred pulls every view of a sample towards the centroid of its global views;
+SIGReg (Balestriero & LeCun, 2025) keeps the embeddings close to an isotropic
+Gaussian, which is what prevents collapse. This file imports nothing but torch
+and can be copied alone into another project.
+
+Under torch.distributed every rank must call these functions with the same
+number of samples (equal per-rank batches, as DDP with drop_last gives). The
+loss each rank returns back-propagates world_size times the gradient of the
+global full-batch loss w.r.t. that rank's inputs; DDP averages gradients over
+ranks, so the update is exactly the single-process full-batch update, and the
+balance between the two terms (what lambd means) is the same at every world size.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def _check_shape(z, what):
+    if z.ndim != 3:
+        raise ValueError(f"{what}: expected z of shape (V, N, K), got {tuple(z.shape)}")
+    if z.shape[0] == 0 or z.shape[2] == 0:
+        raise ValueError(f"{what}: z of shape {tuple(z.shape)} has no views (V = 0) or no dimensions (K = 0)")
+
+
+def sigreg(z, step, num_slices=256, knots=17, t_max=3.0):
+    """Sliced Epps-Pulley statistic of z (N, K), or (V, N, K) averaged over views.
+
+    For unit directions a (K,) and projections x = z @ a, with the empirical
+    characteristic function phi_N(t) = mean_n exp(i t x_n) and phi(t) = exp(-t^2/2):
+
+        EP(a) = N * integral_{-t_max}^{t_max} |phi_N(t) - phi(t)|^2 exp(-t^2/2) dt
+        SIGReg = mean over num_slices directions of EP(a)
+
+    The integrand is even in t, so it is integrated on [0, t_max] with `knots`
+    trapezoid knots and doubled. Directions come from a generator seeded with
+    `step`, so every rank draws the same ones. Under torch.distributed the
+    cos/sin means are averaged over ranks and N is the global sample count.
+    Computed in float32 whatever the input dtype or autocast state.
+    """
+    if z.ndim == 2:
+        z = z.unsqueeze(0)
+    elif z.ndim != 3:
+        raise ValueError(f"sigreg: expected z of shape (N, K) or (V, N, K), got {tuple(z.shape)}")
+    _check_shape(z, "sigreg")
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    n = z.shape[1] * world  # global sample count (equal per-rank batches)
+    if n < 2:
+        raise ValueError(f"sigreg: needs at least 2 samples, got N={n}: the statistic is meaningless")
+    if knots < 2:
+        raise ValueError(f"sigreg: trapezoid quadrature needs knots >= 2, got {knots}")
+
+    with torch.autocast(device_type=z.device.type, enabled=False):  # bf16 cos/sin would be too coarse
+        z = z.float()
+        gen = torch.Generator(device=z.device).manual_seed(step)  # seeded by step, never by rank
+        a = torch.randn(z.shape[-1], num_slices, generator=gen, device=z.device)
+        a = a / a.norm(dim=0)  # (K, S) unit directions
+        t = torch.linspace(0, t_max, knots, device=z.device)  # (T,)
+        phi = torch.exp(-t.square() / 2)  # Gaussian characteristic function, also the weight window
+        dt = t_max / (knots - 1)
+        weights = torch.full((knots,), 2 * dt, device=z.device)  # trapezoid dt (dt/2 at ends), x2 for t < 0
+        weights[[0, -1]] = dt
+        weights = weights * phi
+
+        xt = (z @ a).unsqueeze(-1) * t  # (V, N, S, T)
+        ecf = torch.stack([xt.cos().mean(1), xt.sin().mean(1)])  # (2, V, S, T): Re, Im of phi_N
+        if distributed:
+            # autograd-aware (its backward sums the gradients over ranks); gloo has no AVG.
+            # Deprecated in torch 2.13 and not allowed inside torch.compile, but public
+            # and differentiable on every torch version: keep the loss outside compile.
+            from torch.distributed.nn.functional import all_reduce
+
+            ecf = all_reduce(ecf) / world
+        err = (ecf[0] - phi).square() + ecf[1].square()  # |phi_N(t) - phi(t)|^2, (V, S, T)
+        return ((err @ weights) * n).mean()
+
+
+def prediction_loss(z, n_global):
+    """Prediction loss (paper 2.2) for z (V, N, K) whose first n_global views are global.
+
+        mu = mean_{v < n_global} z_v,   L_pred = mean over v, n, k of (z - mu)^2
+
+    An element-wise mean as in the official LeJEPA code: the paper's squared
+    norm is K times larger, which would change what lambd means.
+    """
+    _check_shape(z, "prediction_loss")
+    if not 1 <= n_global <= z.shape[0]:
+        raise ValueError(f"prediction_loss: n_global={n_global} must be in [1, V={z.shape[0]}]")
+    z = z.float()
+    centroid = z[:n_global].mean(0)  # (N, K), the target every view predicts
+    return (z - centroid).square().mean()
+
+
+def lejepa_loss(z, n_global, lambd=0.025, step=0):
+    """LeJEPA loss (paper 2.2) on projector outputs z (V, N, K) of every view.
+
+    Returns (loss, parts) with loss = (1 - lambd) * L_pred + lambd * SIGReg and
+    parts = {"pred": ..., "sigreg": ...}, detached float32 scalar tensors
+    (no host sync; call .item() when logging).
+    """
+    if not 0.0 <= lambd <= 1.0:
+        raise ValueError(f"lejepa_loss: lambd={lambd} must be in [0, 1]")
+    pred = prediction_loss(z, n_global)
+    reg = sigreg(z, step)
+    loss = (1 - lambd) * pred + lambd * reg
+    return loss, {"pred": pred.detach(), "sigreg": reg.detach()}
