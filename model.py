@@ -16,9 +16,10 @@ import zipfile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from pack import Packed, from_rows, row_mask, segment_mean, to_rows
-from rope3d import apply_rope, normalize_coords, rope_angles
+from rope3d import normalize_coords, rope_angles, rotate
 
 CKPT_FORMAT = 1  # version of the checkpoint dict that train.py writes; bump on incompatible change
 PRESETS = {
@@ -87,10 +88,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, angles, packed, backend, mask):
+    def forward(self, x, rope, packed, backend, mask):
         t, d = x.shape
         q, k, v = self.qkv(x).view(t, 3, self.heads, d // self.heads).unbind(1)  # (T, H, hd) each
-        q, k = apply_rope(q, angles), apply_rope(k, angles)  # paper 2.1.1: 3D RoPE in every layer
+        q, k = rotate(q, *rope), rotate(k, *rope)  # paper 2.1.1: 3D RoPE on q and k in every layer
         return self.proj(packed_attention(q, k, v, packed, backend, mask).reshape(t, d))
 
 
@@ -114,8 +115,8 @@ class Block(nn.Module):
         per_view = torch.bernoulli(torch.full((packed.n_views,), keep, device=x.device)) / keep
         return per_view[packed.token_view].to(x.dtype)[:, None]
 
-    def forward(self, x, angles, packed, backend, mask):
-        x = x + self.residual_scale(packed, x) * self.attn(self.norm1(x), angles, packed, backend, mask)
+    def forward(self, x, rope, packed, backend, mask):
+        x = x + self.residual_scale(packed, x) * self.attn(self.norm1(x), rope, packed, backend, mask)
         return x + self.residual_scale(packed, x) * self.mlp(self.norm2(x))
 
 
@@ -136,6 +137,7 @@ class SparseMedicalViT(nn.Module):
         self.patch_embed = nn.Linear(in_chans * patch**3, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, drop_path * i / max(depth - 1, 1)) for i in range(depth))
         self.norm = nn.LayerNorm(dim)
+        self.grad_checkpointing = False  # train.py --act-ckpt: fit the paper's batch of `base` on one GPU
         self.apply(_init_weights)
 
     @classmethod
@@ -169,9 +171,13 @@ class SparseMedicalViT(nn.Module):
         backend = resolve_backend(self.attn, x.device, _compute_dtype(x))
         grid = packed.view_grid[packed.token_view]  # (T, 3)
         angles = rope_angles(normalize_coords(packed.patch_index, grid, self.rope_alpha), self.head_dim, self.rope_base)
+        rope = (angles.cos(), angles.sin())  # float32 (T, 3 * (head_dim // 6)), shared by all layers
         mask = row_mask(packed) if backend == "sdpa" else None
         for block in self.blocks:
-            x = block(x, angles, packed, backend, mask)
+            if self.grad_checkpointing and self.training:  # recompute activations in backward: memory for FLOPs
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, packed, backend, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, packed, backend, mask)
         return self.norm(x)
 
     def forward(self, packed: Packed) -> torch.Tensor:

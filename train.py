@@ -66,6 +66,7 @@ def get_args(argv=None):
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per optimizer step")
     p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"), help="attention backend")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block: less memory, ~30%% more compute")
     p.add_argument("--out", default="runs/stage3", help="folder for checkpoints and logs")
     p.add_argument("--init", default=None, help="stage-1 checkpoint to start stage 2 from")
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint path")
@@ -123,6 +124,7 @@ def build_net(args) -> Net:
     if args.depth:
         overrides["depth"] = args.depth
     backbone = SparseMedicalViT.from_preset(args.model, **overrides)
+    backbone.grad_checkpointing = args.act_ckpt
     head = Projector(backbone.dim, args.proj_hidden, args.proj_out) if args.objective == "lejepa" else nn.Linear(backbone.dim, len(data.LABELS))
     return Net(backbone, head)
 

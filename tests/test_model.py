@@ -127,3 +127,16 @@ def test_flops_formula():
     cfg = dict(dim=10, mlp_ratio=4.0, depth=1)
     # one view of 2 tokens: dense 2*(4+8)*100*2 = 4800, attention 2*2*10*4 = 160, x3 for backward
     assert model_flops_per_token(cfg, [2]) == 3 * (4800 + 160) / 2
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = tiny().train()
+    packed = pack([v.double() for v in random_views(5, seed=7, max_side=2)], P)
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        model.zero_grad()
+        model(packed).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-10)
