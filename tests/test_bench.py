@@ -1,0 +1,108 @@
+"""bench.py: the smoke run prints every section, padding changes the cost and not the result, and the
+work counts of section 3 are those of the batches that actually run. Figures are never asserted."""
+import json
+import math
+
+import pytest
+import torch
+
+import bench
+import data
+from model import Projector, SparseMedicalViT
+from pack import row_mask
+from train import Net, compute_loss
+
+@pytest.fixture(scope="module")
+def batch():
+    """One mixed LeJEPA step of small phantoms: 3 2D + 2 3D samples, 2 global + 8 local views each."""
+    ds_2d = data.open_dataset("phantom2d", "train", n=3, size=56, seed=0)
+    ds_3d = data.open_dataset("phantom3d", "train", n=2, size=42, seed=0)
+    loader = data.make_loader(ds_2d, ds_3d, batch_2d=3, batch_3d=2, steps=1, n_global=2, n_local=8, patch=14, seed=0)
+    b = next(iter(loader))
+    assert len(set(b.packed.seqlens)) > 3 and any(b.packed.is_3d) and not all(b.packed.is_3d)
+    return b
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return Net(SparseMedicalViT(dim=48, depth=2, heads=2, attn="sdpa"), Projector(48, 64, 32))
+
+
+def test_smoke_run_prints_every_section(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    report = bench.main(["--smoke", "--device", "cpu", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out and "- model: tiny" in out and "- scale: 0.01" in out
+    for title in ("1. Training step", "2. Attention backends", "3. Work per scheme", "4. Data pipeline"):
+        assert f"### {title}" in out
+    for row in ("| packed | sdpa |", "| padded | sdpa |", "| per-modality padded | sdpa |", "| sdpa |",
+                "| packed (varlen, flash) |", "| packed (sdpa rows) |", "| 2D |", "| 3D |"):
+        assert row in out, row
+    assert "Packing speed-up" in out and "cores keep the packed step fed" in out
+    saved = json.loads(path.read_text())
+    assert set(saved) == set(report) >= {"meta", "step", "backends", "work", "data"}
+    assert [r["scheme"] for r in saved["step"]] == ["packed", "padded", "per-modality padded"]
+    assert all(r["step (s)"] > 0 and math.isfinite(r["loss"]) for r in saved["step"])
+    assert all(r["samples/s per core"] > 0 for r in saved["data"])
+
+
+@pytest.mark.gpu
+def test_smoke_run_on_cuda_reports_mfu_and_largest_batch(capsys):
+    report = bench.main(["--smoke", "--device", "cuda"])
+    out = capsys.readouterr().out
+    assert "### 5. GPU" in out and "### 5b. Largest batch" in out and "| varlen |" in out
+    assert [r["model"] for r in report["largest batch"]] == ["small", "base"]
+
+
+@pytest.mark.parametrize("per_modality", [False, True])
+def test_padded_batch_computes_the_packed_loss_and_gradients(batch, net, per_modality):
+    with bench.threads(1), bench.attention(net, "sdpa"):  # one thread: small work, no stalls on a busy machine
+        net.zero_grad()
+        packed_loss, _ = compute_loss(net, batch, "lejepa", 0.025, 0)
+        packed_loss.backward()
+        packed_grads = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad()
+        padded = bench.padded_batch(batch, per_modality)
+        padded_loss, _ = compute_loss(bench.PaddedNet(net), padded, "lejepa", 0.025, 0)
+        padded_loss.backward()
+    assert padded.packed.n_tokens > batch.packed.n_tokens  # padding is computed, not skipped
+    assert torch.allclose(padded_loss, packed_loss, rtol=1e-5, atol=1e-7)
+    for g_packed, p in zip(packed_grads, net.parameters()):
+        assert torch.allclose(p.grad, g_packed, rtol=1e-4, atol=1e-6)
+
+
+def test_padded_rows_hold_one_view_then_its_zero_padding(batch):
+    packed = batch.packed
+    keep = [i for i, f in enumerate(packed.is_3d) if f]
+    padded, real = bench.pad_views(packed, keep)
+    length = max(packed.seqlens[i] for i in keep)
+    assert padded.row_segment.shape == (len(keep), length) and padded.max_seqlen == length
+    for r, i in enumerate(keep):
+        n = packed.seqlens[i]
+        segments = padded.row_segment[r].tolist()
+        assert segments[:n] == [real[r]] * n and len(set(segments[n:])) <= 1 and real[r] not in segments[n:]
+        tokens = padded.patches_3d[r * length:(r + 1) * length]  # 3D only: row r is slots r*L .. r*L+L-1
+        source = packed.patches_3d[(packed.index_3d >= packed.cu_seqlens[i]) & (packed.index_3d < packed.cu_seqlens[i + 1])]
+        assert torch.equal(tokens[:n], source) and not tokens[n:].any()
+        assert torch.equal(padded.patch_index[r * length:r * length + n], packed.patch_index[packed.token_view == i])
+
+
+def test_work_counts_match_the_batches_that_run(batch):
+    """Section 3's counts against an independent count on the padded batches and the masks actually built."""
+    p = batch.packed
+    work = {w["scheme"]: w for w in bench.scheme_work(p.seqlens, p.is_3d)}
+    real_pairs = (row_mask(p)[:, 0] & (p.row_segment < p.n_views)[:, :, None]).sum().item()  # same real view
+    assert real_pairs == sum(n * n for n in p.seqlens)
+    runs = {"packed (varlen, flash)": (p.n_tokens, real_pairs),
+            "packed (sdpa rows)": (p.n_tokens, row_mask(p).numel()),
+            "padded": (bench.padded_batch(batch, False).packed.n_tokens,
+                       sum(row_mask(q).numel() for q, _, _ in bench.padded_batch(batch, False).packed.groups)),
+            "per-modality padded": (bench.padded_batch(batch, True).packed.n_tokens,
+                                    sum(row_mask(q).numel() for q, _, _ in bench.padded_batch(batch, True).packed.groups))}
+    for scheme, (tokens, pairs) in runs.items():
+        w = work[scheme]
+        assert w["real tokens"] == p.n_tokens and w["tokens computed"] == tokens, scheme
+        assert w["padding %"] == pytest.approx(100 * (tokens - p.n_tokens) / tokens), scheme
+        assert w["attention pairs (M)"] * 1e6 == pytest.approx(pairs), scheme
+        assert w["useful attention %"] == pytest.approx(100 * real_pairs / pairs), scheme
