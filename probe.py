@@ -1,0 +1,612 @@
+"""Linear-probe evaluation of frozen SparseMedicalViT features (paper section 3).
+
+    python probe.py --ckpt S1=runs/s1/last.pt S2=runs/s2/last.pt S3=runs/s3/last.pt Supervised=runs/sup/last.pt
+
+1. Features: each checkpoint's frozen backbone embeds every whole image or
+   volume (one view per sample; the backbone embedding, not the projector) in
+   packed batches under a token budget, cached on disk per (checkpoint,
+   dataset, split).
+2. Probes: per label, standardized features -> logistic regression, trained
+   on the pre-training datasets' train split (LP 2D, 3D or ALL) where that
+   label is known; C is chosen on a patient-disjoint held-out part of the
+   training data, never on a test set.
+3. Metrics: per-label and macro AUROC with 95% bootstrap CIs (patients resampled).
+4. Outputs: Tables 1-3 (.md, .csv, .json), Figure 2a (PCA + logistic
+   regression per modality, fig2a.md/.json) and Figure 2b (DINO-style PCA
+   feature maps, fig2b_*.png).
+"""
+import argparse
+import csv
+import hashlib
+import json
+import os
+import re
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
+
+import data
+from model import SparseMedicalViT, backbone_from_checkpoint
+from pack import pack
+
+SHORT = ("ATEL", "CARD", "CONS", "LO", "EFF")  # the paper's column names, in data.LABELS order
+LP_MODES = ("2D", "3D", "ALL")
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strength of the probe, chosen on held-out training data
+HELD_OUT = 0.2  # fraction of training patients held out to choose C
+N_PCS = 10  # Figure 2a: principal components the logistic regression sees
+# role: (paper name, real dataset, its split, phantom stand-in, its split, kind)
+ROLES = {
+    "train_2d": ("MIMIC", "mimic", "train", "phantom2d", "train", "LP training"),
+    "train_3d": ("CT-RATE", "ctrate", "train", "phantom3d", "train", "LP training"),
+    "mimic": ("MIMIC", "mimic", "test", "phantom2d", "test", "internal test set"),
+    "chexpert": ("CheXpert", "chexpert", "test", "phantom2d-ext", "test", "external test set"),
+    "ctrate": ("CT-RATE", "ctrate", "valid", "phantom3d", "test", "internal test set"),
+    "radchest": ("RAD-ChestCT", "radchest", "test", "phantom3d-ext", "test", "external test set"),
+    "radchest_train": ("RAD-ChestCT", "radchest", "train", "phantom3d-ext", "train", "Table 2 LP training"),
+}
+TEST_SETS = ("mimic", "chexpert", "ctrate", "radchest")
+LP_TRAIN = {"2D": ("train_2d",), "3D": ("train_3d",), "ALL": ("train_2d", "train_3d")}  # paper 3: LP training data
+
+
+# ---------------------------------------------------------------- metrics
+
+def weighted_auroc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """AUROC of scores s (n,) for 0/1 labels y (n,), once per row of sample weights w (B, n) -> (B,).
+
+    Mann-Whitney: P(s_pos > s_neg) + 0.5 P(s_pos == s_neg), each sample counted
+    w times (a bootstrap resample is a weight vector). NaN when a class is absent.
+    """
+    order = np.argsort(s, kind="stable")
+    s, pos_mask, w = s[order], y[order] > 0.5, w[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first sample of each distinct score
+    pos = np.add.reduceat(w * pos_mask, starts, axis=1)  # (B, K) positive weight per distinct score
+    neg = np.add.reduceat(w * ~pos_mask, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each score
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
+def auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """Rank-based AUROC with ties counted one half; NaN if y holds one class only."""
+    return float(weighted_auroc(np.asarray(y), np.asarray(s), np.ones((1, len(y))))[0])
+
+
+def patients(ids: np.ndarray) -> np.ndarray:
+    """data.py ids are 'patient/study/...': the part before the first '/' names the patient."""
+    return np.array([str(i).split("/")[0] for i in ids])
+
+
+@dataclass
+class Result:
+    """AUROC of one probe on one test set; NaN marks a label with one class (n/a)."""
+    auroc: list    # (L,) per label
+    ci: list       # (L, 2) 95% bootstrap CI per label
+    macro: float   # mean over the defined labels
+    macro_ci: list  # (2,)
+    n: int
+
+
+def evaluate(y: np.ndarray, scores: np.ndarray, ids: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Result:
+    """Per-label and macro AUROC with 95% CIs from a bootstrap over patients (all of a patient's studies)."""
+    n, n_labels = y.shape
+    known = ~np.isnan(y) & ~np.isnan(scores)
+    point = np.array([auroc(y[known[:, j], j], scores[known[:, j], j]) for j in range(n_labels)])
+    defined = ~np.isnan(point)
+    uniq, inv = np.unique(patients(ids), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    boot = np.full((n_labels, n_boot), np.nan)
+    chunk = max(1, 2_000_000 // n)  # resamples per chunk: bounds the (chunk, n) weight matrix
+    for b0 in range(0, n_boot, chunk):
+        counts = rng.multinomial(len(uniq), np.full(len(uniq), 1 / len(uniq)), size=min(chunk, n_boot - b0))
+        w = counts[:, inv].astype(np.float64)  # a drawn patient brings all of its samples
+        for j in np.flatnonzero(defined):
+            k = known[:, j]
+            boot[j, b0:b0 + len(w)] = weighted_auroc(y[k, j], scores[k, j], w[:, k])
+    ci, macro, macro_ci = np.full((n_labels, 2), np.nan), np.nan, [np.nan, np.nan]
+    if defined.any():  # a label with one class (NaN) is left out of the macro and its CI
+        macro = float(point[defined].mean())
+    if defined.any() and n_boot > 0:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN when a resample drew one class only
+            ci[defined] = np.nanpercentile(boot[defined], [2.5, 97.5], axis=1).T
+            macro_ci = np.nanpercentile(np.nanmean(boot[defined], axis=0), [2.5, 97.5]).tolist()
+    return Result(point.tolist(), ci.tolist(), macro, macro_ci, n)
+
+
+# ---------------------------------------------------------------- probes
+
+def make_probe(c: float):
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+
+
+def patient_holdout(ids: np.ndarray, frac: float, seed: int) -> np.ndarray:
+    """Boolean mask of a held-out part chosen by patient: no patient lies on both sides."""
+    who = patients(ids)
+    uniq = np.unique(who)
+    held = np.random.default_rng(seed).choice(uniq, size=max(1, round(frac * len(uniq))), replace=False)
+    return np.isin(who, held)
+
+
+def fit_label(x: np.ndarray, y: np.ndarray, ids: np.ndarray, seed: int = 0):
+    """One label's probe, C chosen by held-out AUROC; None if the training data has one class."""
+    if len(np.unique(y)) < 2:
+        return None
+    held = patient_holdout(ids, HELD_OUT, seed)
+    best_c, best = 1.0, -np.inf
+    if len(np.unique(y[held])) == 2 and len(np.unique(y[~held])) == 2:
+        for c in C_GRID:
+            a = auroc(y[held], make_probe(c).fit(x[~held], y[~held]).decision_function(x[held]))
+            if a > best:
+                best_c, best = c, a
+    return make_probe(best_c).fit(x, y)
+
+
+def fit_probes(x: np.ndarray, y: np.ndarray, ids: np.ndarray, seed: int = 0) -> list:
+    """Paper 3: one probe per label, trained on the samples where that label is known (NaN skipped)."""
+    probes = []
+    for j in range(y.shape[1]):
+        k = ~np.isnan(y[:, j])
+        probes.append(fit_label(x[k], y[k, j], ids[k], seed))
+    return probes
+
+
+def probe_scores(probes: list, x: np.ndarray) -> np.ndarray:
+    """(N, L) decision values; NaN for a label without a probe."""
+    return np.stack([p.decision_function(x) if p else np.full(len(x), np.nan) for p in probes], axis=1)
+
+
+# ---------------------------------------------------------------- features
+
+@dataclass
+class Checkpoint:
+    name: str
+    path: str
+    model: SparseMedicalViT
+    key: str  # content hash + model config: names its cached features
+
+
+def checkpoint_name(args: dict, path: str) -> str:
+    if args.get("objective") == "supervised":
+        return "Supervised"
+    return f"S{args['stage']}" if args.get("stage") else os.path.splitext(os.path.basename(path))[0]
+
+
+def load_checkpoints(items: list, attn: str) -> list:
+    """`--ckpt PATH` or `NAME=PATH` items -> Checkpoints; clear errors from model.load_checkpoint."""
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or os.path.exists(item) or os.sep in name:
+            name, path = None, item
+        model, ckpt = backbone_from_checkpoint(path, "cpu", attn=attn)
+        name = name or checkpoint_name(ckpt.get("args") or {}, path)
+        if name in {c.name for c in out}:
+            name = f"{name}#{len(out) + 1}"
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        key = digest + json.dumps(ckpt["model_config"], sort_keys=True)
+        out.append(Checkpoint(name, path, model, key))
+    return out
+
+
+def _identity(x):
+    return x
+
+
+def read_records(ds, workers: int):
+    """The records of ds in order; workers > 0 reads/renders them in background processes."""
+    if workers == 0:
+        return (ds[i] for i in range(len(ds)))
+    return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_identity))
+
+
+def whole_views(ds, patch: int, batch_tokens: int, workers: int = 0):
+    """Yield (views, records): whole images/volumes (1, Z, H, W) of at most batch_tokens tokens together."""
+    views, records, tokens = [], [], 0
+    for record in read_records(ds, workers):
+        view = data.whole_view(record, patch)
+        n = view.numel() // (patch ** (3 if view.shape[1] > 1 else 2))
+        if views and tokens + n > batch_tokens:
+            yield views, records
+            views, records, tokens = [], [], 0
+        views.append(view)
+        records.append(record)
+        tokens += n
+    if views:
+        yield views, records
+
+
+@torch.inference_mode()
+def extract_features(model: SparseMedicalViT, ds, device: torch.device, batch_tokens: int, workers: int = 0) -> dict:
+    """Frozen backbone embeddings (N, dim) of every sample, with labels (N, L) and ids (N,)."""
+    if len(ds) == 0:
+        raise ValueError(f"{ds.name} {ds.split}: no samples")
+    feats, labels, ids = [], [], []
+    with tqdm(total=len(ds), desc=f"features {ds.name}/{ds.split}", unit="img", leave=False) as bar:
+        for views, records in whole_views(ds, model.patch, batch_tokens, workers):
+            packed = pack(views, model.patch).to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                feats.append(model(packed).float().cpu().numpy())
+            labels += [r.labels for r in records]
+            ids += [r.id for r in records]
+            bar.update(len(views))
+    return {"x": np.concatenate(feats), "y": np.stack(labels).astype(np.float32), "ids": np.array(ids, dtype=str)}
+
+
+def cached_features(ck: Checkpoint, ds, device: torch.device, batch_tokens: int, workers: int, cache_dir: str) -> dict:
+    """extract_features, stored as .npz per (checkpoint content + config, dataset fingerprint, split, precision)."""
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    key = hashlib.sha256(f"{ck.key}|{ds.fingerprint}|{ds.split}|{precision}".encode()).hexdigest()[:24]
+    path = os.path.join(cache_dir, re.sub(r"[^\w.-]", "_", f"{ds.name}_{ds.split}_{key}") + ".npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    ck.model.to(device)
+    feats = extract_features(ck.model, ds, device, batch_tokens, workers)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **feats)
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache file
+    return feats
+
+
+# ---------------------------------------------------------------- data roles
+
+@dataclass(frozen=True)
+class Source:
+    title: str  # how tables name it, e.g. "MIMIC (phantom2d test)"
+    spec: str   # data.open_dataset spec: phantom name or cache dir
+    split: str
+
+
+def resolve_sources(data_args: list, lps: list) -> dict:
+    """role -> Source for the phantom suite or the caches given (roles whose dataset is absent are left out)."""
+    if data_args == ["phantom"]:
+        return {role: Source(f"{paper} ({phantom} {psplit})", phantom, psplit)
+                for role, (paper, _, _, phantom, psplit, _) in ROLES.items()}
+    by_name = {}
+    for spec in data_args:
+        by_name[data.describe(spec)["name"]] = spec
+    sources = {role: Source(f"{paper} ({kind})" if "test" in kind else f"{paper} {split}", by_name[name], split)
+               for role, (paper, name, split, _, _, kind) in ROLES.items()
+               if name in by_name and split in data.list_splits(by_name[name])}
+    for lp in lps:
+        missing = [ROLES[r][1] for r in LP_TRAIN[lp] if r not in sources]
+        if missing:
+            raise ValueError(f"--lp {lp} trains on the {'/'.join(missing)} train split: add its cache to --data "
+                             f"(got {data_args}) or drop {lp} from --lp")
+    if not any(t in sources for t in TEST_SETS):
+        raise ValueError(f"--data {data_args}: none of the test sets {[ROLES[t][1] for t in TEST_SETS]} found")
+    return sources
+
+
+def open_datasets(sources: dict, args) -> dict:
+    """role -> dataset; the phantom options (n per split, size per modality, seed) go to phantom specs only."""
+    out = {}
+    for role, src in sources.items():
+        options = {}
+        if src.spec in data.PHANTOMS:
+            n = args.n_train if src.split == "train" else args.n_test
+            size = args.size_3d if "3d" in src.spec else args.size_2d
+            options = {k: v for k, v in (("n", n), ("size", size)) if v is not None} | {"seed": args.seed}
+        out[role] = data.open_dataset(src.spec, src.split, **options)
+    return out
+
+
+def stack(parts: list) -> dict:
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("x", "y", "ids")}
+
+
+# ---------------------------------------------------------------- tables
+
+def fmt(v: float, digits: int = 3) -> str:
+    return "n/a" if v is None or np.isnan(v) else f"{v:.{digits}f}"
+
+
+def fmt_ci(v: float, ci) -> str:
+    return fmt(v) if np.isnan(ci[0]) else f"{fmt(v)} ({fmt(ci[0])}-{fmt(ci[1])})"
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list  # columns[0] groups rows into sections (a header row in Markdown), columns[1:] are shown
+    rows: list     # lists of strings, one per column
+    notes: list
+    data: list     # the numbers behind the rows (for table*.json)
+
+
+def to_markdown(t: Table) -> str:
+    lines = [f"**{t.title}**", "", "| " + " | ".join(t.columns[1:]) + " |", "|" + " --- |" * (len(t.columns) - 1)]
+    section = None
+    for row in t.rows:
+        if row[0] != section:
+            section = row[0]
+            lines.append(f"| **{section}** |" + " |" * (len(t.columns) - 2))
+        lines.append("| " + " | ".join(row[1:]) + " |")
+    return "\n".join(lines + [""] + [f"{n}  " for n in t.notes]) + "\n"
+
+
+def write_tables(out: str, stem: str, tables: list) -> str:
+    """stem.md, stem.csv (one header; an 'Analysis' column when several tables share it) and stem.json."""
+    md = "\n".join(to_markdown(t) for t in tables)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out, f"{stem}.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        several = len(tables) > 1
+        w.writerow((["Analysis"] if several else []) + tables[0].columns)
+        for t in tables:
+            w.writerows(([t.title] if several else []) + r for r in t.rows)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump([asdict(t) for t in tables], f, indent=1)
+    return md
+
+
+def _clean(v):
+    """NaN -> None, recursively, so table*.json is strict JSON."""
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return None if isinstance(v, float) and np.isnan(v) else v
+
+
+def result_cells(r: Result) -> list:
+    return [fmt(a) for a in r.auroc] + [fmt_ci(r.macro, r.macro_ci)]
+
+
+def result_data(r: Result, **where) -> dict:
+    return {**where, **{k: _clean(v) for k, v in asdict(r).items()}}
+
+
+NA_NOTE = "n/a: only one class of that label in the test set (or in the LP training data); excluded from Macro."
+
+
+def table_1(results: dict, names: list, lp: str, titles: dict) -> Table:
+    """Per test set, one row per checkpoint: per-label AUROC and macro (95% CI)."""
+    rows, rdata = [], []
+    for t in [t for t in TEST_SETS if t in titles]:
+        for name in names:
+            r = results[name][lp][t]
+            rows.append([titles[t], name, lp, *result_cells(r)])
+            rdata.append(result_data(r, test_set=titles[t], model=name, lp=lp))
+    notes = ["LP=Linear Probing, ATEL=Atelectasis, CARD=Cardiomegaly, CONS=Consolidation, LO=Lung Opacity, "
+             "EFF=Pleural Effusion. 95% CI: bootstrap over patients.", NA_NOTE]
+    return Table("Table 1: linear-probe AUROC on frozen features", ["Test set", "Model", "LP Training Data",
+                 *SHORT, "Macro (95% CI)"], rows, notes, rdata)
+
+
+def table_2(adapted: dict, before: dict, train: str, test: str) -> Table:
+    """Domain adaptation: probe retrained on the external set's train split, improvement over the un-adapted probe."""
+    rows, rdata = [], []
+    for name, r in adapted.items():
+        b = before[name]
+        for label, a, c, p in [*zip(SHORT, r.auroc, r.ci, b.auroc), ("Macro", r.macro, r.macro_ci, b.macro)]:
+            gain = 100 * (a - p) / p if not (np.isnan(a) or np.isnan(p)) else np.nan
+            rows.append([name, label, fmt_ci(a, c), fmt(gain, 2), fmt(p)])
+        rdata.append({"model": name, "adapted": result_data(r), "before": result_data(b)})
+    notes = [f"Probe retrained on {train}, tested on {test}; Improvement (%) and 'AUROC before adaptation' "
+             "refer to the probe trained on the pre-training data (Table 1).", NA_NOTE]
+    return Table(f"Table 2: domain adaptation on {test}", ["Model", "Label", "AUROC (95% CI)", "Improvement (%)",
+                 "AUROC before adaptation"], rows, notes, rdata)
+
+
+def table_3(results: dict, names: list, main: str, lps: list, titles: dict) -> list:
+    """Left: each checkpoint with LP ALL (training strategy); right: one checkpoint with LP 2D/3D/ALL."""
+    cols = ["Test set", "Model", "LP Training Data", "Macro (95% CI)"]
+    halves = []
+    for title, pairs in (("Table 3 (left): training strategy", [(n, "ALL") for n in names if "ALL" in lps]),
+                         ("Table 3 (right): modality robustness", [(main, lp) for lp in lps])):
+        if not pairs:
+            continue
+        rows, rdata = [], []
+        for t in [t for t in TEST_SETS if t in titles]:
+            for name, lp in pairs:
+                r = results[name][lp][t]
+                rows.append([titles[t], name, lp, fmt_ci(r.macro, r.macro_ci)])
+                rdata.append(result_data(r, test_set=titles[t], model=name, lp=lp))
+        halves.append(Table(title, cols, rows, [NA_NOTE], rdata))
+    return halves
+
+
+# ---------------------------------------------------------------- Figure 2
+
+def figure_2a(feats: dict, titles: dict, out: str, seed: int = 0) -> dict:
+    """Paper 3.4 / Fig. 2a: PCA of the joint 2D+3D training embeddings; a logistic regression on the top
+    PCs fitted on 2D-only, 3D-only and joint features, AUROC on each modality's test set, top PCs by |coef|."""
+    joint = stack([feats["train_2d"], feats["train_3d"]])
+    scaler = StandardScaler().fit(joint["x"])
+    pca = PCA(n_components=min(N_PCS, *joint["x"].shape), random_state=seed).fit(scaler.transform(joint["x"]))
+    pcs = lambda d: {**d, "x": pca.transform(scaler.transform(d["x"]))}  # noqa: E731
+    fits = {"2D": pcs(feats["train_2d"]), "3D": pcs(feats["train_3d"]), "joint": pcs(joint)}
+    tests = {t: pcs(feats[t]) for t in ("mimic", "ctrate")}
+    report = {"n_components": pca.n_components_, "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+              "test_sets": {t: titles[t] for t in tests}, "labels": {}}
+    for j, label in enumerate(data.LABELS):
+        report["labels"][label] = per_fit = {}
+        for fit_name, d in fits.items():
+            k = ~np.isnan(d["y"][:, j])
+            probe = fit_label(d["x"][k], d["y"][k, j], d["ids"][k], seed)
+            coef = np.zeros(pca.n_components_) if probe is None else probe[-1].coef_[0]
+            aucs = {t: np.nan if probe is None else auroc(*_known(td, j, probe)) for t, td in tests.items()}
+            top = np.argsort(-np.abs(coef))[:3]
+            per_fit[fit_name] = {"auroc": {t: _clean(float(a)) for t, a in aucs.items()},
+                                 "top_pcs": [f"PC{i + 1}" for i in top], "coef": coef.tolist()}
+    with open(os.path.join(out, "fig2a.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, "fig2a.md"), "w") as f:
+        f.write(fig2a_markdown(report))
+    return report
+
+
+def _known(d: dict, j: int, probe) -> tuple:
+    k = ~np.isnan(d["y"][:, j])
+    return d["y"][k, j], probe.decision_function(d["x"][k])
+
+
+def fig2a_markdown(report: dict) -> str:
+    tests = report["test_sets"]
+    lines = [f"**Figure 2a: logistic regression on the top {report['n_components']} PCs of the joint embeddings**", "",
+             "| Label | Fit on | " + " | ".join(f"AUROC {t}" for t in tests.values()) + " | Top PCs (by \\|coef\\|) |",
+             "|" + " --- |" * (len(tests) + 3)]
+    for label, per_fit in report["labels"].items():
+        for fit_name, r in per_fit.items():
+            aucs = " | ".join(fmt(r["auroc"][t]) for t in tests)
+            lines.append(f"| {label} | {fit_name} | {aucs} | {', '.join(r['top_pcs'])} |")
+    ratio = ", ".join(f"{v:.3f}" for v in report["explained_variance_ratio"])
+    return "\n".join(lines + ["", f"Explained variance ratio: {ratio}", ""])
+
+
+def pick_examples(ds, count: int) -> list:
+    """Indices of up to `count` samples, Cardiomegaly-positive first (the finding Fig. 2b highlights)."""
+    positive = ds.labels[:, data.LABELS.index("Cardiomegaly")] == 1  # labels only: no image is read
+    return np.argsort(~positive, kind="stable")[:count].tolist()
+
+
+def to_gray(img: np.ndarray) -> np.ndarray:
+    """[-1, 1] image (H, W) -> uint8 RGB (H, W, 3)."""
+    g = np.clip((img + 1) * 127.5, 0, 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+@torch.inference_mode()
+def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device: torch.device) -> list:
+    """Fig. 2b: DINO-style maps. First 3 PCs of the patch tokens of a few 2D images and CT volumes (one PCA
+    over both, so colours compare across modalities) -> min-max RGB on the patch grid, next to the input.
+    Writes fig2b_{2d,3d}_{k}.png and fig2b.json (which sample each file shows)."""
+    p = model.patch
+    items = [(mod, ds, i) for mod, ds in sets.items() for i in pick_examples(ds, count)]
+    records = [ds[i] for _, ds, i in items]
+    views = [data.whole_view(r, p) for r in records]
+    packed = pack(views, p)
+    model.to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        tokens = model.forward_features(packed.to(device)).float().cpu().numpy()  # (T, dim)
+    for mod in sets:  # centre each modality, so the shared components show anatomy, not the 2D/3D offset
+        own = np.isin(packed.token_view.numpy(), [v for v, (m, _, _) in enumerate(items) if m == mod])
+        tokens[own] -= tokens[own].mean(0)
+    rgb = PCA(n_components=3).fit_transform(tokens)
+    rgb = (rgb - rgb.min(0)) / np.maximum(rgb.max(0) - rgb.min(0), 1e-12)
+    written = []
+    for v, ((mod, ds, i), record, view) in enumerate(zip(items, records, views)):
+        gz, gy, gx = packed.view_grid[v].tolist()
+        grid = rgb[packed.cu_seqlens[v]:packed.cu_seqlens[v + 1]].reshape(gz, gy, gx, 3)
+        z = view.shape[1] // 2  # CT: the middle slice and the token slice that contains it
+        fmap = grid[z // p].repeat(p, axis=0).repeat(p, axis=1)  # nearest upsampling to the input size
+        img = np.concatenate([to_gray(view[0, z].numpy()), (fmap * 255).astype(np.uint8)], axis=1)
+        name = f"fig2b_{mod}_{sum(m == mod for m, _, _ in items[:v])}.png"
+        Image.fromarray(img).save(os.path.join(out, name))
+        written.append({"file": name, "dataset": ds.name, "split": ds.split, "id": record.id, "index": i,
+                        "input_shape": list(view.shape[1:])})
+    with open(os.path.join(out, "fig2b.json"), "w") as f:
+        json.dump(written, f, indent=1)
+    return written
+
+
+# ---------------------------------------------------------------- main
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Linear probes on frozen features: the paper's Tables 1-3 and Figure 2.")
+    p.add_argument("--ckpt", nargs="+", required=True,
+                   help="checkpoint(s), PATH or NAME=PATH (e.g. S1=... S2=... S3=... Supervised=...); unnamed ones "
+                        "are named from their training args (S<stage> or Supervised)")
+    p.add_argument("--data", nargs="+", default=["phantom"],
+                   help="'phantom' (built-in stand-ins) or cache dirs from `python data.py prepare` "
+                        "(mimic, chexpert, ctrate, radchest)")
+    p.add_argument("--lp", default="2D,3D,ALL", help="LP training data, comma-separated subset of 2D,3D,ALL")
+    p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per packed feature batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=None, help="processes reading samples (default: 8 on GPU, 0 on CPU)")
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"),
+                   help="attention backend for feature extraction")
+    p.add_argument("--maps", type=int, default=4, help="Figure 2b: PCA maps per modality")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantom data, the held-out split and the bootstrap")
+    p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default 224, paper 2.4)")
+    p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default 112, paper 2.4)")
+    p.add_argument("--n-train", type=int, default=None, help="phantom samples per train split (default: data.py's)")
+    p.add_argument("--n-test", type=int, default=None, help="phantom samples per test split (default: data.py's)")
+    args = p.parse_args(argv)
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
+    args.lp = [m.strip().upper() for m in args.lp.split(",") if m.strip()]
+    if not args.lp or any(m not in LP_MODES for m in args.lp):
+        p.error(f"--lp must be a comma-separated subset of {','.join(LP_MODES)}, got {args.lp}")
+    return args
+
+
+def probe_results(f: dict, lps: list, n_boot: int, seed: int) -> tuple:
+    """One checkpoint's features by role -> ({lp: {test set: Result}}, Table 2 Result or None)."""
+    results = {}
+    for lp in lps:
+        probes = fit_probes(**stack([f[r] for r in LP_TRAIN[lp]]), seed=seed)
+        results[lp] = {t: evaluate(f[t]["y"], probe_scores(probes, f[t]["x"]), f[t]["ids"], n_boot, seed)
+                       for t in TEST_SETS if t in f}
+    if "radchest_train" not in f or "radchest" not in f:
+        return results, None
+    probes = fit_probes(**f["radchest_train"], seed=seed)  # paper Table 2: LP retrained on the external train split
+    t = f["radchest"]
+    return results, evaluate(t["y"], probe_scores(probes, t["x"]), t["ids"], n_boot, seed)
+
+
+def run(args, checkpoints: list, sources: dict, datasets: dict) -> dict:
+    """Features -> probes -> metrics -> tables and figures; returns the printed Markdown by file stem."""
+    out, device = args.out, torch.device(args.device)
+    os.makedirs(out, exist_ok=True)
+    titles = {role: src.title for role, src in sources.items()}
+    names = [c.name for c in checkpoints]
+    main = "S3" if "S3" in names else names[0]
+    feats = {}
+    for c in checkpoints:
+        feats[c.name] = {role: cached_features(c, ds, device, args.batch_tokens, args.workers,
+                                                 os.path.join(out, "cache"))
+                         for role, ds in datasets.items()}
+        c.model.cpu()  # one backbone on the device at a time
+    main_lp = "ALL" if "ALL" in args.lp else args.lp[0]  # paper Table 1: LP on ALL
+    results, adapted, before = {}, {}, {}
+    for name in names:
+        results[name], adapted_result = probe_results(feats[name], args.lp, args.bootstrap, args.seed)
+        if adapted_result is not None:
+            adapted[name], before[name] = adapted_result, results[name][main_lp]["radchest"]
+    written = {"table1": write_tables(out, "table1", [table_1(results, names, main_lp, titles)])}
+    if adapted:
+        t2 = table_2(adapted, before, titles["radchest_train"], titles["radchest"])
+        written["table2"] = write_tables(out, "table2", [t2])
+    written["table3"] = write_tables(out, "table3", table_3(results, names, main, args.lp, titles))
+    if all(r in feats[main] for r in ("train_2d", "train_3d", "mimic", "ctrate")):
+        figure_2a(feats[main], titles, out, args.seed)
+    maps = {m: datasets[r] for m, r in (("2d", "mimic"), ("3d", "ctrate")) if r in datasets}
+    if maps and args.maps > 0:
+        figure_2b(next(c for c in checkpoints if c.name == main).model, maps, args.maps, out, device)
+    return written
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    try:  # user errors (bad checkpoint, bad --data) print one clear line, no traceback
+        checkpoints = load_checkpoints(args.ckpt, args.attn)
+        sources = resolve_sources(args.data, args.lp)
+        datasets = open_datasets(sources, args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"probe.py: error: {e}", file=sys.stderr)
+        return 2
+    args.out = args.out or os.path.dirname(os.path.abspath(checkpoints[0].path))
+    written = run(args, checkpoints, sources, datasets)
+    for md in written.values():
+        print(md)
+    print(f"wrote tables, figures and the feature cache to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+import data
+import probe
+from model import SparseMedicalViT
+from pack import pack
+
+P = 14
+# small phantoms: 2D about 56 x 42 pixels (12 tokens), 3D 14-28 x 28 x 28 voxels (4-8 tokens)
+PHANTOM = ["--size-2d", "56", "--size-3d", "28", "--n-train", "128", "--n-test", "64"]
+COLUMNS_1 = ["Test set", "Model", "LP Training Data", "ATEL", "CARD", "CONS", "LO", "EFF", "Macro (95% CI)"]
+TEST_SETS = ["MIMIC (phantom2d test)", "CheXpert (phantom2d-ext test)", "CT-RATE (phantom3d test)",
+             "RAD-ChestCT (phantom3d-ext test)"]
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return SparseMedicalViT(dim=32, depth=1, heads=2, attn="sdpa")
+
+
+def save(model, path, **args):
+    torch.save({"format": 1, "model_config": model.config, "model": model.state_dict(), "args": args}, path)
+    return str(path)
+
+
+def briefly_trained(seed=0, steps=150):
+    """A tiny backbone trained with a supervised linear head on the phantom train splits (full batch, a few s)."""
+    records = [ds[i] for name, size in (("phantom2d", 56), ("phantom3d", 28))
+               for ds in [data.open_dataset(name, "train", n=256, size=size)] for i in range(len(ds))]
+    packed = pack([data.whole_view(r, P) for r in records], P)
+    y = torch.tensor(np.stack([r.labels for r in records]))
+    known = ~torch.isnan(y)
+    model, head = tiny(seed).train(), torch.nn.Linear(32, len(data.LABELS))
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(head(model(packed))[known], y[known])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One CLI run on small phantoms with a briefly trained (S3) and a random-init checkpoint."""
+    root = tmp_path_factory.mktemp("probe")
+    trained = save(briefly_trained(), root / "trained.pt", stage=3, objective="supervised")
+    random = save(tiny(seed=1), root / "random.pt", stage=3, objective="lejepa")
+    out = root / "out"
+    argv = ["--ckpt", f"S3={trained}", f"Random={random}", "--out", str(out), "--bootstrap", "200", "--maps", "2",
+            "--device", "cpu", *PHANTOM]
+    assert probe.main(argv) == 0
+    return dict(root=root, out=out, trained=trained, random=random, argv=argv)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def count_embedded(monkeypatch) -> list:
+    """Count the samples the backbone embeds (model.forward), as a one-element list."""
+    seen = [0]
+    forward = SparseMedicalViT.forward
+
+    def counting(self, packed):
+        seen[0] += packed.n_views
+        return forward(self, packed)
+
+    monkeypatch.setattr(SparseMedicalViT, "forward", counting)
+    return seen
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_auroc_equals_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    for n in (2, 7, 50, 500):
+        y = np.r_[0, 1, rng.integers(0, 2, n - 2)]
+        s = np.round(rng.normal(size=n) + y, 1)  # rounding makes many ties
+        assert probe.auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert probe.auroc(np.array([0, 1, 0, 1]), np.array([1.0, 1.0, 1.0, 1.0])) == 0.5  # all tied
+
+
+def test_weighted_auroc_equals_auroc_of_the_resample():
+    """A bootstrap resample as integer weights gives the AUROC of the explicitly repeated samples."""
+    rng = np.random.default_rng(1)
+    y, s = rng.integers(0, 2, 40), np.round(rng.normal(size=40), 1)
+    w = rng.multinomial(40, np.full(40, 1 / 40), size=5).astype(float)  # (5, 40)
+    fast = probe.weighted_auroc(y, s, w)
+    for b in range(5):
+        idx = np.repeat(np.arange(40), w[b].astype(int))
+        assert fast[b] == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
+
+
+def test_single_class_label_is_na_not_a_crash():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, (60, 5)).astype(np.float32)
+    y[:, 1] = 0  # Cardiomegaly: no positive in this test set
+    y[:10, 3] = np.nan  # unknown labels are skipped
+    s = y + rng.normal(size=y.shape)
+    r = probe.evaluate(y, s, np.arange(60).astype(str), n_boot=50)
+    assert np.isnan(r.auroc[1]) and np.isnan(r.ci[1]).all()
+    assert r.macro == pytest.approx(np.mean([r.auroc[j] for j in (0, 2, 3, 4)]))
+    cells = probe.result_cells(r)
+    assert cells[1] == "n/a" and "n/a" not in cells[-1]
+    # a label with one class in the LP training data: no probe, n/a, no crash
+    x = rng.normal(size=(60, 8))
+    probes = probe.fit_probes(x, y, np.arange(60).astype(str))
+    assert probes[1] is None and np.isnan(probe.probe_scores(probes, x)[:, 1]).all()
+    assert np.isnan(probe.auroc(np.zeros(5), np.arange(5.0)))
+
+
+def test_bootstrap_ci_contains_estimate_and_narrows_as_n_grows():
+    rng = np.random.default_rng(3)
+    widths = []
+    for n in (60, 2000):
+        y = rng.integers(0, 2, (n, 5)).astype(np.float32)
+        s = y + 1.5 * rng.normal(size=y.shape)
+        r = probe.evaluate(y, s, np.arange(n).astype(str), n_boot=300, seed=0)
+        assert r.macro_ci[0] < r.macro < r.macro_ci[1]
+        assert all(lo < a < hi for a, (lo, hi) in zip(r.auroc, r.ci))
+        widths.append(r.macro_ci[1] - r.macro_ci[0])
+    assert widths[1] < widths[0] / 3  # ~ 1/sqrt(n): 5.8x narrower in theory
+    again = probe.evaluate(y, s, np.arange(n).astype(str), n_boot=300, seed=0)
+    assert again.macro_ci == r.macro_ci  # fixed seed: reproducible
+
+
+def test_bootstrap_resamples_patients_not_images():
+    """Four studies per patient ('patient/study' ids): resampling patients gives a wider CI than resampling studies."""
+    rng = np.random.default_rng(4)
+    y = np.repeat(rng.integers(0, 2, (100, 5)), 4, axis=0).astype(np.float32)
+    s = np.repeat(rng.normal(size=(100, 5)), 4, axis=0) + y
+    by_patient = probe.evaluate(y, s, np.array([f"p{i // 4}/s{i}" for i in range(400)]), n_boot=300)
+    by_image = probe.evaluate(y, s, np.array([f"p{i}/s{i}" for i in range(400)]), n_boot=300)
+    width = lambda r: r.macro_ci[1] - r.macro_ci[0]  # noqa: E731
+    assert width(by_patient) > 1.5 * width(by_image)
+
+
+def test_held_out_part_is_patient_disjoint():
+    ids = np.array([f"p{i // 3}/s{i}" for i in range(150)])  # three studies per patient
+    held = probe.patient_holdout(ids, 0.2, seed=0)
+    who = probe.patients(ids)
+    assert set(who[held]).isdisjoint(who[~held]) and held.sum() == 30
+
+
+# ---------------------------------------------------------------- features
+
+def test_features_do_not_depend_on_token_budget():
+    """Packed batches under any token budget, read by worker processes or not, equal one view at a time."""
+    model = tiny().eval()
+    ds = data.open_dataset("phantom3d", "test", n=6, size=28)
+    small = probe.extract_features(model, ds, torch.device("cpu"), batch_tokens=10)
+    big = probe.extract_features(model, ds, torch.device("cpu"), batch_tokens=10_000, workers=2)
+    with torch.no_grad():
+        alone = np.concatenate([model(pack([data.whole_view(ds[i], P)], P)).numpy() for i in range(len(ds))])
+    assert np.allclose(small["x"], alone, atol=1e-5) and np.allclose(big["x"], alone, atol=1e-5)
+    assert list(small["ids"]) == list(big["ids"]) == ds.ids and np.array_equal(small["y"], ds.labels, equal_nan=True)
+    sizes = [len(v) for v, _ in probe.whole_views(ds, P, 10)]
+    assert max(sizes) <= 2 and sum(sizes) == len(ds)  # 4-8 tokens per volume, 10 per batch
+
+
+def test_feature_cache_reused_and_changed_checkpoint_recomputes(run, tmp_path, monkeypatch):
+    # copies of the checkpoints and the cache: the key is the checkpoint's content, not its path
+    for name in ("trained.pt", "random.pt"):
+        shutil.copy(run["root"] / name, tmp_path / name)
+    shutil.copytree(run["out"] / "cache", tmp_path / "cache")
+    argv = ["--ckpt", f"S3={tmp_path / 'trained.pt'}", f"Random={tmp_path / 'random.pt'}", "--bootstrap", "200",
+            "--maps", "2", "--device", "cpu", *PHANTOM]  # no --out: next to the first checkpoint
+    seen = count_embedded(monkeypatch)
+    assert probe.main(argv) == 0
+    assert seen[0] == 0  # every feature came from the cache
+    assert (tmp_path / "table1.md").read_text() == (run["out"] / "table1.md").read_text()
+
+    save(tiny(seed=7), tmp_path / "random.pt", stage=3)  # a changed checkpoint
+    assert probe.main(argv) == 0
+    assert seen[0] == 3 * 128 + 4 * 64  # its 7 splits recomputed, the unchanged S3 still cached
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3 * 7
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- tables and figures
+
+def test_trained_checkpoint_beats_random_init(run):
+    rows = read_json(run["out"] / "table1.json")[0]["data"]
+    macro = {name: np.mean([r["macro"] for r in rows if r["model"] == name]) for name in ("S3", "Random")}
+    assert macro["S3"] > macro["Random"] + 0.08, macro
+
+
+def test_tables_have_the_papers_rows_and_columns(run):
+    out = run["out"]
+    with open(out / "table1.csv") as f:
+        t1 = list(csv.reader(f))
+    assert t1[0] == COLUMNS_1
+    assert [(r[0], r[1], r[2]) for r in t1[1:]] == [(t, m, "ALL") for t in TEST_SETS for m in ("S3", "Random")]
+    assert all(r[-1].count("(") == 1 and r[-1].endswith(")") for r in t1[1:])  # "0.812 (0.754-0.866)"
+    md = (out / "table1.md").read_text()
+    assert "| Model | LP Training Data | ATEL | CARD | CONS | LO | EFF | Macro (95% CI) |" in md
+    assert all(f"| **{t}** |" in md for t in TEST_SETS) and "excluded from Macro" in md
+
+    with open(out / "table2.csv") as f:
+        t2 = list(csv.reader(f))
+    assert t2[0] == ["Model", "Label", "AUROC (95% CI)", "Improvement (%)", "AUROC before adaptation"]
+    assert [r[1] for r in t2[1:7]] == ["ATEL", "CARD", "CONS", "LO", "EFF", "Macro"]
+    before = read_json(out / "table1.json")[0]["data"]
+    s3_rad = next(r for r in before if r["model"] == "S3" and r["test_set"].startswith("RAD-ChestCT"))
+    after = read_json(out / "table2.json")[0]["data"][0]
+    assert after["before"]["macro"] == s3_rad["macro"]
+    gain = 100 * (after["adapted"]["macro"] - s3_rad["macro"]) / s3_rad["macro"]
+    assert t2[6][3] == f"{gain:.2f}"
+
+    with open(out / "table3.csv") as f:
+        t3 = list(csv.reader(f))
+    assert t3[0] == ["Analysis", "Test set", "Model", "LP Training Data", "Macro (95% CI)"]
+    left = [r[1:4] for r in t3[1:] if "left" in r[0]]
+    right = [r[1:4] for r in t3[1:] if "right" in r[0]]
+    assert left == [[t, m, "ALL"] for t in TEST_SETS for m in ("S3", "Random")]
+    assert right == [[t, "S3", lp] for t in TEST_SETS for lp in ("2D", "3D", "ALL")]
+    s3_all = {r[1]: r[4] for r in t3[1:] if "right" in r[0] and r[3] == "ALL"}
+    assert s3_all == {r[0]: r[-1] for r in t1[1:] if r[1] == "S3"}  # the same probe as Table 1
+
+
+def test_figure_2a_reports_each_fit_on_each_modality(run):
+    fig = read_json(run["out"] / "fig2a.json")
+    assert fig["n_components"] == probe.N_PCS and len(fig["explained_variance_ratio"]) == probe.N_PCS
+    card = fig["labels"]["Cardiomegaly"]
+    assert set(card) == {"2D", "3D", "joint"}
+    for fit in card.values():
+        assert set(fit["auroc"]) == {"mimic", "ctrate"} and all(0 <= a <= 1 for a in fit["auroc"].values())
+        assert len(fit["top_pcs"]) == 3 and np.argmax(np.abs(fit["coef"])) + 1 == int(fit["top_pcs"][0][2:])
+    assert "| Cardiomegaly | joint |" in (run["out"] / "fig2a.md").read_text()
+
+
+def test_figure_2b_pngs_are_input_and_pca_map_side_by_side(run):
+    entries = read_json(run["out"] / "fig2b.json")
+    assert sorted(e["file"] for e in entries) == ["fig2b_2d_0.png", "fig2b_2d_1.png", "fig2b_3d_0.png", "fig2b_3d_1.png"]
+    for e in entries:
+        size = 28 if e["dataset"] == "phantom3d" else 56
+        view = data.whole_view(data.open_dataset(e["dataset"], e["split"], n=64, size=size)[e["index"]], P)[0]
+        z, h, w = view.shape
+        with Image.open(run["out"] / e["file"]) as im:
+            im.verify()
+        img = np.asarray(Image.open(run["out"] / e["file"]))
+        assert img.shape == (h, 2 * w, 3)  # input | PCA map, each at the input size
+        gray = np.clip((view[z // 2].numpy() + 1) * 127.5, 0, 255).astype(np.uint8)  # the (middle) slice
+        assert np.array_equal(img[:, :w, 0], gray)
+        fmap = img[:, w:].reshape(h // P, P, w // P, P, 3)
+        assert (fmap == fmap[:, :1, :, :1]).all()  # constant within each patch: nearest upsampling
+        assert len(np.unique(fmap.reshape(-1, 3), axis=0)) > 1
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_checkpoints_give_one_clear_line(run, tmp_path, capsys):
+    good = open(run["random"], "rb").read()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    torch.save({**torch.load(run["random"], weights_only=True), "format": 99}, tmp_path / "old.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    cases = {"missing.pt": "not found", "truncated.pt": "not a readable checkpoint", "old.pt": "format 99",
+             "other.pt": "not a MultiMedVision checkpoint", "text.pt": "not a readable checkpoint"}
+    for name, says in cases.items():
+        assert probe.main(["--ckpt", str(tmp_path / name), *PHANTOM]) == 2
+        err = capsys.readouterr().err
+        assert says in err and name in err and "Traceback" not in err
+    assert probe.main(["--ckpt", run["random"], "--data", str(tmp_path / "no_cache"), *PHANTOM]) == 2
+    assert "no_cache" in capsys.readouterr().err
+
+
+def test_checkpoint_names(run):
+    named, unnamed = probe.load_checkpoints([f"Stage one={run['random']}", run["trained"]], "sdpa")
+    assert (named.name, unnamed.name) == ("Stage one", "Supervised")
+    assert named.key != unnamed.key
