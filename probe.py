@@ -172,6 +172,7 @@ class Checkpoint:
     path: str
     model: SparseMedicalViT
     key: str  # content hash + model config: names its cached features
+    train_args: dict  # train.py's arguments, as saved in the checkpoint
 
 
 def checkpoint_name(args: dict, path: str) -> str:
@@ -194,7 +195,7 @@ def load_checkpoints(items: list, attn: str) -> list:
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         key = digest + json.dumps(ckpt["model_config"], sort_keys=True)
-        out.append(Checkpoint(name, path, model, key))
+        out.append(Checkpoint(name, path, model, key, ckpt.get("args") or {}))
     return out
 
 
@@ -532,8 +533,8 @@ def get_args(argv=None):
                    help="attention backend for feature extraction")
     p.add_argument("--maps", type=int, default=4, help="Figure 2b: PCA maps per modality")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom data, the held-out split and the bootstrap")
-    p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default 224, paper 2.4)")
-    p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default 112, paper 2.4)")
+    p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default: the first checkpoint's, else 224, paper 2.4)")
+    p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default: the first checkpoint's, else 112, paper 2.4)")
     p.add_argument("--n-train", type=int, default=None, help="phantom samples per train split (default: data.py's)")
     p.add_argument("--n-test", type=int, default=None, help="phantom samples per test split (default: data.py's)")
     args = p.parse_args(argv)
@@ -595,6 +596,9 @@ def main(argv=None) -> int:
     args = get_args(argv)
     try:  # user errors (bad checkpoint, bad --data) print one clear line, no traceback
         checkpoints = load_checkpoints(args.ckpt, args.attn)
+        for key in ("size_2d", "size_3d"):  # phantoms at the size the (first) model was trained on
+            if getattr(args, key) is None and args.data == ["phantom"]:
+                setattr(args, key, checkpoints[0].train_args.get(key))
         sources = resolve_sources(args.data, args.lp)
         datasets = open_datasets(sources, args)
     except (FileNotFoundError, ValueError) as e:
