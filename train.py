@@ -34,8 +34,8 @@ import lejepa
 from model import CKPT_FORMAT, PRESETS, Projector, SparseMedicalViT, load_checkpoint, model_flops_per_token
 
 STAGE_BATCH = {1: (256, 0), 2: (192, 64), 3: (192, 64)}  # paper 2.4: (2D, 3D) samples per step
-CPU_DEMO = dict(model="tiny", depth=6, steps=150, batch_2d=32, batch_3d=16, size_2d=112, size_3d=56,
-                n_2d=512, n_3d=256, warmup=15, log_every=5)
+CPU_DEMO = dict(model="tiny", depth=6, steps=300, size_2d=112, size_3d=56, n_2d=512, n_3d=256, warmup=15, log_every=10)
+CPU_DEMO_BATCH_DIVISOR = 8  # the paper's batches / 8: 32 samples per step, same 2D:3D ratio
 
 
 def get_args(argv=None):
@@ -88,9 +88,11 @@ def resolve_defaults(args, cuda: bool) -> list[str]:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
             chosen.append(f"{key}={value}")
-    b2, b3 = STAGE_BATCH[args.stage]
-    args.batch_2d = b2 if args.batch_2d is None else args.batch_2d
-    args.batch_3d = (0 if args.stage == 1 else b3) if args.batch_3d is None else args.batch_3d
+    b2, b3 = (b // (CPU_DEMO_BATCH_DIVISOR if demo else 1) for b in STAGE_BATCH[args.stage])
+    for key, value in (("batch_2d", b2), ("batch_3d", b3)):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            chosen.append(f"{key}={value}")
     args.warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
     args.workers = (8 if cuda else 0) if args.workers is None else args.workers
     if args.stage == 1 and args.batch_3d:
@@ -351,6 +353,8 @@ def train(args) -> dict:
             save_checkpoint(ckpt_path, net, opt, step, args, bad_steps)
         if done:
             break
+    if rank == 0 and step == 0:  # --steps 0: the initialisation itself, e.g. a random-init probe baseline
+        save_checkpoint(ckpt_path, net, opt, step, args, bad_steps)
     bar.close()
     if skipped_samples:
         say(f"{skipped_samples} unreadable samples were skipped (see the warnings above)")

@@ -166,3 +166,19 @@ def test_failure_on_one_rank_exits_cleanly(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0
     assert "[rank 0] ValueError" in res.stderr and "--batch-2d 7" in res.stderr
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_cpu_demo_defaults_are_valid_for_every_stage(stage):
+    args = train.get_args(["--stage", str(stage), "--init", "s1.pt"])
+    notes = train.resolve_defaults(args, cuda=False)
+    assert notes and "CPU demo" in notes[0]
+    if stage == 1:
+        assert args.batch_2d > 0 and args.batch_3d == 0  # 2D only
+    else:
+        assert args.batch_2d == 3 * args.batch_3d > 0  # the paper's 192:64, scaled down
+
+
+def test_zero_steps_writes_the_initialisation(tmp_path):
+    out, _ = run(tmp_path, "init", "--steps", "0")
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 0
