@@ -155,7 +155,7 @@ def _rank_worker(rank, world, port, out_dir):
 def test_two_ranks_with_half_batch_equal_one_process_with_full_batch(tmp_path):
     world = 2
     mp.spawn(_rank_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     z, n_global = _batch()
     full = z.clone().requires_grad_(True)

@@ -127,8 +127,11 @@ def _first_step_grads(rank, world, port, argv, queue):
     loss.backward()
     if rank == 0:
         queue.put(pickle.dumps([p.grad.clone() for p in net.parameters()]))
+        queue.close()
+        queue.join_thread()  # the gradients are in the pipe before this process may leave
     if world > 1:
         torch.distributed.destroy_process_group()
+        os._exit(0)  # torch 2.13's gloo may abort at interpreter teardown; the result is already sent
 
 
 def test_two_processes_give_single_process_gradients():
