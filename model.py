@@ -58,6 +58,18 @@ def resolve_backend(attn: str, device: torch.device, dtype: torch.dtype) -> str:
     return attn
 
 
+def attention_mask(packed: Packed, backend: str, device):
+    """What a backend needs to keep views apart, built once per forward and shared by every layer."""
+    if backend == "sdpa":
+        return row_mask(packed)  # (R, 1, L, L) block-diagonal rows
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+        view = packed.token_view
+        same_view = lambda b, h, qi, ki: view[qi] == view[ki]  # noqa: E731
+        return create_block_mask(same_view, None, None, len(view), len(view), device=device)
+    return None  # varlen / flash read cu_seqlens
+
+
 def packed_attention(q, k, v, packed: Packed, backend: str, mask=None) -> torch.Tensor:
     """Attention of q, k, v (T, H, D) within each view of the packed sequence -> (T, H, D)."""
     if backend == "varlen":
@@ -69,11 +81,8 @@ def packed_attention(q, k, v, packed: Packed, backend: str, mask=None) -> torch.
         cu = packed.cu_seqlens
         return flash_attn_varlen_func(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)
     if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        view = packed.token_view
-        same_view = lambda b, h, qi, ki: view[qi] == view[ki]  # noqa: E731
-        block = create_block_mask(same_view, None, None, len(view), len(view), device=q.device)
-        out = flex_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block)
+        from torch.nn.attention.flex_attention import flex_attention
+        out = flex_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=mask)  # (1, H, T, D)
         return out[0].transpose(0, 1)
     # sdpa: rows of length max_seqlen, each a block-diagonal mask (True = attend)
     rows = [to_rows(t, packed).transpose(1, 2) for t in (q, k, v)]  # (R, H, L, D)
@@ -172,7 +181,7 @@ class SparseMedicalViT(nn.Module):
         grid = packed.view_grid[packed.token_view]  # (T, 3)
         angles = rope_angles(normalize_coords(packed.patch_index, grid, self.rope_alpha), self.head_dim, self.rope_base)
         rope = (angles.cos(), angles.sin())  # float32 (T, 3 * (head_dim // 6)), shared by all layers
-        mask = row_mask(packed) if backend == "sdpa" else None
+        mask = attention_mask(packed, backend, x.device)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:  # recompute activations in backward: memory for FLOPs
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, packed, backend, mask, use_reentrant=False)
