@@ -474,8 +474,7 @@ def run(args) -> dict:
     report["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
     print(f"total {report['meta']['seconds']} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        data.atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
         print(f"wrote {args.json}")
     return report
 

@@ -630,8 +630,12 @@ def load_source(src: Source, opt: Options) -> np.ndarray:
 
 # ---------------------------------------------------------------- cache: prepare and read
 
-def _atomic_write(path: Path, write) -> None:
-    """write(f) into a temporary file next to path, then rename: a reader never sees half a file."""
+def atomic_write(path, write) -> None:
+    """write(f) into a temporary binary file next to path, then rename: a reader never sees half a file.
+
+    Every file the project writes goes through here (cache, checkpoints, logs' config, tables, figures).
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         write(f)
@@ -639,7 +643,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def _float32(arr: np.ndarray) -> np.ndarray:
@@ -664,7 +668,7 @@ def _convert(task):
     i, src, opt, path = task
     try:
         img = load_source(src, opt)
-        _atomic_write(path, lambda f: np.save(f, img.astype(np.float16)))
+        atomic_write(path, lambda f: np.save(f, img.astype(np.float16)))
         return i, img.shape, None
     except Exception as e:  # a corrupt file is reported, not fatal
         return i, None, f"{type(e).__name__}: {e}".replace("\n", " ")
@@ -718,7 +722,7 @@ def prepare(name: str, root, out, opt: Options, workers: int = 1) -> dict:
             bar.update(1)
             bar.set_postfix(failed=len(failed), refresh=False)
     failed.sort()
-    _atomic_write(out / "report.tsv", lambda f: f.write("".join(f"{p}\t{e}\n" for p, e in failed).encode()))
+    atomic_write(out / "report.tsv", lambda f: f.write("".join(f"{p}\t{e}\n" for p, e in failed).encode()))
     records = [{"key": s.key, "id": s.id, "split": s.split, "shape": list(shapes[i]),
                 "labels": [None if math.isnan(v) else float(v) for v in s.labels]}
                for i, s in enumerate(sources) if shapes[i] is not None]

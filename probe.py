@@ -18,6 +18,7 @@
 import argparse
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -254,10 +255,7 @@ def cached_features(ck: Checkpoint, ds, device: torch.device, batch_tokens: int,
     ck.model.to(device)
     feats = extract_features(ck.model, ds, device, batch_tokens, workers)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **feats)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache file
+    data.atomic_write(path, lambda f: np.savez(f, **feats))
     return feats
 
 
@@ -341,17 +339,21 @@ def to_markdown(t: Table) -> str:
 def write_tables(out: str, stem: str, tables: list) -> str:
     """stem.md, stem.csv (one header; an 'Analysis' column when several tables share it) and stem.json."""
     md = "\n".join(to_markdown(t) for t in tables)
-    with open(os.path.join(out, f"{stem}.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(out, f"{stem}.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        several = len(tables) > 1
-        w.writerow((["Analysis"] if several else []) + tables[0].columns)
-        for t in tables:
-            w.writerows(([t.title] if several else []) + r for r in t.rows)
-    with open(os.path.join(out, f"{stem}.json"), "w") as f:
-        json.dump([asdict(t) for t in tables], f, indent=1)
+    several = len(tables) > 1
+
+    rows = io.StringIO()
+    w = csv.writer(rows)
+    w.writerow((["Analysis"] if several else []) + tables[0].columns)
+    for t in tables:
+        w.writerows(([t.title] if several else []) + r for r in t.rows)
+    write_text(os.path.join(out, f"{stem}.md"), md)
+    write_text(os.path.join(out, f"{stem}.csv"), rows.getvalue())
+    write_text(os.path.join(out, f"{stem}.json"), json.dumps([asdict(t) for t in tables], indent=1))
     return md
+
+
+def write_text(path: str, text: str):
+    data.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _clean(v):
@@ -442,10 +444,8 @@ def figure_2a(feats: dict, titles: dict, out: str, seed: int = 0) -> dict:
             top = np.argsort(-np.abs(coef))[:3]
             per_fit[fit_name] = {"auroc": {t: _clean(float(a)) for t, a in aucs.items()},
                                  "top_pcs": [f"PC{i + 1}" for i in top], "coef": coef.tolist()}
-    with open(os.path.join(out, "fig2a.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out, "fig2a.md"), "w") as f:
-        f.write(fig2a_markdown(report))
+    write_text(os.path.join(out, "fig2a.json"), json.dumps(report, indent=1))
+    write_text(os.path.join(out, "fig2a.md"), fig2a_markdown(report))
     return report
 
 
@@ -505,11 +505,10 @@ def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device:
         fmap = grid[z // p].repeat(p, axis=0).repeat(p, axis=1)  # nearest upsampling to the input size
         img = np.concatenate([to_gray(view[0, z].numpy()), (fmap * 255).astype(np.uint8)], axis=1)
         name = f"fig2b_{mod}_{sum(m == mod for m, _, _ in items[:v])}.png"
-        Image.fromarray(img).save(os.path.join(out, name))
+        data.atomic_write(os.path.join(out, name), lambda f: Image.fromarray(img).save(f, format="PNG"))
         written.append({"file": name, "dataset": ds.name, "split": ds.split, "id": record.id, "index": i,
                         "input_shape": list(view.shape[1:])})
-    with open(os.path.join(out, "fig2b.json"), "w") as f:
-        json.dump(written, f, indent=1)
+    write_text(os.path.join(out, "fig2b.json"), json.dumps(written, indent=1))
     return written
 
 

@@ -181,9 +181,7 @@ def save_checkpoint(path: str, net: Net, opt, step: int, args, bad_steps: int):
         "bad_steps": bad_steps,
         "args": vars(args),
     }
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    data.atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def find_resume(args) -> str | None:
@@ -215,19 +213,12 @@ class Logger:
         if self.path and os.path.exists(self.path):  # drop lines from after the checkpoint we resume from
             with open(self.path) as f:
                 keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            _atomic_write(self.path, "".join(keep))
+            data.atomic_write(self.path, lambda f: f.write("".join(keep).encode()))
 
     def log(self, record: dict):
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-
-def _atomic_write(path: str, text: str):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def setup_distributed():
@@ -271,7 +262,7 @@ def train(args) -> dict:
         step, bad_steps = ckpt["step"], ckpt["bad_steps"]
         say(f"resumed from {resume} at step {step}")
     if rank == 0:
-        _atomic_write(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2))
+        data.atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
     logger = Logger(args.out, rank, step)
 
     model = DDP(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
