@@ -205,14 +205,22 @@ def load_init(net: Net, path: str):
         net.head.load_state_dict(head)
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a crash counts as after any checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
 class Logger:
-    """Rank 0 writes metrics.jsonl (one JSON object per logged step) and config.json."""
+    """Rank 0 appends one JSON object per logged step to metrics.jsonl."""
 
     def __init__(self, out: str, rank: int, resume_step: int):
         self.path = os.path.join(out, "metrics.jsonl") if rank == 0 else None
         if self.path and os.path.exists(self.path):  # drop lines from after the checkpoint we resume from
             with open(self.path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                keep = [ln for ln in f if ln.strip() and _logged_step(ln) <= resume_step]
             data.atomic_write(self.path, lambda f: f.write("".join(keep).encode()))
 
     def log(self, record: dict):

@@ -68,6 +68,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     straight, _ = run(tmp_path, "straight", *common)
     split, _ = run(tmp_path, "split", *common, "--stop-at", "3")
     assert load_checkpoint(os.path.join(split, "last.pt"))["step"] == 3
+    with open(os.path.join(split, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "loss": 0.1')  # a line cut short by a crash must not stop the resume
     run(tmp_path, "split", *common, "--resume", "auto")
     a = load_checkpoint(os.path.join(straight, "last.pt"))
     b = load_checkpoint(os.path.join(split, "last.pt"))
