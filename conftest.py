@@ -1,6 +1,15 @@
-"""pytest set-up: the repo root on sys.path (flat layout), the `gpu` and `slow` markers."""
+"""pytest set-up: the repo root on sys.path (flat layout), the `gpu` marker, shared helpers."""
+import socket
+
 import pytest
 import torch
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_configure(config):

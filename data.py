@@ -602,6 +602,14 @@ def read_nifti(path: str, rescale=None, flip: str = ""):
     return vol, tuple(float(s) for s in img.header.get_zooms()[:3][::-1])
 
 
+def read_radchest(path: str, header_only: bool = False):
+    """The `ct` array of a RAD-ChestCT .npz (int16 HU, (Z, Y, X) as stored); None with header_only."""
+    with np.load(path) as z:
+        if "ct" not in z.files:
+            raise ValueError(f"{path}: no 'ct' array (found {z.files})")
+        return None if header_only else z["ct"]
+
+
 def load_source(src: Source, opt: Options) -> np.ndarray:
     """Decode and preprocess one raw file -> float32 (Z, H, W) in [-1, 1], validated."""
     if src.problem:
@@ -617,10 +625,7 @@ def load_source(src: Source, opt: Options) -> np.ndarray:
         hu, spacing = read_nifti(src.path, src.rescale, opt.v1_flip if src.rescale else "")
         img = preprocess_ct(hu, src.spacing or spacing, size, src.path)
     elif src.kind == "npz":
-        with np.load(src.path) as z:
-            if "ct" not in z.files:
-                raise ValueError(f"{src.path}: no 'ct' array (found {z.files})")
-            hu = z["ct"].astype(np.float32)
+        hu = read_radchest(src.path).astype(np.float32)
         img = preprocess_ct(hu, RADCHEST_SPACING, size, src.path)
     else:
         name, split, index = src.path.split("/")
@@ -1054,9 +1059,7 @@ def _peek(src: Source) -> None:
         if len(shape) != 3:
             raise ValueError(f"{src.path}: expected a 3D volume, got shape {shape}")
     elif src.kind == "npz":
-        with np.load(src.path) as z:
-            if "ct" not in z.files:
-                raise ValueError(f"{src.path}: no 'ct' array (found {z.files})")
+        read_radchest(src.path, header_only=True)
 
 
 def check(name: str, root, opt: Options, full: bool = False) -> dict:

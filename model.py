@@ -8,6 +8,7 @@ views kept apart by cu_seqlens (varlen / flash) or block-diagonal row masks
 (sdpa). The output is one embedding per view: the mean of its final-normed
 tokens.
 """
+import functools
 import importlib.util
 import os
 import pickle
@@ -32,15 +33,20 @@ BACKENDS = ("sdpa", "varlen", "flash", "flex")
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Attention backends that can run on this machine for tensors on `device`."""
+    return list(_available_backends(torch.device(device).type))
+
+
+@functools.lru_cache  # asked on every forward: look the packages up once
+def _available_backends(device_type: str) -> tuple:
     names = ["sdpa"]
-    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    cuda = device_type == "cuda" and torch.cuda.is_available()
     if cuda and importlib.util.find_spec("torch.nn.attention.varlen") is not None:
         names.append("varlen")
     if cuda and importlib.util.find_spec("flash_attn") is not None:
         names.append("flash")
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
         names.append("flex")
-    return names
+    return tuple(names)
 
 
 def resolve_backend(attn: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import data
 import lejepa
@@ -389,7 +390,6 @@ def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, tokens, samples, skip
 
 
 def _progress(start, end, rank):
-    from tqdm import tqdm
     return tqdm(total=end, initial=start, disable=rank != 0, dynamic_ncols=True, desc="train")
 
 

@@ -3,9 +3,6 @@ the cache, phantoms, multi-crop views and the mixed loader (all on CPU, tiny siz
 import csv
 import gzip
 import json
-import math
-import os
-import warnings
 from dataclasses import fields
 from pathlib import Path
 

@@ -1,8 +1,6 @@
 """Tests for lejepa.py: SIGReg and the LeJEPA loss (paper 2.2)."""
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lejepa import lejepa_loss, prediction_loss, sigreg  # noqa: E402
+from conftest import free_port
+from lejepa import lejepa_loss, prediction_loss, sigreg
 
 
 @pytest.fixture(autouse=True)
@@ -122,11 +120,6 @@ def test_errors_for_shapes_that_do_not_fit():
             call()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _batch():
     z = torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(8))  # (V, N, K)
@@ -154,7 +147,7 @@ def _rank_worker(rank, world, port, out_dir):
 
 def test_two_ranks_with_half_batch_equal_one_process_with_full_batch(tmp_path):
     world = 2
-    mp.spawn(_rank_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_rank_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     z, n_global = _batch()

@@ -2,7 +2,6 @@
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train
+from conftest import free_port
 from model import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,11 +103,6 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(str(tmp_path / "new.pt"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _first_step_grads(rank, world, port, argv, queue):
     """One training step's gradients in a process group of `world` (world 1: no DDP)."""
@@ -141,7 +136,7 @@ def test_two_processes_give_single_process_gradients():
     ctx = mp.get_context("spawn")
     grads = {}
     for world in (1, 2):
-        queue, port = ctx.Queue(), _free_port()
+        queue, port = ctx.Queue(), free_port()
         procs = [ctx.Process(target=_first_step_grads, args=(r, world, port, argv, queue)) for r in range(world)]
         for p in procs:
             p.start()
@@ -155,7 +150,7 @@ def test_two_processes_give_single_process_gradients():
 
 def test_torchrun_two_processes_end_to_end(tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            "train.py", *TINY, "--steps", "3", "--out", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -165,7 +160,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
 
 
 def test_failure_on_one_rank_exits_cleanly(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            "train.py", *TINY, "--steps", "2", "--batch-2d", "7", "--out", str(tmp_path / "bad")]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
