@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from pack import Packed, from_rows, row_mask, segment_mean, to_rows
-from rope3d import normalize_coords, rope_angles, rotate
+from rope3d import normalize_coords, rope_angles, rope_tables, rotate
 
 CKPT_FORMAT = 1  # version of the checkpoint dict that train.py writes; bump on incompatible change
 PRESETS = {
@@ -122,17 +122,17 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = drop_path
 
-    def residual_scale(self, packed: Packed, x: torch.Tensor):
-        """Drop whole views, not the whole pack: one Bernoulli draw per view, broadcast to its tokens."""
+    def drop_views(self, packed: Packed, y: torch.Tensor) -> torch.Tensor:
+        """Stochastic depth that drops whole views, not the whole pack: one Bernoulli draw per view."""
         if not self.training or self.drop_path == 0.0:
-            return 1.0
+            return y  # no multiply by 1: a full pass over the activations for nothing
         keep = 1.0 - self.drop_path
-        per_view = torch.bernoulli(torch.full((packed.n_views,), keep, device=x.device)) / keep
-        return per_view[packed.token_view].to(x.dtype)[:, None]
+        per_view = torch.bernoulli(torch.full((packed.n_views,), keep, device=y.device)) / keep
+        return y * per_view[packed.token_view].to(y.dtype)[:, None]
 
     def forward(self, x, rope, packed, backend, mask):
-        x = x + self.residual_scale(packed, x) * self.attn(self.norm1(x), rope, packed, backend, mask)
-        return x + self.residual_scale(packed, x) * self.mlp(self.norm2(x))
+        x = x + self.drop_views(packed, self.attn(self.norm1(x), rope, packed, backend, mask))
+        return x + self.drop_views(packed, self.mlp(self.norm2(x)))
 
 
 class SparseMedicalViT(nn.Module):
@@ -186,7 +186,7 @@ class SparseMedicalViT(nn.Module):
         backend = resolve_backend(self.attn, x.device, _compute_dtype(x))
         grid = packed.view_grid[packed.token_view]  # (T, 3)
         angles = rope_angles(normalize_coords(packed.patch_index, grid, self.rope_alpha), self.head_dim, self.rope_base)
-        rope = (angles.cos(), angles.sin())  # float32 (T, 3 * (head_dim // 6)), shared by all layers
+        rope = rope_tables(angles, self.head_dim)  # float32 cos and sin (T, head_dim), shared by all layers
         mask = attention_mask(packed, backend, x.device)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:  # recompute activations in backward: memory for FLOPs

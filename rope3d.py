@@ -51,20 +51,41 @@ def rope_angles(coords: torch.Tensor, head_dim: int, base: float = 10000.0) -> t
     return angles.flatten(-2)  # (..., 3n): z pairs, then y pairs, then x pairs
 
 
+def rope_tables(angles: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width float32 tables (..., head_dim) of the rotation by angles (..., R), 2R <= head_dim.
+
+    Pair j (channels 2j, 2j+1) rotates by angles[..., j]:
+        (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos) = x * cos_table + swap(x) * sin_table
+    with swap(x0, x1) = (x1, x0), cos_table = (cos, cos) and sin_table = (-sin, +sin) per pair.
+    The unrotated tail channels get cos 1 and sin 0. Computed once per forward, shared by all layers.
+    """
+    r = angles.shape[-1]
+    if 2 * r > head_dim:
+        raise ValueError(f"{r} rotation pairs do not fit in head_dim {head_dim}")
+    cos, sin = angles.float().cos(), angles.float().sin()
+    tail = head_dim - 2 * r
+    cos = torch.cat([cos.repeat_interleave(2, -1), cos.new_ones(*cos.shape[:-1], tail)], -1)
+    sin = torch.cat([torch.stack([-sin, sin], -1).flatten(-2), sin.new_zeros(*sin.shape[:-1], tail)], -1)
+    return cos, sin
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    r = cos.shape[-1]
-    cos, sin = cos[..., None, :], sin[..., None, :]  # (..., 1, R): broadcast over heads
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least float32
-    a, b = xf[..., 0 : 2 * r : 2], xf[..., 1 : 2 * r : 2]  # (..., H, R): the two channels of each pair
-    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
-    return torch.cat([rotated, xf[..., 2 * r :]], dim=-1).to(x.dtype)
+    """x * cos + swap(x) * sin in float32 (at least), stored in x's dtype; tables broadcast over heads.
+
+    Written for few passes over x in eager mode: the products promote to float32 on the fly (no
+    float32 copy of x), and addcmul writes its float32 result straight into x's dtype. In a
+    training step of `base`, the earlier stack-and-concatenate form moved twice the bytes.
+    """
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) for every pair (x0, x1)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., 1, D): the same rotation for every head
+    return torch.addcmul(x * cos, swapped, sin, out=torch.empty_like(x))
 
 
 class _Rotate(torch.autograd.Function):
     """A rotation is orthogonal: its backward is the inverse rotation of the gradient.
 
-    So autograd keeps only cos and sin (shared by every layer), not the
-    float32 copies of q and k that the forward makes: less memory, less traffic.
+    So autograd keeps only the tables (shared by every layer), not the float32 products that the
+    forward makes: less memory, less traffic.
     """
 
     @staticmethod
@@ -79,7 +100,7 @@ class _Rotate(torch.autograd.Function):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """apply_rope with cos and sin of the angles computed once and reused by every layer."""
+    """Rotate x (..., H, D) by the tables (..., D) of rope_tables, made once and reused by every layer."""
     return _Rotate.apply(x, cos, sin)
 
 
@@ -90,4 +111,4 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     Channel pairs are (2j, 2j+1), rotated by angles[..., j]. Computed in
     (at least) float32 and returned in x's dtype.
     """
-    return rotate(x, angles.cos(), angles.sin())
+    return rotate(x, *rope_tables(angles, x.shape[-1]))

@@ -52,12 +52,13 @@ def test_drop_path_drops_whole_views():
     for blk in model.blocks:
         blk.drop_path = 0.5
     packed = pack(random_views(40, seed=2), P)
-    scale = model.blocks[0].residual_scale(packed, torch.zeros(packed.n_tokens, 1))
+    ones = torch.ones(packed.n_tokens, 1)
+    scale = model.blocks[0].drop_views(packed, ones)
     per_view = [scale[packed.token_view == i].unique() for i in range(packed.n_views)]
     assert all(len(u) == 1 for u in per_view)  # one decision per view
     assert {u.item() for u in per_view} == {0.0, 2.0}  # some views dropped, others kept and rescaled
     model.eval()
-    assert model.blocks[0].residual_scale(packed, torch.zeros(1)) == 1.0
+    assert model.blocks[0].drop_views(packed, ones) is ones  # eval: untouched, not even multiplied by 1
 
 
 def test_presets_and_overrides():
