@@ -3,6 +3,7 @@
     python bench.py                                  # CPU: tiny model, 6 2D + 2 3D samples (1/32 of the paper's)
     python bench.py --device cuda --model base --scale 1.0 --compile --json bench_h100.json
     python bench.py --smoke                          # seconds: what tests/test_bench.py runs
+    python bench.py --device cuda --compile --profile trace.json   # + where the time goes (section 6)
 
 Prints Markdown tables (device, torch version, date and settings first); --json writes the same rows.
 1. One training step (forward + backward of train.compute_loss: LeJEPA, backbone + projector) on the
@@ -13,6 +14,9 @@ Prints Markdown tables (device, torch version, date and settings first); --json 
 3. Tokens and attention work of each scheme, counted from the view lengths: why the ratio is what it is.
 4. The data pipeline (crops + collate + packing, data.make_loader, workers=0): samples/s per core.
 5. CUDA only: MFU (model FLOPs/s over the dense bf16 peak), peak memory, largest batch for small and base.
+6. --profile: one packed step under torch.profiler, its time by kind of operation (matmul, attention,
+   RoPE, norms, casts, ...): GPU kernel time on CUDA (eager, and compiled with --compile), aten
+   operator time on CPU. Where MFU falls short, this says which operations take the time.
 
 Padded batches are made from the packed one (pad_views) and run by the model's own modules: each view
 is followed by a zero "padding view" of its modality up to the longest length L, so every row holds L
@@ -24,8 +28,11 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -44,6 +51,17 @@ N_GLOBAL, N_LOCAL, LAMBD = 2, 8, 0.025  # paper 2.2, 2.4.1
 CPU = dict(scale=1 / 32, model="tiny", warmup=1, repeats=3)  # 6 2D + 2 3D: about a minute on 2 quiet cores
 CUDA = dict(scale=1.0, model="base", warmup=3, repeats=10)
 SMOKE = dict(scale=0.01, model="tiny", depth=2, size_2d=56, size_3d=28, warmup=1, repeats=1, max_scale=0.01)
+# section 6: kinds of operation, matched in order against lower-cased aten operator or CUDA kernel names
+OP_CLASSES = (("matmul", ("gemm", "cutlass", "xmma", "mm", "linear")),
+              ("attention", ("flash", "fmha", "attention", "attn")),
+              ("compiled fused kernels", ("triton",)),
+              ("RoPE (addcmul, flip)", ("addcmul", "flip")),
+              ("layer norm", ("layer_norm",)),
+              ("GELU", ("gelu",)),
+              ("gather / scatter", ("index", "gather", "scatter")),
+              ("casts and copies", ("copy", "clone", "cat", "stack")),
+              ("reductions", ("reduce", "sum", "mean")),
+              ("other elementwise", ("elementwise", "add", "mul", "sub", "div", "neg", "where", "fill", "zero")))
 FLEX_EAGER_MAX_BYTES = 2 << 30  # eager flex_attention materializes the T x T scores of every head
 # dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by a fragment of torch.cuda.get_device_name(); first match
 PEAK_BF16 = (("H100 PCIe", 756, "H100 PCIe"), ("H100 NVL", 835, "H100 NVL"), ("H100", 989, "H100 SXM"),
@@ -64,6 +82,9 @@ def get_args(argv=None):
     p.add_argument("--max-scale", type=float, default=4.0, help="CUDA: largest --scale tried in the largest-batch search")
     p.add_argument("--compile", action="store_true", help="CUDA: also time the packed step under torch.compile (section 5)")
     p.add_argument("--json", help="write every table's rows to this JSON file")
+    p.add_argument("--profile", nargs="?", const="", metavar="TRACE",
+                   help="torch.profiler on one packed step: time by kind of operation (section 6); "
+                        "TRACE: also write the Chrome trace (chrome://tracing, perfetto.dev) there")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny model and images, 2 2D + 1 3D samples: seconds")
     args = p.parse_args(argv)
@@ -382,6 +403,51 @@ def gpu_section(args, net, work: Workload, device, packed: dict | None) -> tuple
     return rows, largest
 
 
+def op_class(name: str) -> str:
+    name = name.lower()
+    return next((label for label, keys in OP_CLASSES if any(k in name for k in keys)), "other")
+
+
+def profile_section(args, net, batch, device, label: str, trace: str = "") -> list[dict]:
+    """Section 6: one packed step under torch.profiler, its time split by kind of operation.
+
+    CUDA: the duration of every GPU kernel, so the GPU's idle time (launches, host syncs) is what is
+    left of the wall time. CPU: the self time of every aten operator (Python and autograd overhead
+    are left over).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda, b = device.type == "cuda", batch.to(device)
+    measure(net, b, device, warmup=max(1, args.warmup) - 1, repeats=1)  # warm (and compiled) before profiling
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        t0 = time.perf_counter()
+        train_step(net, b, device)
+        if cuda:
+            torch.cuda.synchronize(device)
+        wall = (time.perf_counter() - t0) * 1e6  # µs, as the profiler's times
+    if trace:
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+            with open(os.path.join(tmp, "trace.json"), "rb") as f:
+                data.atomic_write(trace, lambda out: shutil.copyfileobj(f, out))
+    if cuda:
+        timed = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:
+        timed = [(e.name, e.self_cpu_time_total) for e in prof.events() if e.name.startswith("aten::")]
+    classes = {}
+    for name, us in timed:
+        c = classes.setdefault(op_class(name), {"us": 0.0, "calls": 0, "top": {}})
+        c["us"], c["calls"] = c["us"] + us, c["calls"] + 1
+        c["top"][name] = c["top"].get(name, 0.0) + us
+    rows = [{"step": label, "operations": k, "ms": c["us"] / 1e3, "% of step": 100 * c["us"] / wall,
+             "calls": c["calls"], "largest": max(c["top"], key=c["top"].get)[:60]}
+            for k, c in sorted(classes.items(), key=lambda kv: -kv[1]["us"])]
+    rest = wall - sum(c["us"] for c in classes.values())
+    rows.append({"step": label, "operations": "GPU idle (launches, syncs)" if cuda else "outside aten operators",
+                 "ms": rest / 1e3, "% of step": 100 * rest / wall, "calls": None, "largest": None})
+    return rows
+
+
 # ---------------------------------------------------------------- output
 
 def fmt(key: str, v) -> str:
@@ -464,6 +530,15 @@ def run(args) -> dict:
     feed += f": {per_step / packed['step (s)']:.3g} cores keep the packed step fed." if packed["step (s)"] else "."
     show("4. Data pipeline (make_views + pack via data.make_loader, workers=0, one thread; phantom records "
          "rendered beforehand, as read from a cache)", report["data"], feed)
+    traces = []
+
+    def profile(label: str):  # section 6, eager here and compiled after section 5
+        trace = args.profile and (args.profile if label == "eager" else f"{args.profile}.{label}.json")
+        report.setdefault("profile", []).extend(profile_section(args, net, batch, device, label, trace))
+        traces.extend([trace] if trace else [])
+
+    if args.profile is not None:
+        profile("eager")
     if device.type == "cuda":
         peak, label = gpu_peak(device)
         packed_run = packed["step (s)"] and {"seconds": packed["step (s)"], "peak_gb": packed["peak GB"]}
@@ -471,6 +546,12 @@ def run(args) -> dict:
         show("5. GPU: model FLOPs utilization of the packed step", report["mfu"],
              f"Peak: {label}, {peak / 1e12:.0f} TFLOP/s dense bf16." if peak else f"{label}: peak unknown, no MFU.")
         show(f"5b. Largest batch that fits (--scale doubled up to {args.max_scale:g})", report["largest batch"])
+        if args.profile is not None and args.compile:
+            profile("compiled")  # section 5 compiled the backbone in place
+    if args.profile is not None and "profile" in report:
+        show(f"6. Profile of one packed step (torch.profiler, scale {last[0]['scale']:g}, "
+             f"{'GPU kernel time' if device.type == 'cuda' else 'CPU operator self time'})", report["profile"],
+             f"Chrome trace: {', '.join(traces)}" if traces else "")
     report["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
     print(f"total {report['meta']['seconds']} s")
     if args.json:

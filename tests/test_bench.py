@@ -31,26 +31,45 @@ def net():
 
 def test_smoke_run_prints_every_section(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    report = bench.main(["--smoke", "--device", "cpu", "--json", str(path)])
+    trace = tmp_path / "trace.json"
+    report = bench.main(["--smoke", "--device", "cpu", "--json", str(path), "--profile", str(trace)])
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and "- model: tiny" in out and "- scale: 0.01" in out
-    for title in ("1. Training step", "2. Attention backends", "3. Work per scheme", "4. Data pipeline"):
+    for title in ("1. Training step", "2. Attention backends", "3. Work per scheme", "4. Data pipeline",
+                  "6. Profile of one packed step"):
         assert f"### {title}" in out
     for row in ("| packed | sdpa |", "| padded | sdpa |", "| per-modality padded | sdpa |", "| sdpa |",
                 "| packed (varlen, flash) |", "| packed (sdpa rows) |", "| 2D |", "| 3D |"):
         assert row in out, row
     assert "Packing speed-up" in out and "cores keep the packed step fed" in out
     saved = json.loads(path.read_text())
-    assert set(saved) == set(report) >= {"meta", "step", "backends", "work", "data"}
+    assert set(saved) == set(report) >= {"meta", "step", "backends", "work", "data", "profile"}
+    classes = {r["operations"]: r for r in saved["profile"]}
+    assert classes["matmul"]["ms"] > 0 and classes["attention"]["calls"] > 0  # the step's own work is in it
+    assert classes["outside aten operators"]["ms"] >= 0  # the classified time fits in the step's wall time
+    assert json.loads(trace.read_text())["traceEvents"]  # a complete Chrome trace
     assert [r["scheme"] for r in saved["step"]] == ["packed", "padded", "per-modality padded"]
     assert all(r["step (s)"] > 0 and math.isfinite(r["loss"]) for r in saved["step"])
     assert all(r["samples/s per core"] > 0 for r in saved["data"])
 
 
+def test_operations_are_classified_by_aten_and_cuda_kernel_names():
+    cases = {"aten::addmm": "matmul", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+             "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+             "triton_poi_fused__to_copy_add_mul_0": "compiled fused kernels", "aten::addcmul": "RoPE (addcmul, flip)",
+             "aten::native_layer_norm_backward": "layer norm", "aten::gelu": "GELU", "aten::_to_copy": "casts and copies",
+             "aten::index_copy": "gather / scatter", "aten::sum": "reductions", "aten::add": "other elementwise",
+             "aten::empty": "other"}
+    assert {name: bench.op_class(name) for name in cases} == cases
+
+
 @pytest.mark.gpu
 def test_smoke_run_on_cuda_reports_mfu_and_largest_batch(capsys):
-    report = bench.main(["--smoke", "--device", "cuda"])
+    report = bench.main(["--smoke", "--device", "cuda", "--compile", "--profile"])
     out = capsys.readouterr().out
+    assert {r["step"] for r in report["profile"]} == {"eager", "compiled"}
+    assert any(r["operations"] == "matmul" and r["ms"] > 0 for r in report["profile"])
     assert "### 5. GPU" in out and "### 5b. Largest batch" in out and "| varlen |" in out
     assert [r["model"] for r in report["largest batch"]] == ["small", "base"]
 

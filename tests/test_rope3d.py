@@ -77,8 +77,8 @@ def test_head_dim_too_small_is_an_error():
         rope_angles(torch.zeros(1, 3), 4)
 
 
-def test_rotation_backward_is_the_inverse_rotation():
-    """The hand-written backward of the rotation equals autograd through the plain formula."""
+def test_rotation_and_its_backward_equal_the_pairwise_formula():
+    """Forward and hand-written backward (the inverse rotation) equal autograd through the plain formula."""
     torch.manual_seed(0)
     x = torch.randn(7, 3, 40, dtype=torch.float64, requires_grad=True)
     angles = rope_angles(torch.rand(7, 3) * 128, 40)
@@ -88,4 +88,5 @@ def test_rotation_backward_is_the_inverse_rotation():
     a, b = x[..., 0:36:2], x[..., 1:36:2]
     plain = torch.cat([torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2), x[..., 36:]], -1)
     (g_plain,) = torch.autograd.grad(plain, x, grad)
+    assert torch.allclose(apply_rope(x, angles), plain, atol=1e-12)  # the table form is the pairwise formula
     assert torch.allclose(g_fast, g_plain, atol=1e-12)
