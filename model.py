@@ -8,7 +8,6 @@ views kept apart by cu_seqlens (varlen / flash) or block-diagonal row masks
 (sdpa). The output is one embedding per view: the mean of its final-normed
 tokens.
 """
-import functools
 import importlib.util
 import os
 import pickle
@@ -33,11 +32,16 @@ BACKENDS = ("sdpa", "varlen", "flash", "flex")
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Attention backends that can run on this machine for tensors on `device`."""
-    return list(_available_backends(torch.device(device).type))
+    kind = torch.device(device).type
+    if kind not in _FOUND:  # asked on every forward: look the packages up once per device type
+        _FOUND[kind] = _find_backends(kind)
+    return list(_FOUND[kind])
 
 
-@functools.lru_cache  # asked on every forward: look the packages up once
-def _available_backends(device_type: str) -> tuple:
+_FOUND: dict[str, tuple] = {}  # a plain dict, not functools.lru_cache: torch.compile traces it without warnings
+
+
+def _find_backends(device_type: str) -> tuple:
     names = ["sdpa"]
     cuda = device_type == "cuda" and torch.cuda.is_available()
     if cuda and importlib.util.find_spec("torch.nn.attention.varlen") is not None:
@@ -110,14 +114,30 @@ class Attention(nn.Module):
         return self.proj(packed_attention(q, k, v, packed, backend, mask).reshape(t, d))
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose output keeps the input's dtype under autocast (statistics still in float32).
+
+    Autocast runs layer_norm in float32: it casts the bf16 residual up, and the next linear casts
+    the float32 output back down, two extra passes over the activations per norm (a tenth of the
+    bytes an eager `base` step moves) and a float32 copy of the input kept for backward. The native
+    kernel already accumulates in float32, and the linear gets the same bf16 input either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type) or x.dtype == torch.float32:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with per-view stochastic depth."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = drop_path
@@ -151,7 +171,7 @@ class SparseMedicalViT(nn.Module):
         # paper 2.1.1: one linear map of flattened P^3 patches, shared by 2D and 3D
         self.patch_embed = nn.Linear(in_chans * patch**3, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, drop_path * i / max(depth - 1, 1)) for i in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim)  # float32 under autocast: the view mean (segment_mean) sums in float32
         self.grad_checkpointing = False  # train.py --act-ckpt: fit the paper's batch of `base` on one GPU
         self.apply(_init_weights)
 

@@ -66,7 +66,7 @@ class Packed:
 
     @property
     def n_views(self) -> int:
-        return len(self.seqlens)
+        return self.cu_seqlens.shape[0] - 1  # a tensor size, not len(seqlens): torch.compile keeps it symbolic
 
     @property
     def n_tokens(self) -> int:

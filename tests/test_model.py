@@ -1,7 +1,9 @@
+import contextlib
+
 import pytest
 import torch
 
-from model import PRESETS, Projector, SparseMedicalViT, available_backends, model_flops_per_token
+from model import PRESETS, LayerNorm, Projector, SparseMedicalViT, available_backends, model_flops_per_token
 from pack import pack
 from tests.test_pack import random_views
 
@@ -122,6 +124,57 @@ def test_cuda_backends_agree_with_sdpa_in_bf16(backend):
     assert torch.allclose(outs[backend], outs["sdpa"], atol=3e-2, rtol=3e-2)
     cos = torch.nn.functional.cosine_similarity(grads[backend].flatten(), grads["sdpa"].flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_layer_norm_keeps_the_input_dtype_under_autocast():
+    torch.manual_seed(0)
+    ours, ref = LayerNorm(32), torch.nn.LayerNorm(32)
+    for m in (ours, ref):  # non-trivial affine parameters, the same in both
+        torch.nn.init.normal_(m.weight, 1.0, 0.5, generator=torch.Generator().manual_seed(1))
+        torch.nn.init.normal_(m.bias, 0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(64, 32) * 3 + 1
+    assert torch.equal(ours(x), ref(x))  # no autocast: exactly nn.LayerNorm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ours(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), ref(x.bfloat16().float()), atol=0.05, rtol=0.02)
+    low.float().square().sum().backward()  # gradients reach the float32 parameters
+    assert ours.weight.grad.dtype == torch.float32 and ours.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_model_agrees_with_float32():
+    """The whole bf16 path on CUDA (varlen, bf16 layer norms, RoPE in float32) against float32 sdpa."""
+    torch.manual_seed(0)
+    model = SparseMedicalViT(dim=192, depth=4, heads=3, attn="sdpa").cuda()
+    packed = pack(random_views(24, seed=7), P).to("cuda")
+    ref = model(packed)
+    model.attn = "auto"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(packed)
+    assert out.dtype == torch.float32  # the final norm and the view mean stay in float32
+    assert torch.allclose(out, ref, atol=5e-2, rtol=5e-2)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+def test_compiled_model_equals_eager_without_recompiling_for_new_lengths():
+    """train.py --compile: one graph (no breaks) serves batches of every token count and view length."""
+    model = SparseMedicalViT(dim=48, depth=1, heads=2, attn="sdpa")
+    compiled = SparseMedicalViT(dim=48, depth=1, heads=2, attn="sdpa")
+    compiled.load_state_dict(model.state_dict())
+    compiled.compile(dynamic=True, fullgraph=True)  # fullgraph: a graph break is an error
+    batches = [pack(random_views(n, seed=n), P) for n in (9, 5, 12)]
+    assert len({(b.n_tokens, b.max_seqlen) for b in batches}) == 3
+    for i, packed in enumerate(batches):
+        with torch.compiler.set_stance("fail_on_recompile") if i else contextlib.nullcontext():
+            got = compiled(packed)
+            got.square().sum().backward()
+        want = model(packed)
+        want.square().sum().backward()
+        assert torch.allclose(got, want, atol=1e-5)
+        for a, b in zip(compiled.parameters(), model.parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5)
+            a.grad = b.grad = None
 
 
 def test_flops_formula():
