@@ -4,6 +4,7 @@
     python bench.py --device cuda --model base --scale 1.0 --compile --json bench_h100.json
     python bench.py --smoke                          # seconds: what tests/test_bench.py runs
     python bench.py --device cuda --compile --profile trace.json   # + where the time goes (section 6)
+    python bench.py --traffic H100                   # no GPU needed: what base's step asks of an H100 (section 7)
 
 Prints Markdown tables (device, torch version, date and settings first); --json writes the same rows.
 1. One training step (forward + backward of train.compute_loss: LeJEPA, backbone + projector) on the
@@ -17,6 +18,8 @@ Prints Markdown tables (device, torch version, date and settings first); --json 
 6. --profile: one packed step under torch.profiler, its time by kind of operation (matmul, attention,
    RoPE, norms, casts, ...): GPU kernel time on CUDA (eager, and compiled with --compile), aten
    operator time on CPU. Where MFU falls short, this says which operations take the time.
+7. --traffic [GPU]: counted, not timed, on any machine in seconds: the bytes and FLOPs of every operator
+   of one eager bf16 step (fake tensors: shapes only), and the least time the named GPU needs for them.
 
 Padded batches are made from the packed one (pad_views) and run by the model's own modules: each view
 is followed by a zero "padding view" of its modality up to the longest length L, so every row holds L
@@ -39,8 +42,15 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
 
 import data
+import model as model_lib
 from model import PRESETS, available_backends, model_flops_per_token, resolve_backend
 from pack import Packed, pack_rows
 from train import build_net, compute_loss
@@ -63,10 +73,11 @@ OP_CLASSES = (("matmul", ("gemm", "cutlass", "xmma", "mm", "linear")),
               ("reductions", ("reduce", "sum", "mean")),
               ("other elementwise", ("elementwise", "add", "mul", "sub", "div", "neg", "where", "fill", "zero")))
 FLEX_EAGER_MAX_BYTES = 2 << 30  # eager flex_attention materializes the T x T scores of every head
-# dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by a fragment of torch.cuda.get_device_name(); first match
-PEAK_BF16 = (("H100 PCIe", 756, "H100 PCIe"), ("H100 NVL", 835, "H100 NVL"), ("H100", 989, "H100 SXM"),
-             ("H200", 989, "H200"), ("A100", 312, "A100"), ("L40S", 362, "L40S"),
-             ("RTX PRO 6000", 500, "RTX PRO 6000 Blackwell (approximate)"))
+# dense (no sparsity) bf16 tensor-core peak TFLOP/s and memory bandwidth TB/s, by a fragment of
+# torch.cuda.get_device_name() (or --traffic GPU); first match
+GPUS = (("H100 PCIe", 756, 2.0, "H100 PCIe"), ("H100 NVL", 835, 3.9, "H100 NVL"), ("H100", 989, 3.35, "H100 SXM"),
+        ("H200", 989, 4.8, "H200"), ("A100", 312, 2.0, "A100 80GB"), ("L40S", 362, 0.864, "L40S"),
+        ("RTX PRO 6000", 500, 1.79, "RTX PRO 6000 Blackwell (approximate)"))
 
 
 def get_args(argv=None):
@@ -82,6 +93,9 @@ def get_args(argv=None):
     p.add_argument("--max-scale", type=float, default=4.0, help="CUDA: largest --scale tried in the largest-batch search")
     p.add_argument("--compile", action="store_true", help="CUDA: also time the packed step under torch.compile (section 5)")
     p.add_argument("--json", help="write every table's rows to this JSON file")
+    p.add_argument("--traffic", nargs="?", const="", metavar="GPU",
+                   help="count instead of time (section 7 only, any machine, seconds): bytes and FLOPs of every "
+                        "operator of one bf16 step and the least time GPU (default H100) needs for them")
     p.add_argument("--profile", nargs="?", const="", metavar="TRACE",
                    help="torch.profiler on one packed step: time by kind of operation (section 6); "
                         "TRACE: also write the Chrome trace (chrome://tracing, perfetto.dev) there")
@@ -90,7 +104,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device on this machine")
-    for key, value in {**(CUDA if args.device == "cuda" else CPU), **(SMOKE if args.smoke else {})}.items():
+    gpu_sized = args.device == "cuda" or args.traffic is not None  # --traffic counts for a GPU: base, paper batch
+    for key, value in {**(CUDA if gpu_sized else CPU), **(SMOKE if args.smoke else {})}.items():
         if args.smoke or getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -365,7 +380,7 @@ def data_section(work: Workload, min_seconds: float) -> list[dict]:
 def gpu_peak(device) -> tuple[float | None, str]:
     """Dense bf16 peak FLOP/s of this GPU and its label (None and the device name if unknown)."""
     name = torch.cuda.get_device_name(device)
-    return next(((tflops * 1e12, label) for fragment, tflops, label in PEAK_BF16 if fragment in name), (None, name))
+    return next(((tflops * 1e12, label) for fragment, tflops, _, label in GPUS if fragment in name), (None, name))
 
 
 def mfu_row(config, batch, r, peak) -> dict:
@@ -448,6 +463,122 @@ def profile_section(args, net, batch, device, label: str, trace: str = "") -> li
     return rows
 
 
+class _ShapeOnlyAttention(torch.autograd.Function):
+    """Stands in for packed attention in section 7: right shapes, no work (it is counted by formula)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(grad), torch.empty_like(grad), torch.empty_like(grad)
+
+
+@contextmanager
+def attention_by_formula():
+    """Section 7 counts attention as varlen does its work (sum of n^2 per view), not as the CPU's sdpa rows."""
+    saved = model_lib.packed_attention, model_lib.attention_mask
+    model_lib.packed_attention = lambda q, k, v, *rest: _ShapeOnlyAttention.apply(q, k, v)
+    model_lib.attention_mask = lambda *a: None
+    try:
+        yield
+    finally:
+        model_lib.packed_attention, model_lib.attention_mask = saved
+
+
+class CudaLayerNormPolicy(TorchFunctionMode):
+    """CPU autocast runs layer_norm in its input's dtype, CUDA autocast in float32: count CUDA's way.
+
+    The other ops this model runs under autocast (linear, matmul) follow the same policy on both.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.layer_norm and torch.is_autocast_enabled("cpu"):
+            up = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+            args, kwargs = tree_map(up, args), tree_map(up, kwargs)
+        return func(*args, **kwargs)
+
+
+class OpCounter(TorchDispatchMode):
+    """FLOPs (torch.utils.flop_counter's formulas) and bytes read + written of every aten operator.
+
+    Views move nothing, allocations touch nothing and metadata queries return no tensor, so none of
+    them counts; a broadcast input counts its storage once.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops = {}  # aten name -> [calls, bytes, flops]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._schema.name
+        is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+        if is_view or name.startswith("aten::empty"):
+            return out
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outs:  # prim::device and the like: metadata, no memory traffic
+            return out
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)] + outs
+        moved = sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in tensors)
+        flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) if func.overloadpacket in flop_registry else 0
+        c = self.ops.setdefault(name, [0, 0, 0])
+        c[0], c[1], c[2] = c[0] + 1, c[1] + moved, c[2] + flops
+        return out
+
+
+def traffic_section(args, net, batch: data.Batch) -> tuple[list[dict], str]:
+    """Section 7 (--traffic GPU): what one eager bf16 step of the packed batch asks of a GPU, counted, not timed.
+
+    The step (forward + backward of the LeJEPA loss under bf16 autocast) runs on fake tensors: shapes
+    and dtypes only, no memory and no arithmetic, so the paper's batch of `base` counts in seconds on
+    any machine. Each operator needs at least max(FLOPs / peak, bytes / bandwidth) on the named GPU;
+    their sum bounds the eager step from below, and model FLOPs over it bounds eager MFU from above.
+    Attention is counted by formula as varlen does it: 4 d n^2 FLOPs per view and layer forward,
+    2.5 times that backward, q, k, v, out (and their gradients) through memory once.
+    """
+    key = (args.traffic or "H100").lower()
+    gpu = next((g for g in GPUS if key in (g[0].lower(), g[3].lower())), None) or \
+        next((g for g in GPUS if key in g[3].lower().split()), None)
+    if gpu is None:
+        raise SystemExit(f"--traffic {args.traffic!r}: unknown GPU; known: {', '.join(g[3] for g in GPUS)}")
+    peak, bandwidth, label = gpu[1] * 1e12, gpu[2] * 1e12, gpu[3]
+    config = net.backbone.config
+    counter = OpCounter()
+    with FakeTensorMode() as fake, attention_by_formula():
+        net = net._apply(fake.from_tensor)
+        b = batch._map(lambda t: t._map(fake.from_tensor) if isinstance(t, Packed) else fake.from_tensor(t))
+        with counter, CudaLayerNormPolicy():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = compute_loss(net, b, "lejepa", LAMBD, 0)
+            loss.backward()
+    classes = {}
+    for name, (calls, moved, flops) in counter.ops.items():
+        c = classes.setdefault(op_class(name), [0, 0, 0, 0.0])
+        c[0], c[1], c[2], c[3] = c[0] + calls, c[1] + moved, c[2] + flops, c[3] + max(flops / peak, moved / bandwidth)
+    d, depth, tokens, seqlens = config["dim"], config["depth"], batch.packed.n_tokens, batch.packed.seqlens
+    flops = 3.5 * 4 * d * sum(n * n for n in seqlens) * depth
+    moved = 11 * tokens * d * 2 * depth  # bf16 q, k, v, out forward; q, k, v, out, dout, dq, dk, dv backward
+    classes.pop("attention", None)
+    classes["attention (varlen, by formula)"] = [2 * depth, moved, flops, max(flops / peak, moved / bandwidth)]
+    total = sum(c[3] for c in classes.values())
+    rows = [{"operations": k, "calls": c[0], "GB moved": c[1] / 1e9, "TFLOP": c[2] / 1e12, "least ms": 1e3 * c[3],
+             "% of step": 100 * c[3] / total} for k, c in sorted(classes.items(), key=lambda kv: -kv[1][3])]
+    rows.append({"operations": "total", "calls": sum(c[0] for c in classes.values()),
+                 "GB moved": sum(c[1] for c in classes.values()) / 1e9,
+                 "TFLOP": sum(c[2] for c in classes.values()) / 1e12, "least ms": 1e3 * total, "% of step": 100.0})
+    model_flops = model_flops_per_token(config, seqlens) * tokens
+    note = (f"{label}: {gpu[1]} TFLOP/s dense bf16, {gpu[2]} TB/s. Model FLOPs {model_flops / 1e12:.1f} T: "
+            f"eager MFU at most **{100 * model_flops / total / peak:.1f}%** (every operator at its roofline); "
+            f"the matmuls and attention alone would allow "
+            f"{100 * model_flops / (classes['matmul'][3] + classes['attention (varlen, by formula)'][3]) / peak:.0f}%. "
+            "What torch.compile fuses moves fewer bytes than counted here.")
+    return rows, note
+
+
 # ---------------------------------------------------------------- output
 
 def fmt(key: str, v) -> str:
@@ -499,6 +630,7 @@ def run(args) -> dict:
             "samples": f"{work.n_2d} 2D + {work.n_3d} 3D", "views per sample": f"{N_GLOBAL} global + {N_LOCAL} local",
             "long side": f"2D {args.size_2d}, 3D {args.size_3d}",
             "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+            **({"precision": "bf16 autocast, counted on fake tensors"} if args.traffic is not None else {}),
             "timing": f"median of {args.repeats} after {args.warmup} warm-up", "smoke": args.smoke}
     print(f"## MultiMedVision bench: {meta['device']}, torch {meta['torch']}, {meta['date']}\n")
     print("\n".join(f"- {k}: {v}" for k, v in meta.items()), flush=True)
@@ -507,6 +639,22 @@ def run(args) -> dict:
     def show(title: str, rows: list[dict], note: str = ""):
         print(table(title, rows, note), f"({time.perf_counter() - t_start:.0f} s)", sep="\n\n", flush=True)
 
+    if args.traffic is not None:
+        report["traffic"], note = traffic_section(args, net, work.batch(args.scale))
+        show(f"7. Bytes and FLOPs of one eager step, counted (scale {args.scale:g}, "
+             f"{work.n_2d} 2D + {work.n_3d} 3D samples)", report["traffic"], note)
+    else:
+        timed_sections(args, net, work, device, report, show)
+    report["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
+    print(f"total {report['meta']['seconds']} s")
+    if args.json:
+        data.atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
+        print(f"wrote {args.json}")
+    return report
+
+
+def timed_sections(args, net, work: Workload, device, report: dict, show):
+    """Sections 1-6 into report, each printed as it is done."""
     report["step"], report["work"] = step_section(args, net, work, device)
     last = [r for r in report["step"] if r["scale"] == report["step"][-1]["scale"]]  # where all three fit
     headline = "Out of memory at every scale tried: no comparison."
@@ -552,12 +700,6 @@ def run(args) -> dict:
         show(f"6. Profile of one packed step (torch.profiler, scale {last[0]['scale']:g}, "
              f"{'GPU kernel time' if device.type == 'cuda' else 'CPU operator self time'})", report["profile"],
              f"Chrome trace: {', '.join(traces)}" if traces else "")
-    report["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
-    print(f"total {report['meta']['seconds']} s")
-    if args.json:
-        data.atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
-        print(f"wrote {args.json}")
-    return report
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import bench
 import data
 from model import Projector, SparseMedicalViT
 from pack import row_mask
+from model import model_flops_per_token
 from train import Net, compute_loss
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,28 @@ def test_smoke_run_prints_every_section(tmp_path, capsys):
     assert [r["scheme"] for r in saved["step"]] == ["packed", "padded", "per-modality padded"]
     assert all(r["step (s)"] > 0 and math.isfinite(r["loss"]) for r in saved["step"])
     assert all(r["samples/s per core"] > 0 for r in saved["data"])
+
+
+def test_traffic_counts_every_matmul_flop_of_the_step(batch, capsys):
+    """Section 7's FLOP count (torch's counter over every aten op) equals the FLOPs written out by hand."""
+    report = bench.main(["--smoke", "--traffic"])  # counting only: no timed section runs
+    assert set(report) == {"meta", "traffic"} and "### 7. Bytes and FLOPs" in capsys.readouterr().out
+    args = bench.get_args(["--smoke", "--traffic", "H200"])
+    net = bench.make_net(args, args.model, torch.device("cpu"))
+    cfg, p = net.backbone.config, batch.packed
+    rows, note = bench.traffic_section(args, net, batch)
+    counted = {r["operations"]: r for r in rows}
+    d, depth, patch, n_views = cfg["dim"], cfg["depth"], cfg["patch"], p.n_views
+    attention = 3 * depth * 2 * 2 * d * sum(n * n for n in p.seqlens)
+    blocks = model_flops_per_token(cfg, p.seqlens) * p.n_tokens - attention  # forward + backward (x3)
+    embed = 2 * 2 * d * (len(p.index_2d) * patch**2 + len(p.index_3d) * patch**3)  # forward + weight gradient
+    widths = [d, 2048, 2048, 128]  # projector: forward + input and weight gradients
+    head = 3 * 2 * n_views * sum(a * b for a, b in zip(widths, widths[1:]))
+    sigreg = 2 * 2 * n_views * 128 * 256  # SIGReg's projection onto 256 directions: forward + input gradient
+    assert counted["matmul"]["TFLOP"] * 1e12 == pytest.approx(blocks + embed + head + sigreg, rel=1e-9)
+    assert counted["attention (varlen, by formula)"]["TFLOP"] * 1e12 == pytest.approx(attention * 3.5 / 3)
+    assert "H200: 989 TFLOP/s dense bf16, 4.8 TB/s" in note
+    assert counted["total"]["least ms"] == pytest.approx(sum(r["least ms"] for r in rows[:-1]))
 
 
 def test_operations_are_classified_by_aten_and_cuda_kernel_names():
