@@ -468,7 +468,9 @@ class _ShapeOnlyAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        return torch.empty_like(q)
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out)  # what flash attention keeps for backward (less its small logsumexp)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -547,14 +549,20 @@ def traffic_section(args, net, batch: data.Batch) -> tuple[list[dict], str]:
         raise SystemExit(f"--traffic {args.traffic!r}: unknown GPU; known: {', '.join(g[3] for g in GPUS)}")
     peak, bandwidth, label = gpu[1] * 1e12, gpu[2] * 1e12, gpu[3]
     config = net.backbone.config
-    counter = OpCounter()
+    counter, saved = OpCounter(), {}
+
+    def keep(t):  # activations autograd keeps for backward, by storage: views of one tensor count once
+        saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
     with FakeTensorMode() as fake, attention_by_formula():
         net = net._apply(fake.from_tensor)
         b = batch._map(lambda t: t._map(fake.from_tensor) if isinstance(t, Packed) else fake.from_tensor(t))
         with counter, CudaLayerNormPolicy():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
                 loss, _ = compute_loss(net, b, "lejepa", LAMBD, 0)
             loss.backward()
+    params = sum(p.numel() for p in net.parameters())
     classes = {}
     for name, (calls, moved, flops) in counter.ops.items():
         c = classes.setdefault(op_class(name), [0, 0, 0, 0.0])
@@ -575,7 +583,9 @@ def traffic_section(args, net, batch: data.Batch) -> tuple[list[dict], str]:
             f"eager MFU at most **{100 * model_flops / total / peak:.1f}%** (every operator at its roofline); "
             f"the matmuls and attention alone would allow "
             f"{100 * model_flops / (classes['matmul'][3] + classes['attention (varlen, by formula)'][3]) / peak:.0f}%. "
-            "What torch.compile fuses moves fewer bytes than counted here.")
+            "What torch.compile fuses moves fewer bytes than counted here. "
+            f"Activations kept for backward: **{sum(saved.values()) / 2**30:.1f} GiB**, plus "
+            f"{params * 16 / 2**30:.1f} GiB of weights, gradients and AdamW state.")
     return rows, note
 
 

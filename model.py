@@ -111,6 +111,7 @@ class Attention(nn.Module):
         t, d = x.shape
         q, k, v = self.qkv(x).view(t, 3, self.heads, d // self.heads).unbind(1)  # (T, H, hd) each
         q, k = rotate(q, *rope), rotate(k, *rope)  # paper 2.1.1: 3D RoPE on q and k in every layer
+        v = v.contiguous()  # q and k are new tensors now: a view v kept for backward would keep all of qkv alive
         return self.proj(packed_attention(q, k, v, packed, backend, mask).reshape(t, d))
 
 
