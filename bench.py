@@ -61,12 +61,15 @@ N_GLOBAL, N_LOCAL, LAMBD = 2, 8, 0.025  # paper 2.2, 2.4.1
 CPU = dict(scale=1 / 32, model="tiny", warmup=1, repeats=3)  # 6 2D + 2 3D: about a minute on 2 quiet cores
 CUDA = dict(scale=1.0, model="base", warmup=3, repeats=10)
 SMOKE = dict(scale=0.01, model="tiny", depth=2, size_2d=56, size_3d=28, warmup=1, repeats=1, max_scale=0.01)
-# section 6: kinds of operation, matched in order against lower-cased aten operator or CUDA kernel names
-OP_CLASSES = (("matmul", ("gemm", "cutlass", "xmma", "mm", "linear")),
-              ("attention", ("flash", "fmha", "attention", "attn")),
+# section 6: kinds of operation, matched in order against lower-cased aten operator or CUDA kernel names.
+# GEMM kernels first (cuBLAS, CUTLASS, inductor's mm templates), then inductor's fused kernels, which are
+# named after the ops they fuse ("triton_poi_fused_addmm_gelu" is the bias add and GELU, not a GEMM).
+OP_CLASSES = (("matmul", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem")),
               ("compiled fused kernels", ("triton",)),
+              ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
+              ("matmul", ("::mm", "addmm", "bmm", "matmul", "linear")),
               ("RoPE (addcmul, flip)", ("addcmul", "flip")),
-              ("layer norm", ("layer_norm",)),
+              ("layer norm", ("layer_norm", "gammabeta")),
               ("GELU", ("gelu",)),
               ("gather / scatter", ("index", "gather", "scatter")),
               ("casts and copies", ("copy", "clone", "cat", "stack")),

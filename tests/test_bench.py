@@ -83,7 +83,11 @@ def test_operations_are_classified_by_aten_and_cuda_kernel_names():
              "triton_poi_fused__to_copy_add_mul_0": "compiled fused kernels", "aten::addcmul": "RoPE (addcmul, flip)",
              "aten::native_layer_norm_backward": "layer norm", "aten::gelu": "GELU", "aten::_to_copy": "casts and copies",
              "aten::index_copy": "gather / scatter", "aten::sum": "reductions", "aten::add": "other elementwise",
-             "aten::empty": "other"}
+             "aten::empty": "other", "nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNN": "matmul",
+             "triton_tem_fused_mm_0": "matmul", "triton_poi_fused_addmm_gelu_3": "compiled fused kernels",
+             "void at::native::GammaBetaBackwardCUDAKernel<c10::BFloat16, float>": "layer norm",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>":
+                 "other elementwise"}
     assert {name: bench.op_class(name) for name in cases} == cases
 
 
