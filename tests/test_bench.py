@@ -76,6 +76,30 @@ def test_traffic_counts_every_matmul_flop_of_the_step(batch, capsys):
     assert counted["total"]["least ms"] == pytest.approx(sum(r["least ms"] for r in rows[:-1]))
 
 
+def test_rope_rotation_moves_few_bytes_counted():
+    """The eager RoPE is memory-bound: its bytes per element of q (bf16) are counted, not timed.
+
+    Floor: read q and write the result, 4 bytes. The table form reads q twice as bf16 and once as a
+    float32 product, and swaps pairs with one copy: 18 bytes, plus the float32 tables (8 bytes per
+    channel, shared by the heads). The float32 stack-and-concatenate form it replaced moved 57.5.
+    """
+    from rope3d import rope_angles, rope_tables, rotate
+    t, heads, dim = 512, 4, 64
+    x = torch.randn(t, heads, dim, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_tables(rope_angles(torch.rand(t, 3) * 128, dim), dim)
+    grad = torch.randn(t, heads, dim, dtype=torch.bfloat16)
+    forward, backward = bench.OpCounter(), bench.OpCounter()
+    with forward:
+        y = rotate(x, cos, sin)
+    with backward:
+        y.backward(grad)
+    per_element = [sum(c[1] for c in counter.ops.values()) / x.numel() for counter in (forward, backward)]
+    tables = 2 * 2 * 4 / heads  # cos and sin, float32, read twice, shared by the heads
+    assert per_element[0] == pytest.approx(18 + tables)
+    assert per_element[1] == pytest.approx(18 + tables + 8 / heads)  # + negating the sin table (read, write)
+    assert torch.allclose(x.grad.float(), rotate(grad.float(), cos, -sin), atol=2e-2)  # the inverse rotation
+
+
 def test_operations_are_classified_by_aten_and_cuda_kernel_names():
     cases = {"aten::addmm": "matmul", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
              "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
