@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rope3d import apply_rope, grid_coords, normalize_coords, rope_angles
+from rope3d import apply_rope, grid_coords, normalize_coords, rope_angles, rope_tables
 
 
 @pytest.mark.parametrize("grid", [(1, 4, 5), (3, 2, 7), (1, 1, 1), (6, 1, 2)])
@@ -75,6 +75,8 @@ def test_batched_layout_and_dtype():
 def test_head_dim_too_small_is_an_error():
     with pytest.raises(ValueError, match="head_dim 4"):
         rope_angles(torch.zeros(1, 3), 4)
+    with pytest.raises(ValueError, match="33 rotation pairs do not fit in head_dim 64"):
+        rope_tables(torch.zeros(1, 33), 64)
 
 
 def test_rotation_and_its_backward_equal_the_pairwise_formula():
