@@ -18,6 +18,7 @@
 import argparse
 import csv
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -66,6 +67,8 @@ def weighted_auroc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
     Mann-Whitney: P(s_pos > s_neg) + 0.5 P(s_pos == s_neg), each sample counted
     w times (a bootstrap resample is a weight vector). NaN when a class is absent.
     """
+    if len(s) == 0:  # no sample with a known label and a score (no probe, or the label unknown throughout)
+        return np.full(len(w), np.nan)
     order = np.argsort(s, kind="stable")
     s, pos_mask, w = s[order], y[order] > 0.5, w[:, order]
     starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first sample of each distinct score
@@ -244,10 +247,22 @@ def extract_features(model: SparseMedicalViT, ds, device: torch.device, batch_to
     return {"x": np.concatenate(feats), "y": np.stack(labels).astype(np.float32), "ids": np.array(ids, dtype=str)}
 
 
+def feature_code_digest() -> str:
+    """The code that turns a stored record into a feature: model.py, rope3d.py, pack.py and data.whole_view.
+
+    Part of the cache key, so a fix to any of them never leaves stale features behind.
+    """
+    sources = [inspect.getsource(sys.modules[name]) for name in ("model", "rope3d", "pack")]
+    sources += [inspect.getsource(fn) for fn in (data.whole_view, data._patched)]
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()
+
+
 def cached_features(ck: Checkpoint, ds, device: torch.device, batch_tokens: int, workers: int, cache_dir: str) -> dict:
-    """extract_features, stored as .npz per (checkpoint content + config, dataset fingerprint, split, precision)."""
+    """extract_features, stored as .npz per (checkpoint content + config, dataset fingerprint, split, precision,
+    feature code)."""
     precision = "bf16" if device.type == "cuda" else "fp32"
-    key = hashlib.sha256(f"{ck.key}|{ds.fingerprint}|{ds.split}|{precision}".encode()).hexdigest()[:24]
+    key = f"{ck.key}|{ds.fingerprint}|{ds.split}|{precision}|{feature_code_digest()}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:24]
     path = os.path.join(cache_dir, re.sub(r"[^\w.-]", "_", f"{ds.name}_{ds.split}_{key}") + ".npz")
     if os.path.exists(path):
         with np.load(path) as f:
@@ -394,11 +409,13 @@ def table_2(adapted: dict, before: dict, train: str, test: str) -> Table:
     for name, r in adapted.items():
         b = before[name]
         for label, a, c, p in [*zip(SHORT, r.auroc, r.ci, b.auroc), ("Macro", r.macro, r.macro_ci, b.macro)]:
-            gain = 100 * (a - p) / p if not (np.isnan(a) or np.isnan(p)) else np.nan
+            # paper Table 2 reports the AUROC difference x 100, not a relative change: its macro 0.66 -> 0.75 is 9.12
+            gain = 100 * (a - p) if not (np.isnan(a) or np.isnan(p)) else np.nan
             rows.append([name, label, fmt_ci(a, c), fmt(gain, 2), fmt(p)])
         rdata.append({"model": name, "adapted": result_data(r), "before": result_data(b)})
     notes = [f"Probe retrained on {train}, tested on {test}; Improvement (%) and 'AUROC before adaptation' "
-             "refer to the probe trained on the pre-training data (Table 1).", NA_NOTE]
+             "refer to the probe trained on the pre-training data (Table 1). Improvement (%) is the AUROC "
+             "difference x 100, as in the paper (0.66 -> 0.75: 9.12).", NA_NOTE]
     return Table(f"Table 2: domain adaptation on {test}", ["Model", "Label", "AUROC (95% CI)", "Improvement (%)",
                  "AUROC before adaptation"], rows, notes, rdata)
 
