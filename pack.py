@@ -26,7 +26,7 @@ def _patch_grid(view: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int
     c, z, h, w = view.shape
     p = patch
     is_3d = z > 1
-    if (is_3d and z % p) or h % p or w % p or h == 0 or w == 0:
+    if (is_3d and z % p) or h % p or w % p or 0 in (z, h, w):
         axes = "Z, H and W" if is_3d else "H and W (Z == 1: a 2D image)"
         raise ValueError(f"view of shape {tuple(view.shape)} is not a whole number of {p}-pixel patches along {axes}")
     gz, gy, gx = (z // p if is_3d else 1), h // p, w // p
@@ -114,7 +114,17 @@ def pack(views: list[torch.Tensor], patch: int) -> Packed:
     chans = {v.shape[0] for v in views if v.ndim == 4}
     if len(chans) > 1:
         raise ValueError(f"all views must have the same number of channels, got {sorted(chans)}")
-    patched, grids = zip(*(_patch_grid(v, patch) for v in views))
+    kinds = {(v.dtype, v.device) for v in views}
+    if len(kinds) > 1:
+        raise ValueError(f"all views must share one dtype and device, got {sorted(map(str, kinds))}")
+    patched, grids = [], []
+    for i, v in enumerate(views):
+        try:
+            t, grid = _patch_grid(v, patch)
+        except ValueError as e:
+            raise ValueError(f"view {i} of {len(views)}: {e}") from None
+        patched.append(t)
+        grids.append(grid)
     seqlens = [gz * gy * gx for gz, gy, gx in grids]
     is_3d = [v.shape[1] > 1 for v in views]
     starts = [0]
@@ -194,8 +204,13 @@ def row_mask(packed: Packed) -> torch.Tensor:
 
 
 def segment_mean(x: torch.Tensor, packed: Packed) -> torch.Tensor:
-    """Mean of the tokens of each view: x (T, D) -> (N, D), in the order views were given."""
+    """Mean of the tokens of each view: x (T, D) -> (N, D), in the order views were given.
+
+    Summed in float32 whatever x's dtype: a bf16 sum of a few hundred tokens (and a bf16 count,
+    273 -> 272) would cost more precision than rounding the mean once.
+    """
     n = packed.n_views
-    sums = x.new_zeros(n, x.shape[1]).index_add(0, packed.token_view, x)
-    counts = torch.diff(packed.cu_seqlens).to(x.dtype)
-    return sums / counts[:, None]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    sums = x.new_zeros(n, x.shape[1], dtype=acc).index_add(0, packed.token_view, x.to(acc))
+    counts = torch.diff(packed.cu_seqlens).to(acc)
+    return (sums / counts[:, None]).to(x.dtype)

@@ -64,8 +64,12 @@ def test_pack_rejects_bad_input():
         pack([], P)
     with pytest.raises(ValueError, match="channels"):
         pack([torch.zeros(1, 1, 14, 14), torch.zeros(2, 1, 14, 14)], P)
-    with pytest.raises(ValueError, match=r"\(1, 1, 14, 15\)"):
-        pack([torch.zeros(1, 1, 14, 15)], P)
+    with pytest.raises(ValueError, match=r"view 1 of 2: .*\(1, 1, 14, 15\)"):  # names the view and its shape
+        pack([torch.zeros(1, 1, 14, 14), torch.zeros(1, 1, 14, 15)], P)
+    with pytest.raises(ValueError, match=r"view 0 of 1: .*\(1, 0, 14, 14\)"):  # an empty volume, not a 2D image
+        pack([torch.zeros(1, 0, 14, 14)], P)
+    with pytest.raises(ValueError, match="one dtype and device"):
+        pack([torch.zeros(1, 1, 14, 14), torch.zeros(1, 1, 14, 14, dtype=torch.bfloat16)], P)
 
 
 def test_row_packing_places_every_token_once_in_short_rows():
@@ -108,3 +112,12 @@ def test_segment_mean():
     packed = pack([torch.zeros(1, 1, 28, 14), torch.zeros(1, 14, 14, 14)], P)
     x = torch.tensor([[1.0], [3.0], [7.0]])
     assert torch.equal(segment_mean(x, packed), torch.tensor([[2.0], [7.0]]))
+
+
+def test_segment_mean_of_bf16_tokens_sums_in_float32():
+    packed = pack([torch.zeros(1, 1, 14 * 21, 14 * 13)], P)  # one view of 273 tokens: 273 is not a bf16 number
+    x = (1 + torch.rand(273, 8, generator=torch.Generator().manual_seed(0))).bfloat16()
+    got = segment_mean(x, packed)
+    want = x.float().mean(0, keepdim=True)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, rtol=2**-8, atol=0)  # within one bf16 rounding of the true mean
