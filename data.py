@@ -39,6 +39,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -642,9 +643,15 @@ def atomic_write(path, write) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash never leaves an empty file under the name
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves nothing behind
+        raise
 
 
 def _write_json(path: Path, obj) -> None:
@@ -1042,7 +1049,14 @@ def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="
                      n_global=n_global, n_local=n_local, global_scale=global_scale, local_scale=local_scale,
                      patch=patch, seed=seed, rank=rank, world=world)
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start_step, steps), num_workers=workers,
-                                       collate_fn=_as_is, pin_memory=pin_memory)
+                                       collate_fn=_as_is, pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the training process: a scheduler signals the whole process group,
+    and a worker killed by it would take the run down before train.py writes its checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------- command line

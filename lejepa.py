@@ -26,7 +26,7 @@ def _check_shape(z, what):
         raise ValueError(f"{what}: z of shape {tuple(z.shape)} has no views (V = 0) or no dimensions (K = 0)")
 
 
-def sigreg(z, step, num_slices=256, knots=17, t_max=3.0):
+def sigreg(z, step, num_slices=256, knots=17, t_max=3.0, micro_batches=1):
     """Sliced Epps-Pulley statistic of z (N, K), or (V, N, K) averaged over views.
 
     For unit directions a (K,) and projections x = z @ a, with the empirical
@@ -39,6 +39,10 @@ def sigreg(z, step, num_slices=256, knots=17, t_max=3.0):
     trapezoid knots and doubled. Directions come from a generator seeded with
     `step`, so every rank draws the same ones. Under torch.distributed the
     cos/sin means are averaged over ranks and N is the global sample count.
+    With gradient accumulation (micro_batches calls per optimizer step) N is
+    the step's sample count, not this call's: the N-scaled statistic then
+    weighs as much in every call as in one full-batch call, so lambd means the
+    same whatever the accumulation (the ECF is still this call's estimate).
     Computed in float32 whatever the input dtype or autocast state.
     """
     if z.ndim == 2:
@@ -48,9 +52,9 @@ def sigreg(z, step, num_slices=256, knots=17, t_max=3.0):
     _check_shape(z, "sigreg")
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
-    n = z.shape[1] * world  # global sample count (equal per-rank batches)
-    if n < 2:
-        raise ValueError(f"sigreg: needs at least 2 samples, got N={n}: the statistic is meaningless")
+    if z.shape[1] * world < 2:
+        raise ValueError(f"sigreg: needs at least 2 samples, got N={z.shape[1] * world}: the statistic is meaningless")
+    n = z.shape[1] * world * micro_batches  # samples of the whole optimizer step (equal per-rank batches)
     if knots < 2:
         raise ValueError(f"sigreg: trapezoid quadrature needs knots >= 2, got {knots}")
 
@@ -95,16 +99,17 @@ def prediction_loss(z, n_global):
     return (z - centroid).square().mean()
 
 
-def lejepa_loss(z, n_global, lambd=0.025, step=0):
+def lejepa_loss(z, n_global, lambd=0.025, step=0, micro_batches=1):
     """LeJEPA loss (paper 2.2) on projector outputs z (V, N, K) of every view.
 
     Returns (loss, parts) with loss = (1 - lambd) * L_pred + lambd * SIGReg and
     parts = {"pred": ..., "sigreg": ...}, detached float32 scalar tensors
-    (no host sync; call .item() when logging).
+    (no host sync; call .item() when logging). micro_batches: calls per
+    optimizer step under gradient accumulation (see sigreg).
     """
     if not 0.0 <= lambd <= 1.0:
         raise ValueError(f"lejepa_loss: lambd={lambd} must be in [0, 1]")
     pred = prediction_loss(z, n_global)
-    reg = sigreg(z, step)
+    reg = sigreg(z, step, micro_batches=micro_batches)
     loss = (1 - lambd) * pred + lambd * reg
     return loss, {"pred": pred.detach(), "sigreg": reg.detach()}

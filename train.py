@@ -23,6 +23,7 @@ import time
 import traceback
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -35,7 +36,7 @@ import lejepa
 from model import CKPT_FORMAT, PRESETS, Projector, SparseMedicalViT, load_checkpoint, model_flops_per_token
 
 STAGE_BATCH = {1: (256, 0), 2: (192, 64), 3: (192, 64)}  # paper 2.4: (2D, 3D) samples per step
-CPU_DEMO = dict(model="tiny", depth=6, steps=300, size_2d=112, size_3d=56, n_2d=512, n_3d=256, warmup=15, log_every=10)
+CPU_DEMO = dict(model="tiny", depth=6, steps=300, size_2d=112, size_3d=56, n_2d=512, n_3d=256, log_every=10)
 CPU_DEMO_BATCH_DIVISOR = 8  # the paper's batches / 8: 32 samples per step, same 2D:3D ratio
 
 
@@ -52,7 +53,7 @@ def get_args(argv=None):
     p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default 112; 56 on a CPU demo)")
     p.add_argument("--n-2d", type=int, default=None, help="phantom 2D training images (default 20000; 512 on a CPU demo)")
     p.add_argument("--n-3d", type=int, default=None, help="phantom 3D training volumes (default 5000; 256 on a CPU demo)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100000; 150 on a CPU demo)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100000; 300 on a CPU demo)")
     p.add_argument("--batch-2d", type=int, default=None, help="global 2D samples per step (paper: 256 stage 1, 192 stages 2-3)")
     p.add_argument("--batch-3d", type=int, default=None, help="global 3D samples per step (paper: 0 stage 1, 64 stages 2-3)")
     p.add_argument("--n-global", type=int, default=2, help="global views per sample, V_g (paper 2.4.1)")
@@ -73,7 +74,7 @@ def get_args(argv=None):
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint path")
     p.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many steps (and at the end)")
     p.add_argument("--stop-at", type=int, default=None, help="checkpoint and exit after this step (job time limits); resume with --resume auto")
-    p.add_argument("--log-every", type=int, default=None, help="log metrics every this many steps (default 20; 5 on a CPU demo)")
+    p.add_argument("--log-every", type=int, default=None, help="log metrics every this many steps (default 20; 10 on a CPU demo)")
     p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="data-loader workers per process (default: 0 on CPU, 8 on GPU)")
@@ -132,15 +133,26 @@ def build_net(args) -> Net:
     return Net(backbone, head)
 
 
-def compute_loss(net, batch, objective: str, lambd: float, step: int):
-    """Loss of one (micro-)batch -> (loss, dict of float-able parts). Shared with bench.py."""
+def compute_loss(net, batch, objective: str, lambd: float, step: int, micro_batches: int = 1):
+    """Loss of one (micro-)batch -> (loss, dict of float-able parts). Shared with bench.py.
+
+    Under DDP each rank's loss is scaled so that DDP's gradient average is the gradient of the
+    global batch's loss: the same update on 1 GPU or N (tests/test_train.py checks both objectives).
+    """
     out = net(batch.packed)  # (V * N, K): view v of sample n at row v * N + n
     if objective == "supervised":
-        known = ~torch.isnan(batch.labels)  # masked BCE: unknown labels do not count
-        loss = F.binary_cross_entropy_with_logits(out.float()[known], batch.labels[known])
-        return loss, {"bce": loss.detach()}
+        # masked BCE: unknown labels do not count. The mean is over the known labels of the global batch,
+        # not of this rank's share: ranks with more unknown labels must not weigh more.
+        known = ~torch.isnan(batch.labels)
+        bce = F.binary_cross_entropy_with_logits(out.float(), batch.labels.nan_to_num(), reduction="none")
+        count, world = known.sum().float(), 1
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            dist.all_reduce(count)
+        loss = torch.where(known, bce, 0.0).sum() * world / count.clamp(min=1)  # no known label: 0, not NaN
+        return loss, {"bce": loss.detach()}  # averaged over ranks when logged: the global mean
     z = out.view(batch.n_views, batch.n_samples, -1)
-    loss, parts = lejepa.lejepa_loss(z, batch.n_global, lambd=lambd, step=step)
+    loss, parts = lejepa.lejepa_loss(z, batch.n_global, lambd=lambd, step=step, micro_batches=micro_batches)
     return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in parts.items()}
 
 
@@ -167,6 +179,9 @@ def open_training_data(args):
         raise ValueError(f"--batch-2d {args.batch_2d} but no 2D dataset in --data {args.data}")
     if args.batch_3d and ds3 is None:
         raise ValueError(f"--batch-3d {args.batch_3d} but no 3D dataset in --data {args.data} (stage 1 needs none)")
+    for ds, batch in ((ds2, args.batch_2d), (ds3, args.batch_3d)):
+        if args.objective == "supervised" and batch and np.isnan(ds.labels).all():
+            raise ValueError(f"--objective supervised: {getattr(ds, 'root', None) or ds.name} has no known label at all")
     return (ds2 if args.batch_2d else None), (ds3 if args.batch_3d else None)
 
 
@@ -192,14 +207,19 @@ def find_resume(args) -> str | None:
     return args.resume
 
 
+def check_same_model(path: str, ckpt: dict, net: Net):
+    """A checkpoint of another model size is an error that names the file and what differs."""
+    mine, theirs = net.backbone.config, ckpt["model_config"]
+    shape_keys = ("dim", "depth", "heads", "mlp_ratio", "patch", "in_chans")
+    if any(mine[k] != theirs.get(k) for k in shape_keys):
+        diff = {k: (theirs.get(k), mine[k]) for k in shape_keys if mine[k] != theirs.get(k)}
+        raise ValueError(f"{path}: checkpoint model differs from --model (checkpoint, this run): {diff}")
+
+
 def load_init(net: Net, path: str):
     """Stage 2: backbone (and projector, if shapes agree) from a stage-1 checkpoint."""
     ckpt = load_checkpoint(path)
-    mine, theirs = net.backbone.config, ckpt["model_config"]
-    shape_keys = ("dim", "depth", "heads", "mlp_ratio", "patch", "in_chans")
-    if any(mine[k] != theirs[k] for k in shape_keys):
-        diff = {k: (theirs[k], mine[k]) for k in shape_keys if mine[k] != theirs[k]}
-        raise ValueError(f"{path}: checkpoint model differs from --model (checkpoint, this run): {diff}")
+    check_same_model(path, ckpt, net)
     net.backbone.load_state_dict(ckpt["model"])
     head = ckpt.get("head", {})
     if all(k in head and head[k].shape == v.shape for k, v in net.head.state_dict().items()):
@@ -265,11 +285,22 @@ def train(args) -> dict:
     resume = find_resume(args)
     if resume:
         ckpt = load_checkpoint(resume, map_location=device)
-        net.backbone.load_state_dict(ckpt["model"])
-        net.head.load_state_dict(ckpt["head"])
-        opt.load_state_dict(ckpt["optimizer"])
+        check_same_model(resume, ckpt, net)
+        try:
+            net.backbone.load_state_dict(ckpt["model"])
+            net.head.load_state_dict(ckpt["head"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"{resume}: cannot resume this run from it (another --objective or projector size?): "
+                             f"{str(e).splitlines()[0]}") from e
         step, bad_steps = ckpt["step"], ckpt["bad_steps"]
         say(f"resumed from {resume} at step {step}")
+    if world > 1:  # every rank read its own --out: without a shared file system they could disagree
+        steps = torch.tensor([step, -step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0].item() != -steps[1].item():
+            raise ValueError(f"ranks resume from different steps ({-steps[1].item()} to {steps[0].item()}): "
+                             f"give every node the same {args.out} (a shared file system) or the same --resume file")
     if rank == 0:
         data.atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
     logger = Logger(args.out, rank, step)
@@ -292,16 +323,18 @@ def train(args) -> dict:
     stop = {"signal": None}
 
     def on_signal(sig, frame):  # first signal: finish the step, checkpoint, exit; second: stop now
+        # (data-loader workers ignore both: they would die with the job's signal before the checkpoint)
         if stop["signal"] is not None:
             raise KeyboardInterrupt
         stop["signal"] = sig
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    end = min(args.steps, args.stop_at or args.steps)
+    end = min(args.steps, args.steps if args.stop_at is None else args.stop_at)
     ckpt_path = os.path.join(args.out, "last.pt")
     bar = _progress(step, end, rank)
-    tokens = samples = skipped_samples = 0
+    counts = torch.zeros(3, dtype=torch.float64)  # tokens, samples, skipped samples of this rank since the last log
+    skipped_total, steps_since_log = 0, 0
     t0, last = time.perf_counter(), {}
     flops_per_token = []
     while step < end:
@@ -314,13 +347,11 @@ def train(args) -> dict:
             batch = next(batches).to(device, non_blocking=True)
             sync = micro == args.accum - 1 or world == 1
             with (nullcontext() if sync else model.no_sync()), autocast:
-                loss, parts = compute_loss(model, batch, args.objective, args.lambd, step)
+                loss, parts = compute_loss(model, batch, args.objective, args.lambd, step, args.accum)
             (loss / args.accum).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / args.accum
-            tokens += batch.packed.n_tokens * world
-            samples += batch.n_samples * world
-            skipped_samples += batch.n_skipped
+            counts += torch.tensor([batch.packed.n_tokens, batch.n_samples, batch.n_skipped], dtype=torch.float64)
             flops_per_token.append(model_flops_per_token(net.backbone.config, batch.packed.seqlens))
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip if args.clip > 0 else float("inf"))
         # one host sync per step: skip a non-finite step honestly (gradients are all-reduced, so every rank agrees)
@@ -329,21 +360,24 @@ def train(args) -> dict:
             bad_steps = 0
         else:
             bad_steps += 1
-            say(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-            logger.log({"step": step, "skipped": "non-finite"})
+            # numbered like the metrics lines (the step count after it), so a resume rewinds it with them
+            say(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+            logger.log({"step": step + 1, "skipped": "non-finite"})
         opt.zero_grad(set_to_none=True)
         step += 1
+        steps_since_log += 1
         bar.update(1)
         done = step == end
         if step % args.log_every == 0 or done:
-            last = _log_metrics(logger, bar, step, parts_sum, gnorm, opt, tokens, samples, skipped_samples,
+            last = _log_metrics(logger, bar, step, parts_sum, gnorm, opt, counts, steps_since_log,
                                 time.perf_counter() - t0, flops_per_token, device, world)
-            tokens = samples = 0
-            flops_per_token = []
+            skipped_total += last["skipped_samples"]
+            counts.zero_()
+            flops_per_token, steps_since_log = [], 0
             t0 = time.perf_counter()
-            if _any_rank(stop["signal"] is not None, device, world):
-                say(f"signal received: checkpoint at step {step} and exit")
-                done = True
+        if _any_rank(stop["signal"] is not None, device, world) and not done:  # every step: act within one step
+            say(f"signal received: checkpoint at step {step} and exit")
+            done = True
         if bad_steps >= args.max_bad_steps:
             if rank == 0:
                 save_checkpoint(ckpt_path, net, opt, step, args, bad_steps)
@@ -356,8 +390,8 @@ def train(args) -> dict:
     if rank == 0 and step == 0:  # --steps 0: the initialisation itself, e.g. a random-init probe baseline
         save_checkpoint(ckpt_path, net, opt, step, args, bad_steps)
     bar.close()
-    if skipped_samples:
-        say(f"{skipped_samples} unreadable samples were skipped (see the warnings above)")
+    if skipped_total:
+        say(f"{skipped_total:.0f} unreadable samples were skipped, all ranks (see the warnings above)")
     say(f"done at step {step}: checkpoint {ckpt_path}")
     return last
 
@@ -370,17 +404,21 @@ def _any_rank(flag: bool, device, world: int) -> bool:
     return t.item() > 0
 
 
-def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, tokens, samples, skipped, elapsed, flops_per_token,
+def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, counts, n_steps, elapsed, flops_per_token,
                  device, world) -> dict:
-    """All-reduce the step's loss parts, print and append one JSONL record (every --log-every steps)."""
+    """All-reduce the step's loss parts (mean) and the counts since the last log (sum over ranks), print and
+    append one JSONL record (every --log-every steps). counts: this rank's tokens, samples, skipped samples."""
     names = sorted(parts_sum)
     values = torch.stack([torch.as_tensor(parts_sum[k], dtype=torch.float32, device=device) for k in names])
+    totals = counts.to(device)
     if world > 1:
         dist.all_reduce(values)
         values /= world
+        dist.all_reduce(totals)
+    tokens, samples, skipped = totals.tolist()
     record = {"step": step, **dict(zip(names, values.tolist())), "lr": opt.param_groups[0]["lr"],
               "grad_norm": gnorm.item(), "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
-              "step_time_s": elapsed / max(1, len(flops_per_token)), "skipped_samples": skipped,
+              "step_time_s": elapsed / max(1, n_steps), "skipped_samples": int(skipped),
               "tflops_per_s": tokens * sum(flops_per_token) / max(1, len(flops_per_token)) / elapsed / 1e12}
     if device.type == "cuda":
         record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30

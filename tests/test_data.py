@@ -530,3 +530,17 @@ def test_loader_supervised_mode_gives_one_global_view_with_labels():
     assert not batch.is_3d.any()
     expected = np.stack([d2[d2.ids.index(i)].labels for i in batch.ids])
     assert torch.equal(batch.labels, torch.from_numpy(expected))
+
+
+def test_atomic_write_never_leaves_half_a_file(tmp_path):
+    path = tmp_path / "last.pt"
+    data.atomic_write(path, lambda f: f.write(b"old"))
+
+    def fails_halfway(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        data.atomic_write(path, fails_halfway)
+    assert path.read_bytes() == b"old"  # the previous file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # and no temporary file left behind

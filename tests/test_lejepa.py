@@ -55,6 +55,18 @@ def test_sigreg_is_n_scaled():
     assert sigreg(large + 1, 0).item() / sigreg(small + 1, 0).item() > 10.0
 
 
+def test_accumulated_micro_batches_weigh_sigreg_as_the_full_batch():
+    """--accum K: K calls on N/K samples each must weigh SIGReg as one call on N does (lambd keeps its meaning)."""
+    z = torch.rand(256, 16, generator=torch.Generator().manual_seed(7)) * 2  # far from Gaussian
+    full = sigreg(z, step=3).item()
+    micro = [sigreg(part, step=3, micro_batches=4).item() for part in z.chunk(4)]
+    assert np.mean(micro) == pytest.approx(full, rel=0.05)
+    unscaled = np.mean([sigreg(part, step=3).item() for part in z.chunk(4)])
+    assert unscaled == pytest.approx(full / 4, rel=0.05)  # what each micro-batch weighed before: a quarter
+    loss, parts = lejepa_loss(z.view(2, 128, 16), n_global=1, step=3, micro_batches=2)
+    assert parts["sigreg"].item() == pytest.approx(2 * sigreg(z.view(2, 128, 16), step=3).item(), rel=1e-6)
+
+
 def test_sigreg_equals_fine_grid_quadrature():
     gen = torch.Generator().manual_seed(2)
     for z in [torch.randn(64, 8, generator=gen), 1.5 * torch.randn(64, 8, generator=gen) + 0.3, 4 * torch.rand(64, 8, generator=gen)]:

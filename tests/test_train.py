@@ -3,7 +3,10 @@ import json
 import os
 import pickle
 import subprocess
+import signal
 import sys
+import time
+import zlib
 
 import pytest
 import torch
@@ -79,6 +82,48 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert losses(straight) == pytest.approx(losses(split), rel=1e-5)  # the log was rewound, not duplicated
 
 
+def test_stop_at_zero_and_resume_of_another_model_are_handled(tmp_path):
+    out, _ = run(tmp_path, "zero", "--steps", "3", "--stop-at", "0")
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 0  # --stop-at 0 is a number, not "unset"
+    out, _ = run(tmp_path, "run", "--steps", "1")
+    with pytest.raises(ValueError, match=r"last\.pt.*differs"):  # names the checkpoint and what differs
+        run(tmp_path, "run", "--steps", "2", "--resume", "auto", "--depth", "3")
+    with pytest.raises(ValueError, match=r"last\.pt: cannot resume"):
+        run(tmp_path, "run", "--steps", "2", "--resume", "auto", "--objective", "supervised")
+
+
+def test_supervised_batch_without_known_labels_is_a_zero_loss_not_nan():
+    args = train.get_args([*TINY, "--objective", "supervised"])
+    train.resolve_defaults(args, cuda=False)
+    net = train.build_net(args)
+    ds2, ds3 = train.open_training_data(args)
+    import data
+    batch = next(iter(data.make_loader(ds2, ds3, batch_2d=4, batch_3d=2, steps=1, mode="supervised", patch=14)))
+    batch.labels[:] = float("nan")
+    loss, parts = train.compute_loss(net, batch, "supervised", 0.0, 0)
+    loss.backward()
+    assert loss.item() == 0.0 and all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_sigterm_to_the_job_checkpoints_with_loader_workers(tmp_path):
+    """A scheduler signals the whole process group, data-loader workers included: the run still checkpoints."""
+    out = tmp_path / "job"
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--workers", "2", "--steps", "100000", "--out", str(out)],
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)  # the job's whole process group, as Slurm does
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert 0 < load_checkpoint(str(out / "last.pt"))["step"] < 100000
+
+
 class Exploit:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))
@@ -119,7 +164,11 @@ def _first_step_grads(rank, world, port, argv, queue):
     import data
     batch = next(iter(data.make_loader(ds2, ds3, batch_2d=args.batch_2d, batch_3d=args.batch_3d, steps=1,
                                        n_global=args.n_global, n_local=args.n_local, patch=14, seed=args.seed,
-                                       rank=rank, world=world)))
+                                       rank=rank, world=world, mode=args.objective)))
+    if args.objective == "supervised":  # unknown labels, unevenly spread over the ranks' shares (by record id)
+        for i, rid in enumerate(batch.ids):
+            if zlib.crc32(rid.encode()) % 3:
+                batch.labels[i, 1:] = float("nan")
     loss, _ = train.compute_loss(model, batch, args.objective, args.lambd, 0)
     loss.backward()
     if rank == 0:
@@ -131,8 +180,9 @@ def _first_step_grads(rank, world, port, argv, queue):
         os._exit(0)  # torch 2.13's gloo may abort at interpreter teardown; the result is already sent
 
 
-def test_two_processes_give_single_process_gradients():
-    argv = [*TINY, "--stage", "3"]
+@pytest.mark.parametrize("objective", ["lejepa", "supervised"])
+def test_two_processes_give_single_process_gradients(objective):
+    argv = [*TINY, "--stage", "3", "--objective", objective]
     ctx = mp.get_context("spawn")
     grads = {}
     for world in (1, 2):
