@@ -140,13 +140,16 @@ def patient_holdout(ids: np.ndarray, frac: float, seed: int) -> np.ndarray:
     return np.isin(who, held)
 
 
-def fit_label(x: np.ndarray, y: np.ndarray, ids: np.ndarray, seed: int = 0):
+def fit_label(x: np.ndarray, y: np.ndarray, ids: np.ndarray, seed: int = 0, name: str = "a label"):
     """One label's probe, C chosen by held-out AUROC; None if the training data has one class."""
     if len(np.unique(y)) < 2:
         return None
     held = patient_holdout(ids, HELD_OUT, seed)
     best_c, best = 1.0, -np.inf
-    if len(np.unique(y[held])) == 2 and len(np.unique(y[~held])) == 2:
+    if len(np.unique(y[held])) < 2 or len(np.unique(y[~held])) < 2:
+        warnings.warn(f"{name}: {int(y.sum())} positives of {len(y)} are too few to choose C on a held-out part "
+                      f"of the patients; C = {best_c}", stacklevel=2)
+    else:
         for c in C_GRID:
             a = auroc(y[held], make_probe(c).fit(x[~held], y[~held]).decision_function(x[held]))
             if a > best:
@@ -159,7 +162,7 @@ def fit_probes(x: np.ndarray, y: np.ndarray, ids: np.ndarray, seed: int = 0) -> 
     probes = []
     for j in range(y.shape[1]):
         k = ~np.isnan(y[:, j])
-        probes.append(fit_label(x[k], y[k, j], ids[k], seed))
+        probes.append(fit_label(x[k], y[k, j], ids[k], seed, name=data.LABELS[j]))
     return probes
 
 
