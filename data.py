@@ -42,7 +42,7 @@ import re
 import signal
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from contextlib import nullcontext
 from pathlib import Path
 from statistics import NormalDist
@@ -130,12 +130,18 @@ def preprocess_ct(hu: np.ndarray, spacing, size: int, where: str) -> np.ndarray:
     return window_ct(resample_ct(hu, spacing, size))
 
 
-def validate_image(img: np.ndarray, where: str, min_side: int) -> np.ndarray:
-    """Reject non-finite arrays and images with a patched side shorter than one patch."""
+def validate_image(img: np.ndarray, where: str, min_side: int, is_3d: bool | None = None) -> np.ndarray:
+    """Reject non-finite arrays and images with a patched side shorter than one patch.
+
+    is_3d: what the dataset says the image is (None: Z > 1). A volume of one slice is refused, not
+    taken for a radiograph: it would be cropped and packed as 2D under a 3D label.
+    """
     if img.ndim != 3:
         raise ValueError(f"{where}: expected (Z, H, W), got shape {img.shape}")
     if not np.isfinite(img).all():
         raise ValueError(f"{where}: non-finite values")
+    if is_3d and img.shape[0] < max(2, min_side):
+        raise ValueError(f"{where}: a CT volume of {img.shape[0]} slice(s) {img.shape}: thinner than one patch")
     patched = img.shape if img.shape[0] > 1 else img.shape[1:]
     if min(patched) < min_side:
         raise ValueError(f"{where}: image {img.shape} is smaller than one {min_side}-pixel patch")
@@ -382,21 +388,44 @@ def read_table(path: Path, required) -> list:
     """Rows of a CSV (or .csv.gz) as dicts; names the file and column when one is missing."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: table not found")
-    with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        return list(reader)
+    try:
+        with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+            return list(reader)
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: unreadable table ({type(e).__name__}: {e})") from e
 
 
-def parse_label(value: str, opt: Options) -> float:
-    """'1.0' positive, '0.0' negative, '-1.0' uncertain (opt.uncertain), '' not mentioned (opt.blank)."""
+def parse_label(value: str, opt: Options, where: str = "label") -> float:
+    """'1.0' positive, '0.0' negative, '-1.0' uncertain (opt.uncertain), '' not mentioned (opt.blank).
+
+    Anything else is an error naming `where` (table, row, column): a label table is read whole, so a
+    bad cell means a wrong file or column, not one bad sample to skip.
+    """
     value = (value or "").strip()
     if value == "":
         return {"nan": math.nan, "zero": 0.0}[opt.blank]
-    x = float(value)
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if x not in (1.0, 0.0, -1.0):
+        raise ValueError(f"{where}: label {value!r} is not 1, 0, -1 or blank")
     return {"nan": math.nan, "zero": 0.0, "one": 1.0}[opt.uncertain] if x == -1 else x
+
+
+def _row_labels(row: dict, columns, opt: Options, where: str) -> np.ndarray:
+    return np.array([parse_label(row[c], opt, f"{where}, column {c!r}") for c in columns], np.float32)
+
+
+def _int(value: str, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {value!r} is not an integer id") from None
 
 
 def _key(text: str) -> str:
@@ -413,14 +442,17 @@ def scan_mimic(root: Path, opt: Options) -> list:
     table = read_table(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *LABELS])
     split_table = root / "mimic-cxr-2.0.0-split.csv.gz"
     split_of = {r["dicom_id"]: r["split"] for r in read_table(split_table, ["dicom_id", "split"])}
-    labels_of = {(int(r["subject_id"]), int(r["study_id"])): np.array([parse_label(r[c], opt) for c in LABELS], np.float32)
-                 for r in table}
+    labels_of = {}
+    for n, r in enumerate(table):
+        where = f"{root / 'mimic-cxr-2.0.0-chexpert.csv.gz'} row {n + 2}"
+        labels_of[_int(r["subject_id"], where), _int(r["study_id"], where)] = _row_labels(r, LABELS, opt, where)
     views = [v.strip().upper() for v in opt.mimic_views.split(",")]
     best = {}  # (subject, study) -> ((view rank, dicom_id), row)
-    for r in meta:
+    for n, r in enumerate(meta):
         view = (r["ViewPosition"] or "").strip().upper()
         if view in views:
-            study, rank = (int(r["subject_id"]), int(r["study_id"])), (views.index(view), r["dicom_id"])
+            where = f"{root / 'mimic-cxr-2.0.0-metadata.csv.gz'} row {n + 2}"
+            study, rank = (_int(r["subject_id"], where), _int(r["study_id"], where)), (views.index(view), r["dicom_id"])
             if study not in best or rank < best[study][0]:
                 best[study] = (rank, r)
     sources = []
@@ -454,8 +486,8 @@ def scan_chexpert(root: Path, opt: Options) -> list:
     if rows and column not in rows[0]:
         raise ValueError(f"{table}: missing column 'Study' or 'Path'; found {list(rows[0])}")
     sources = []
-    for r in rows:
-        labels = np.array([parse_label(r[c], opt) for c in LABELS], np.float32)
+    for n, r in enumerate(rows):
+        labels = _row_labels(r, LABELS, opt, f"{table} row {n + 2}")
         where = _resolve(root, r[column])
         paths = sorted(where.glob("*.jpg")) if column == "Study" else [where]
         if column == "Study" and not paths:
@@ -465,7 +497,8 @@ def scan_chexpert(root: Path, opt: Options) -> list:
             if opt.frontal_only and "lateral" in path.name.lower():
                 continue
             rid = "/".join([*path.parent.parts[-2:], path.stem])
-            split = next((p for p in ("train", "valid") if p in path.parts), "test")
+            # from the table's own path, not the absolute one: a root like /data/train/chexpert is no train split
+            split = next((p for p in ("train", "valid") if p in Path(r[column]).parts), "test")
             sources.append(Source(_key(rid), rid, split, labels, str(path), "xray"))
     return sources
 
@@ -476,12 +509,10 @@ def _floats(text: str) -> list:
 
 def scan_ctrate(root: Path, opt: Options) -> list:
     """CT-RATE v1 (HU from metadata slope/intercept, header ignored) or v2 (*_fixed, HU in the file)."""
-    ds = root / "dataset" if (root / "dataset").is_dir() else root
+    ds = _ctrate_dir(root)
     if set(opt.v1_flip) - set("zyx"):
         raise ValueError(f"--v1-flip takes axes among 'zyx', got {opt.v1_flip!r}")
-    version = opt.ctrate_version
-    if version == "auto":
-        version = "2" if any((ds / f"{s}_fixed").is_dir() for s in ("train", "valid")) else "1"
+    version = ctrate_version(ds, opt)
     spacing_cols = ["VolumeName", "XYSpacing", "ZSpacing"]
     sources, found = [], []
     for split, meta_name in (("train", "train"), ("valid", "validation")):
@@ -490,8 +521,9 @@ def scan_ctrate(root: Path, opt: Options) -> list:
             continue
         found.append(folder)
         table = read_table(ds / "multi_abnormality_labels" / f"{split}_predicted_labels.csv", ["VolumeName", *CTRATE_COLUMNS])
-        labels_of = {r["VolumeName"]: np.array([parse_label(r[c], opt) for c in CTRATE_COLUMNS], np.float32)
-                     for r in table}
+        table_path = ds / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
+        labels_of = {r["VolumeName"]: _row_labels(r, CTRATE_COLUMNS, opt, f"{table_path} row {n + 2}")
+                     for n, r in enumerate(table)}
         meta_path = ds / "metadata" / f"{meta_name}_metadata.csv"
         meta = {}
         if version == "1" or meta_path.is_file():
@@ -509,16 +541,35 @@ def scan_ctrate(root: Path, opt: Options) -> list:
             src = Source(_key(stem), f"{'_'.join(parts[:2])}/{stem}", split, labels_of.get(name, _nan_labels()),
                          str(path), "nifti")
             if row is not None:
-                xy = _floats(row["XYSpacing"])
-                src.spacing = (float(row["ZSpacing"]), xy[0], xy[-1])
-                if version == "1":
-                    src.rescale = (float(row["RescaleSlope"]), float(row["RescaleIntercept"]))
+                try:  # one bad row is this volume's problem (skipped, reported), not the whole scan's
+                    xy = _floats(row["XYSpacing"])
+                    src.spacing = (float(row["ZSpacing"]), xy[0], xy[-1])
+                    if version == "1":
+                        src.rescale = (float(row["RescaleSlope"]), float(row["RescaleIntercept"]))
+                except (ValueError, IndexError) as e:
+                    src.problem = f"bad spacing or rescale for {name} in {meta_path}: {e or 'empty'}"
             elif version == "1":
                 src.problem = f"no row for {name} in {meta_path} (RescaleSlope/RescaleIntercept needed for v1)"
             sources.append(src)
     if not found:
         raise FileNotFoundError(f"{ds}: no CT-RATE volume folder (v1: train/, valid/; v2: train_fixed/, valid_fixed/)")
     return sources
+
+
+def _ctrate_dir(root: Path) -> Path:
+    return root / "dataset" if (root / "dataset").is_dir() else root
+
+
+def ctrate_version(ds: Path, opt: Options) -> str:
+    """'1' or '2': --ctrate-version, or auto from the folders (v2: *_fixed/), refusing a mix of versions."""
+    if opt.ctrate_version != "auto":
+        return opt.ctrate_version
+    v2 = [s for s in ("train", "valid") if (ds / f"{s}_fixed").is_dir()]
+    v1_only = [s for s in ("train", "valid") if (ds / s).is_dir() and s not in v2]
+    if v2 and v1_only:
+        raise ValueError(f"{ds}: {', '.join(s + '_fixed/' for s in v2)} (v2) beside {', '.join(s + '/' for s in v1_only)} "
+                         f"(v1 only): auto would drop the v1 split; pass --ctrate-version 1 or 2")
+    return "2" if v2 else "1"
 
 
 def scan_radchest(root: Path, opt: Options) -> list:
@@ -538,10 +589,18 @@ def scan_radchest(root: Path, opt: Options) -> list:
             if not cols:
                 raise ValueError(f"{table}: no column '{want}*<location>' for {label}")
             groups.append(cols)
-        for r in rows:
-            labels_of[r["NoteAcc_DEID"]] = np.array([max(float(r[c] or 0) for c in cols) for cols in groups], np.float32)
+        for n, r in enumerate(rows):
+            labels_of[r["NoteAcc_DEID"]] = np.array([max(_radchest_cell(r[c], f"{table} row {n + 2}, column {c!r}")
+                                                         for c in cols) for cols in groups], np.float32)
     return [Source(_key(p.stem), p.stem, RADCHEST_SPLITS[p.stem[:3]][0], labels_of.get(p.stem, _nan_labels()),
                    str(p), "npz") for p in files]
+
+
+def _radchest_cell(value: str, where: str) -> float:
+    value = (value or "0").strip() or "0"
+    if value not in ("0", "1", "0.0", "1.0"):
+        raise ValueError(f"{where}: label {value!r} is not 0 or 1")
+    return float(value)
 
 
 def scan_folder(root: Path, modality: str) -> list:
@@ -631,7 +690,7 @@ def load_source(src: Source, opt: Options) -> np.ndarray:
     else:
         name, split, index = src.path.split("/")
         img = phantom_record(name, split, int(index), size, opt.seed).image
-    return validate_image(img, src.path, opt.min_side)
+    return validate_image(img, src.path, opt.min_side, is_3d=src.kind in ("nifti", "npz") or src.path.startswith("phantom3d"))
 
 
 # ---------------------------------------------------------------- cache: prepare and read
@@ -703,6 +762,8 @@ def prepare(name: str, root, out, opt: Options, workers: int = 1) -> dict:
         dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise ValueError(f"{root}: several files map to the same cache key, e.g. {dup}")
     modality = ("3d" if "3d" in opt.phantom else "2d") if name == "phantom" else MODALITY[name]
+    if name == "ctrate":  # the version read, not "auto": v1 and v2 arrays share file names but not HU
+        opt = replace(opt, ctrate_version=ctrate_version(_ctrate_dir(Path(root)), opt))
     out = Path(out)
     (out / "arrays").mkdir(parents=True, exist_ok=True)
     settings = {"dataset": name, "modality": modality, **asdict(opt),
@@ -797,7 +858,7 @@ class CacheDataset(torch.utils.data.Dataset):
             raise ValueError(f"{path}: unreadable cache array ({e})") from e
         if list(arr.shape) != r["shape"]:
             raise ValueError(f"{path}: shape {arr.shape}, index.json says {r['shape']}")
-        image = validate_image(_float32(arr), str(path), 1)
+        image = validate_image(_float32(arr), str(path), 1, is_3d=self.modality == "3d")
         return Record(image, self.labels[i].copy(), self.modality, r["id"])
 
 

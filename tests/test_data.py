@@ -249,6 +249,63 @@ def test_missing_root_table_and_column_are_named(tmp_path):
         data.scan("radchest", rad, opt())
 
 
+def test_bad_table_cells_and_files_are_errors_naming_file_row_and_column(tmp_path):
+    root = tmp_path / "train" / "chexpert"  # "train" in the absolute path: not a train split
+    write_jpg(root / "test" / "patient1" / "study1" / "view1_frontal.jpg")
+    values = dict.fromkeys(ALL14, "0.0") | {"Lung Opacity": "1.0"}
+    table = ["Path", *ALL14]
+    write_csv(root / "test.csv", table, [["CheXpert-v1.0/test/patient1/study1/view1_frontal.jpg", *values.values()]])
+    assert [s.split for s in data.scan("chexpert", root, opt())] == ["test"]
+    values["Cardiomegaly"] = "?"
+    write_csv(root / "test.csv", table, [["CheXpert-v1.0/test/patient1/study1/view1_frontal.jpg", *values.values()]])
+    with pytest.raises(ValueError, match=r"test.csv row 2, column 'Cardiomegaly': label '\?' is not 1, 0, -1 or blank"):
+        data.scan("chexpert", root, opt())
+    with pytest.raises(ValueError, match=r"label '2.0' is not 1, 0, -1"):
+        data.parse_label("2.0", opt())
+    mimic = tmp_path / "mimic"
+    mimic_tree(mimic)
+    (mimic / "mimic-cxr-2.0.0-split.csv.gz").write_text("dicom_id,split\n")  # plain text under a .gz name
+    with pytest.raises(ValueError, match=r"split.csv.gz: unreadable table \(BadGzipFile"):
+        data.scan("mimic", mimic, opt())
+
+
+def ctrate_v1_tree(ds: Path, names, zspacing="2.8"):
+    for name in names:
+        path = ds / "train" / "train_1" / "train_1_a" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.full((20, 20, 5), 1024, np.uint16), np.eye(4)), path)
+    ctrate_labels(ds, "train", [(name, set()) for name in names])
+    write_csv(ds / "metadata" / "train_metadata.csv", ["VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing",
+              "ZSpacing"], [[name, 1, -1024, "[0.7, 0.7]", zspacing if i == 0 else "2.8"] for i, name in enumerate(names)])
+
+
+def test_ctrate_bad_metadata_row_skips_that_volume_and_versions_never_mix(tmp_path):
+    root = tmp_path / "CT-RATE"
+    ds = root / "dataset"
+    ctrate_v1_tree(ds, ["train_1_a_1.nii.gz", "train_1_a_2.nii.gz"], zspacing="")  # volume 1: blank ZSpacing
+    sources = data.scan("ctrate", root, opt())
+    assert [bool(s.problem) for s in sources] == [True, False]  # scanned on; volume 1 reported, not the scan aborted
+    assert "bad spacing or rescale for train_1_a_1.nii.gz" in sources[0].problem
+    out = tmp_path / "cache"
+    data.prepare("ctrate", root, out, opt())
+    assert json.loads((out / "settings.json").read_text())["ctrate_version"] == "1"  # resolved, not "auto"
+    fixed = ds / "valid_fixed" / "valid_1" / "valid_1_a" / "valid_1_a_1.nii.gz"  # a v2 split beside v1's train/
+    fixed.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 5), np.int16), np.eye(4)), fixed)
+    with pytest.raises(ValueError, match=r"valid_fixed/ \(v2\) beside train/ \(v1 only\)"):
+        data.scan("ctrate", root, opt())
+    (ds / "train").rename(ds / "train_fixed")  # now all v2: same file names, other HU
+    ctrate_labels(ds, "valid", [])
+    with pytest.raises(ValueError, match="prepared with other settings.*ctrate_version"):
+        data.prepare("ctrate", root, out, opt())  # never the v1 arrays reused for v2 volumes
+
+
+def test_a_one_slice_volume_is_refused_not_taken_for_a_radiograph():
+    with pytest.raises(ValueError, match=r"vol.nii.gz: a CT volume of 1 slice"):
+        data.validate_image(np.zeros((1, 112, 112), np.float32), "vol.nii.gz", 14, is_3d=True)
+    assert data.validate_image(np.zeros((1, 112, 112), np.float32), "xray.jpg", 14, is_3d=False).shape == (1, 112, 112)
+
+
 def test_image_smaller_than_one_patch_is_rejected_with_its_path(tmp_path):
     write_jpg(tmp_path / "imgs" / "thin.jpg", h=300, w=8)  # long side 28 -> 28 x 1
     (src,) = data.scan("folder2d", tmp_path / "imgs", opt())
