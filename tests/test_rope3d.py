@@ -31,7 +31,7 @@ def test_angle_layout_equal_bands_per_axis():
         assert torch.allclose(angles[0, axis * n:(axis + 1) * n], c * inv_freq)
 
 
-@pytest.mark.parametrize("head_dim", [64, 32, 30])
+@pytest.mark.parametrize("head_dim", [64, 32, 30, 33])
 def test_rotated_dot_product_depends_only_on_offset(head_dim):
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, head_dim), torch.randn(1, 1, head_dim)
@@ -79,12 +79,13 @@ def test_head_dim_too_small_is_an_error():
         rope_tables(torch.zeros(1, 33), 64)
 
 
-def test_rotation_and_its_backward_equal_the_pairwise_formula():
+@pytest.mark.parametrize("head_dim", [40, 41])  # 41: odd, the last channel passes through
+def test_rotation_and_its_backward_equal_the_pairwise_formula(head_dim):
     """Forward and hand-written backward (the inverse rotation) equal autograd through the plain formula."""
     torch.manual_seed(0)
-    x = torch.randn(7, 3, 40, dtype=torch.float64, requires_grad=True)
-    angles = rope_angles(torch.rand(7, 3) * 128, 40)
-    grad = torch.randn(7, 3, 40, dtype=torch.float64)
+    x = torch.randn(7, 3, head_dim, dtype=torch.float64, requires_grad=True)
+    angles = rope_angles(torch.rand(7, 3) * 128, head_dim)
+    grad = torch.randn(7, 3, head_dim, dtype=torch.float64)
     (g_fast,) = torch.autograd.grad(apply_rope(x, angles), x, grad)
     cos, sin = angles.cos()[:, None], angles.sin()[:, None]
     a, b = x[..., 0:36:2], x[..., 1:36:2]
