@@ -74,8 +74,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
     Written for few passes over x in eager mode, where this memory-bound op costs what it moves:
     the products promote to float32 on the fly (no float32 copy of x), and addcmul writes its
-    float32 result straight into x's dtype. 18 bytes per bf16 element against 57.5 for a
-    stack-and-concatenate form in float32 (counted in tests/test_bench.py).
+    float32 result straight into x's dtype. 18 bytes per bf16 element plus the tables (20 at 4
+    heads) against 57.5 for a stack-and-concatenate form in float32 (counted in tests/test_bench.py).
     """
     d = x.shape[-1] - x.shape[-1] % 2
     swapped = x[..., :d].unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) for every pair (x0, x1)
