@@ -428,6 +428,23 @@ def op_class(name: str) -> str:
     return next((label for label, keys in OP_CLASSES if any(k in name for k in keys)), "other")
 
 
+def by_class(tallies) -> dict[str, dict]:
+    """(operator name, {"s": seconds, other numbers...}) -> per kind of operation (op_class): the numbers
+    summed, "calls" counted, and "largest", the operator with the most seconds. Sorted by seconds, most first."""
+    classes, seconds = {}, {}
+    for name, numbers in tallies:
+        kind = op_class(name)
+        c = classes.setdefault(kind, {"calls": 0})
+        c["calls"] += numbers.pop("calls", 1)
+        for key, v in numbers.items():
+            c[key] = c.get(key, 0) + v
+        per_name = seconds.setdefault(kind, {})
+        per_name[name] = per_name.get(name, 0) + numbers["s"]
+    for kind, c in classes.items():
+        c["largest"] = max(seconds[kind], key=seconds[kind].get)
+    return dict(sorted(classes.items(), key=lambda kv: -kv[1]["s"]))
+
+
 def profile_section(args, net, batch, device, label: str, trace: str = "") -> list[dict]:
     """Section 6: one packed step under torch.profiler, its time split by kind of operation.
 
@@ -444,7 +461,7 @@ def profile_section(args, net, batch, device, label: str, trace: str = "") -> li
         train_step(net, b, device)
         if cuda:
             torch.cuda.synchronize(device)
-        wall = (time.perf_counter() - t0) * 1e6  # µs, as the profiler's times
+        wall = time.perf_counter() - t0
     if trace:
         with tempfile.TemporaryDirectory() as tmp:
             prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
@@ -454,17 +471,12 @@ def profile_section(args, net, batch, device, label: str, trace: str = "") -> li
         timed = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
     else:
         timed = [(e.name, e.self_cpu_time_total) for e in prof.events() if e.name.startswith("aten::")]
-    classes = {}
-    for name, us in timed:
-        c = classes.setdefault(op_class(name), {"us": 0.0, "calls": 0, "top": {}})
-        c["us"], c["calls"] = c["us"] + us, c["calls"] + 1
-        c["top"][name] = c["top"].get(name, 0.0) + us
-    rows = [{"step": label, "operations": k, "ms": c["us"] / 1e3, "% of step": 100 * c["us"] / wall,
-             "calls": c["calls"], "largest": max(c["top"], key=c["top"].get)[:60]}
-            for k, c in sorted(classes.items(), key=lambda kv: -kv[1]["us"])]
-    rest = wall - sum(c["us"] for c in classes.values())
+    classes = by_class((name, {"s": us / 1e6}) for name, us in timed)
+    rows = [{"step": label, "operations": k, "ms": 1e3 * c["s"], "% of step": 100 * c["s"] / wall,
+             "calls": c["calls"], "largest": c["largest"][:60]} for k, c in classes.items()]
+    rest = wall - sum(c["s"] for c in classes.values())
     rows.append({"step": label, "operations": "GPU idle (launches, syncs)" if cuda else "outside aten operators",
-                 "ms": rest / 1e3, "% of step": 100 * rest / wall, "calls": None, "largest": None})
+                 "ms": 1e3 * rest, "% of step": 100 * rest / wall, "calls": None, "largest": None})
     return rows
 
 
@@ -569,26 +581,22 @@ def traffic_section(args, net, batch: data.Batch) -> tuple[list[dict], str]:
                 loss, _ = compute_loss(net, b, "lejepa", LAMBD, 0)
             loss.backward()
     params = sum(p.numel() for p in net.parameters())
-    classes = {}
-    for name, (calls, moved, flops) in counter.ops.items():
-        c = classes.setdefault(op_class(name), [0, 0, 0, 0.0])
-        c[0], c[1], c[2], c[3] = c[0] + calls, c[1] + moved, c[2] + flops, c[3] + max(flops / peak, moved / bandwidth)
     d, depth, tokens, seqlens = config["dim"], config["depth"], batch.packed.n_tokens, batch.packed.seqlens
+    classes = by_class((name, {"calls": calls, "bytes": moved, "flops": flops, "s": max(flops / peak, moved / bandwidth)})
+                       for name, (calls, moved, flops) in counter.ops.items())
     flops = 3.5 * 4 * d * sum(n * n for n in seqlens) * depth
     moved = 12 * tokens * d * 2 * depth  # bf16 q, k, v, out forward; q, k, v, out, dout, dq, dk, dv backward
-    classes.pop("attention", None)
-    classes["attention (varlen, by formula)"] = [2 * depth, moved, flops, max(flops / peak, moved / bandwidth)]
-    total = sum(c[3] for c in classes.values())
-    rows = [{"operations": k, "calls": c[0], "GB moved": c[1] / 1e9, "TFLOP": c[2] / 1e12, "least ms": 1e3 * c[3],
-             "% of step": 100 * c[3] / total} for k, c in sorted(classes.items(), key=lambda kv: -kv[1][3])]
-    rows.append({"operations": "total", "calls": sum(c[0] for c in classes.values()),
-                 "GB moved": sum(c[1] for c in classes.values()) / 1e9,
-                 "TFLOP": sum(c[2] for c in classes.values()) / 1e12, "least ms": 1e3 * total, "% of step": 100.0})
+    attention = "attention (varlen, by formula)"  # the stand-in above ran none: counted here instead
+    classes[attention] = {"calls": 2 * depth, "bytes": moved, "flops": flops, "s": max(flops / peak, moved / bandwidth)}
+    classes = dict(sorted(classes.items(), key=lambda kv: -kv[1]["s"]))
+    total = {key: sum(c[key] for c in classes.values()) for key in ("calls", "bytes", "flops", "s")}
+    rows = [{"operations": k, "calls": c["calls"], "GB moved": c["bytes"] / 1e9, "TFLOP": c["flops"] / 1e12,
+             "least ms": 1e3 * c["s"], "% of step": 100 * c["s"] / total["s"]} for k, c in [*classes.items(), ("total", total)]]
     model_flops = model_flops_per_token(config, seqlens) * tokens
     note = (f"{label}: {gpu[1]} TFLOP/s dense bf16, {gpu[2]} TB/s. Model FLOPs {model_flops / 1e12:.1f} T: "
-            f"eager MFU at most **{100 * model_flops / total / peak:.1f}%** (every operator at its roofline); "
+            f"eager MFU at most **{100 * model_flops / total['s'] / peak:.1f}%** (every operator at its roofline); "
             f"the matmuls and attention alone would allow "
-            f"{100 * model_flops / (classes['matmul'][3] + classes['attention (varlen, by formula)'][3]) / peak:.0f}%. "
+            f"{100 * model_flops / (classes['matmul']['s'] + classes[attention]['s']) / peak:.0f}%. "
             "What torch.compile fuses moves fewer bytes than counted here. "
             f"Activations kept for backward: **{sum(saved.values()) / 2**30:.1f} GiB**, plus "
             f"{params * 16 / 2**30:.1f} GiB of weights, gradients and AdamW state.")

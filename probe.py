@@ -17,6 +17,7 @@
 """
 import argparse
 import csv
+import functools
 import hashlib
 import inspect
 import io
@@ -250,6 +251,7 @@ def extract_features(model: SparseMedicalViT, ds, device: torch.device, batch_to
     return {"x": np.concatenate(feats), "y": np.stack(labels).astype(np.float32), "ids": np.array(ids, dtype=str)}
 
 
+@functools.lru_cache(maxsize=1)  # the same for every (checkpoint, dataset) of a run: read the sources once
 def feature_code_digest() -> str:
     """The code that turns a stored record into a feature: model.py, rope3d.py, pack.py and data.whole_view.
 
