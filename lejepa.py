@@ -13,10 +13,20 @@ loss each rank returns back-propagates world_size times the gradient of the
 global full-batch loss w.r.t. that rank's inputs; DDP averages gradients over
 ranks, so the update is exactly the single-process full-batch update, and the
 balance between the two terms (what lambd means) is the same at every world size.
+
+What lambd means depends on the batch. SIGReg is N times a mean over the batch, so
+each sample's gradient from it does not shrink with N and the batch's total grows as
+N, while the prediction loss is a plain mean: the two terms trade off as
+lambd * N / (1 - lambd). The paper's lambd = 0.025 at 256 samples per step is a ratio
+of 6.56; at the CPU demo's 32 samples the same lambd is 8x weaker, and there the
+embedding collapses onto the one feature that costs no prediction loss (measured:
+README "Embedding collapse"). balanced_lambd() keeps the paper's ratio at any batch.
 """
 
 import torch
 import torch.distributed as dist
+
+PAPER_LAMBD, PAPER_BATCH = 0.025, 256  # paper 2.4: lambda = 0.025 at 256 samples per step (192 2D + 64 3D)
 
 
 def _check_shape(z, what):
@@ -113,3 +123,27 @@ def lejepa_loss(z, n_global, lambd=0.025, step=0, micro_batches=1):
     reg = sigreg(z, step, micro_batches=micro_batches)
     loss = (1 - lambd) * pred + lambd * reg
     return loss, {"pred": pred.detach(), "sigreg": reg.detach()}
+
+
+def balanced_lambd(n_samples, lambd=PAPER_LAMBD, at=PAPER_BATCH):
+    """The SIGReg weight that balances the two terms at n_samples per step as lambd does at `at`.
+
+    The terms trade off as r = lambd * N / (1 - lambd) (see the module docstring); solving
+    r(n_samples) = r(at) gives r / (r + n_samples). 0.025 at 256 (the paper), 0.17 at 32.
+    """
+    if n_samples < 1:
+        raise ValueError(f"balanced_lambd: n_samples={n_samples} must be >= 1")
+    r = lambd * at / (1 - lambd)
+    return r / (r + n_samples)
+
+
+@torch.no_grad()
+def effective_rank(z):
+    """Effective rank of z (N, K): exp of the entropy of the normalized squared singular values
+    of the centred rows (Roy & Vetterli, 2007). 1 when every sample lies on one line (collapse),
+    at most min(N - 1, K); an isotropic Gaussian batch scores close to that bound."""
+    if z.ndim != 2 or z.shape[0] < 2:
+        raise ValueError(f"effective_rank: expected z of shape (N >= 2, K), got {tuple(z.shape)}")
+    s = torch.linalg.svdvals((z - z.mean(0)).double())
+    p = s.square() / s.square().sum().clamp_min(1e-300)
+    return torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).float()

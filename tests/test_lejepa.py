@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import free_port
-from lejepa import lejepa_loss, prediction_loss, sigreg
+from lejepa import PAPER_BATCH, PAPER_LAMBD, balanced_lambd, effective_rank, lejepa_loss, prediction_loss, sigreg
 
 
 @pytest.fixture(autouse=True)
@@ -207,3 +207,34 @@ def test_sigreg_prevents_collapse():
     eigenvalues = torch.linalg.eigvalsh(torch.cov(spread.T))
     assert eigenvalues.min() > 0.3 and eigenvalues.max() < 2.0  # close to isotropic, unit scale
     assert sigreg(spread, step=0) < 0.1 * sigreg(collapsed, step=0)
+
+
+def test_balanced_lambda_is_the_paper_lambda_at_its_batch_and_keeps_its_ratio_elsewhere():
+    assert balanced_lambd(PAPER_BATCH) == pytest.approx(PAPER_LAMBD)
+    ratio = lambda lam, n: lam * n / (1 - lam)  # noqa: E731  how SIGReg weighs against the prediction loss
+    for n in (2, 12, 32, 1024):
+        assert ratio(balanced_lambd(n), n) == pytest.approx(ratio(PAPER_LAMBD, PAPER_BATCH))
+    assert balanced_lambd(32) == pytest.approx(0.170, abs=1e-3)  # the CPU demo's 24 + 8 samples
+
+
+def test_sigreg_gradient_grows_with_n_while_the_prediction_gradient_does_not():
+    """Why lambda must follow the batch: the batch's total gradient of SIGReg is ~N, of L_pred ~1."""
+    def grads(n):
+        z = (torch.randn(3, n, 16, generator=torch.Generator().manual_seed(n)) * 0.3).requires_grad_()
+        g_pred = torch.autograd.grad(prediction_loss(z, 2), z)[0].norm(dim=-1).sum()
+        g_sig = torch.autograd.grad(sigreg(z, step=0), z)[0].norm(dim=-1).sum()
+        return g_pred.item(), g_sig.item()
+    (p1, s1), (p2, s2) = grads(64), grads(512)
+    assert s2 / s1 == pytest.approx(8, rel=0.25) and p2 / p1 == pytest.approx(1, rel=0.25)
+
+
+def test_effective_rank_is_one_when_collapsed_and_near_full_for_a_gaussian():
+    gen = torch.Generator().manual_seed(0)
+    line = torch.randn(64, 1, generator=gen) * torch.randn(1, 32, generator=gen) + 5.0  # one direction, shifted
+    assert effective_rank(line) == pytest.approx(1.0, abs=1e-4)
+    assert effective_rank(torch.zeros(8, 4)) == pytest.approx(1.0)  # a point: no spread at all
+    assert effective_rank(torch.randn(4096, 16, generator=gen)) > 15.5  # isotropic: all 16 directions
+    scaled = torch.randn(4096, 16, generator=gen) * torch.tensor([10.0] + [1.0] * 15)
+    assert 1.0 < effective_rank(scaled) < 8.0  # one dominant direction drags it down
+    with pytest.raises(ValueError, match="N >= 2"):
+        effective_rank(torch.zeros(1, 4))
