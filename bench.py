@@ -201,7 +201,7 @@ class PaddedNet(nn.Module):
             e = self.net.backbone(packed)[real]  # (len(keep), dim)
             emb = e.new_zeros(padded.n_views, e.shape[1]) if emb is None else emb
             emb = emb.index_copy(0, keep, e)
-        return self.net.head(emb)
+        return self.net.heads(emb)
 
 
 def scheme_work(seqlens: list[int], is_3d: list[bool]) -> list[dict]:
@@ -248,7 +248,7 @@ def train_step(net, batch, device) -> torch.Tensor:
     """Forward + backward of the training loss (no optimizer step); returns the loss."""
     net.zero_grad(set_to_none=True)
     with autocast(device):
-        loss, _ = compute_loss(net, batch, "lejepa", LAMBD, batch.step)
+        loss, *_ = compute_loss(net, batch, "lejepa", LAMBD, batch.step)
     loss.backward()
     return loss.detach()
 
@@ -578,7 +578,7 @@ def traffic_section(args, net, batch: data.Batch) -> tuple[list[dict], str]:
         b = batch._map(lambda t: t._map(fake.from_tensor) if isinstance(t, Packed) else fake.from_tensor(t))
         with counter, CudaLayerNormPolicy():
             with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-                loss, _ = compute_loss(net, b, "lejepa", LAMBD, 0)
+                loss, *_ = compute_loss(net, b, "lejepa", LAMBD, 0)
             loss.backward()
     params = sum(p.numel() for p in net.parameters())
     d, depth, tokens, seqlens = config["dim"], config["depth"], batch.packed.n_tokens, batch.packed.seqlens

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 import data
@@ -38,6 +39,8 @@ from model import CKPT_FORMAT, PRESETS, Projector, SparseMedicalViT, load_checkp
 STAGE_BATCH = {1: (256, 0), 2: (192, 64), 3: (192, 64)}  # paper 2.4: (2D, 3D) samples per step
 CPU_DEMO = dict(model="tiny", depth=6, steps=300, size_2d=112, size_3d=56, n_2d=512, n_3d=256, log_every=10)
 CPU_DEMO_BATCH_DIVISOR = 8  # the paper's batches / 8: 32 samples per step, same 2D:3D ratio
+PROBE_LR = 1e-3  # online linear probe's AdamW learning rate, as the official LeJEPA example
+COLLAPSE_RANK, COLLAPSE_LOGS = 1.5, 3  # projector rank below this for this many logged steps: say so
 
 
 def get_args(argv=None):
@@ -58,11 +61,16 @@ def get_args(argv=None):
     p.add_argument("--batch-3d", type=int, default=None, help="global 3D samples per step (paper: 0 stage 1, 64 stages 2-3)")
     p.add_argument("--n-global", type=int, default=2, help="global views per sample, V_g (paper 2.4.1)")
     p.add_argument("--n-local", type=int, default=8, help="local views per sample, V_l (paper 2.4.1)")
+    p.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
+                   help="brightness/contrast jitter, blur and solarization of every view, as the official LeJEPA "
+                        "example (the paper names only the crops; data.photometric)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (paper 2.4)")
     p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine decay")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 5%% of --steps)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms and biases (paper 2.4)")
-    p.add_argument("--lambd", type=float, default=0.025, help="SIGReg weight lambda (paper 2.2, 2.4)")
+    p.add_argument("--lambd", type=float, default=None,
+                   help="SIGReg weight lambda (paper 2.2, 2.4: 0.025 at 256 samples per step). Default: the paper's "
+                        "balance at this run's batch, lejepa.balanced_lambd (0.025 at 256, 0.17 at the CPU demo's 32)")
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (per view)")
     p.add_argument("--clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per optimizer step")
@@ -95,13 +103,19 @@ def resolve_defaults(args, cuda: bool) -> list[str]:
         if getattr(args, key) is None:
             setattr(args, key, value)
             chosen.append(f"{key}={value}")
+    if args.lambd is None:  # SIGReg is N-scaled: the paper's lambda means the paper's balance only at its batch
+        args.lambd = lejepa.balanced_lambd(args.batch_2d + args.batch_3d)
+        if args.batch_2d + args.batch_3d != lejepa.PAPER_BATCH:
+            chosen.append(f"lambd={args.lambd:.3g} (the paper's balance at {args.batch_2d + args.batch_3d} samples per step)")
     args.warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
     args.workers = (8 if cuda else 0) if args.workers is None else args.workers
     if args.stage == 1 and args.batch_3d:
         raise ValueError("--stage 1 is 2D only: --batch-3d must be 0")
     if args.stage == 2 and not args.init:
         raise ValueError("--stage 2 starts from a stage-1 checkpoint: pass --init PATH")
-    return ["CPU demo on phantoms: " + ", ".join(chosen)] if demo else []
+    if demo:
+        return ["CPU demo on phantoms: " + ", ".join(chosen)] if chosen else []
+    return [f"SIGReg weight {chosen[-1]}"] if chosen and chosen[-1].startswith("lambd=") else []
 
 
 def lr_at(step: int, args) -> float:
@@ -113,14 +127,24 @@ def lr_at(step: int, args) -> float:
 
 
 class Net(nn.Module):
-    """Backbone + head (projector for LeJEPA, linear layer for supervised), one module for DDP."""
+    """Backbone + head (projector for LeJEPA, linear layer for supervised) + online probe, one module for DDP.
+
+    The online probe (as in the official LeJEPA example) is a layer-normed linear layer on the *detached* backbone
+    embeddings, trained on the batch's labels by its own optimizer: it tells a run's health as it goes
+    and never changes the encoder.
+    """
 
     def __init__(self, backbone: SparseMedicalViT, head: nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.probe = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, len(data.LABELS)))  # as the official example
 
     def forward(self, packed):
-        return self.head(self.backbone(packed))
+        """-> (backbone embeddings (V*N, dim), head outputs (V*N, K), probe logits (V*N, labels))."""
+        return self.heads(self.backbone(packed))
+
+    def heads(self, emb):
+        return emb, self.head(emb), self.probe(emb.detach())
 
 
 def build_net(args) -> Net:
@@ -133,33 +157,50 @@ def build_net(args) -> Net:
     return Net(backbone, head)
 
 
-def compute_loss(net, batch, objective: str, lambd: float, step: int, micro_batches: int = 1):
-    """Loss of one (micro-)batch -> (loss, dict of float-able parts). Shared with bench.py.
+def masked_bce(logits, labels):
+    """BCE over the known (non-NaN) labels, its mean taken over the known labels of the *global* batch.
 
-    Under DDP each rank's loss is scaled so that DDP's gradient average is the gradient of the
-    global batch's loss: the same update on 1 GPU or N (tests/test_train.py checks both objectives).
+    Under DDP each rank's share is scaled so that DDP's gradient average is the global mean's gradient:
+    ranks with more unknown labels must not weigh more. No known label: 0, not NaN.
     """
-    out = net(batch.packed)  # (V * N, K): view v of sample n at row v * N + n
+    known = ~torch.isnan(labels)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels.nan_to_num(), reduction="none")
+    count, world = known.sum().float(), 1
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        dist.all_reduce(count)
+    return torch.where(known, bce, 0.0).sum() * world / count.clamp(min=1)
+
+
+def compute_loss(net, batch, objective: str, lambd: float, step: int, micro_batches: int = 1):
+    """Loss of one (micro-)batch -> (loss to back-propagate, detached parts, what the step saw). Shared with bench.py.
+
+    loss = the objective's loss + the online probe's BCE; the probe's input is detached, so its term
+    trains the probe only. parts["loss"] is the objective's loss alone. Under DDP each rank's loss is
+    scaled so that DDP's gradient average is the gradient of the global batch's loss: the same update
+    on 1 GPU or N (tests/test_train.py checks both objectives).
+    """
+    emb, out, logits = net(batch.packed)  # (V * N, .): view v of sample n at row v * N + n
+    v, n, g = batch.n_views, batch.n_samples, batch.n_global
     if objective == "supervised":
-        # masked BCE: unknown labels do not count. The mean is over the known labels of the global batch,
-        # not of this rank's share: ranks with more unknown labels must not weigh more.
-        known = ~torch.isnan(batch.labels)
-        bce = F.binary_cross_entropy_with_logits(out.float(), batch.labels.nan_to_num(), reduction="none")
-        count, world = known.sum().float(), 1
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
-            dist.all_reduce(count)
-        loss = torch.where(known, bce, 0.0).sum() * world / count.clamp(min=1)  # no known label: 0, not NaN
-        return loss, {"bce": loss.detach()}  # averaged over ranks when logged: the global mean
-    z = out.view(batch.n_views, batch.n_samples, -1)
-    loss, parts = lejepa.lejepa_loss(z, batch.n_global, lambd=lambd, step=step, micro_batches=micro_batches)
-    return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in parts.items()}
+        loss = masked_bce(out, batch.labels)
+        parts = {"bce": loss.detach()}  # averaged over ranks when logged: the global mean
+    else:
+        loss, parts = lejepa.lejepa_loss(out.view(v, n, -1), g, lambd=lambd, step=step, micro_batches=micro_batches)
+    probe_labels = batch.labels.repeat(g, 1)  # the probe learns from the global views of each sample
+    probe_loss = masked_bce(logits[:g * n], probe_labels)
+    parts = {"loss": loss.detach(), **{k: p.detach() for k, p in parts.items()}, "probe_bce": probe_loss.detach()}
+    seen = {"emb": emb.detach().view(v, n, -1)[:g].mean(0).float(),  # (N, dim) centroid of each sample's global views
+            "proj": out.detach().view(v, n, -1)[:g].mean(0).float(),  # (N, K)
+            "is_3d": batch.is_3d, "probe": logits.detach()[:g * n].float(), "labels": probe_labels}
+    return loss + probe_loss, parts, seen
 
 
 def param_groups(net: nn.Module, weight_decay: float):
-    """Weight decay on matrices only: norms and biases are not decayed."""
-    decay = [p for p in net.parameters() if p.ndim >= 2]
-    no_decay = [p for p in net.parameters() if p.ndim < 2]
+    """Weight decay on matrices only: norms and biases are not decayed. The online probe has its own optimizer."""
+    params = [*net.backbone.parameters(), *net.head.parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -185,14 +226,17 @@ def open_training_data(args):
     return (ds2 if args.batch_2d else None), (ds3 if args.batch_3d else None)
 
 
-def save_checkpoint(path: str, net: Net, opt, step: int, args, bad_steps: int):
-    """Everything needed to resume exactly; written to a temporary file, then renamed (atomic)."""
+def save_checkpoint(path: str, net: Net, opts, step: int, args, bad_steps: int):
+    """Everything needed to resume exactly; written to a temporary file, then renamed (atomic).
+    opts: the encoder's optimizer and the online probe's."""
     ckpt = {
         "format": CKPT_FORMAT,
         "model_config": net.backbone.config,
         "model": net.backbone.state_dict(),
         "head": net.head.state_dict(),
-        "optimizer": opt.state_dict(),
+        "optimizer": opts[0].state_dict(),
+        "probe": net.probe.state_dict(),
+        "probe_optimizer": opts[1].state_dict(),
         "step": step,  # the data stream and the LR schedule are functions of the step
         "bad_steps": bad_steps,
         "args": vars(args),
@@ -274,6 +318,12 @@ def train(args) -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
     for note in notes:
         say(note)
+    n_step = args.batch_2d + args.batch_3d
+    if args.objective == "lejepa" and sigreg_weight(args.lambd, n_step) < sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH) / 2:
+        say(f"warning: lambda {args.lambd:g} at {n_step} samples per step weighs SIGReg "
+            f"{sigreg_weight(args.lambd, n_step):.2g} against the prediction loss, the paper "
+            f"{sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g}: expect collapse "
+            f"(--lambd {lejepa.balanced_lambd(n_step):.3g} keeps the paper's balance)")
 
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     net = build_net(args)
@@ -281,6 +331,8 @@ def train(args) -> dict:
         load_init(net, args.init)
     net.to(device)
     opt = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=cuda)
+    probe_opt = torch.optim.AdamW(net.probe.parameters(), lr=PROBE_LR, weight_decay=0.0)  # the official example's
+    opts = (opt, probe_opt)
     step, bad_steps = 0, 0
     resume = find_resume(args)
     if resume:
@@ -290,6 +342,9 @@ def train(args) -> dict:
             net.backbone.load_state_dict(ckpt["model"])
             net.head.load_state_dict(ckpt["head"])
             opt.load_state_dict(ckpt["optimizer"])
+            if "probe" in ckpt:  # checkpoints older than the online probe start it afresh
+                net.probe.load_state_dict(ckpt["probe"])
+                probe_opt.load_state_dict(ckpt["probe_optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"{resume}: cannot resume this run from it (another --objective or projector size?): "
                              f"{str(e).splitlines()[0]}") from e
@@ -316,7 +371,7 @@ def train(args) -> dict:
         ds2, ds3, batch_2d=args.batch_2d // args.accum, batch_3d=args.batch_3d // args.accum,
         steps=args.steps * args.accum, start_step=step * args.accum,
         mode=args.objective, n_global=args.n_global, n_local=args.n_local, patch=net.backbone.patch,
-        seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda)
+        seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda, photometric=args.photometric)
     batches = iter(loader)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
@@ -336,7 +391,7 @@ def train(args) -> dict:
     counts = torch.zeros(3, dtype=torch.float64)  # tokens, samples, skipped samples of this rank since the last log
     skipped_total, steps_since_log = 0, 0
     t0, last = time.perf_counter(), {}
-    flops_per_token = []
+    flops_per_token, probe_seen, low_rank_logs = [], [], 0
     while step < end:
         net.train()
         for group in opt.param_groups:
@@ -347,16 +402,19 @@ def train(args) -> dict:
             batch = next(batches).to(device, non_blocking=True)
             sync = micro == args.accum - 1 or world == 1
             with (nullcontext() if sync else model.no_sync()), autocast:
-                loss, parts = compute_loss(model, batch, args.objective, args.lambd, step, args.accum)
+                loss, parts, seen = compute_loss(model, batch, args.objective, args.lambd, step, args.accum)
             (loss / args.accum).backward()
-            for k, v in {"loss": loss.detach(), **parts}.items():
+            for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / args.accum
+            probe_seen.append((seen["probe"], seen["labels"]))  # scored before the probe learns from them
             counts += torch.tensor([batch.packed.n_tokens, batch.n_samples, batch.n_skipped], dtype=torch.float64)
             flops_per_token.append(model_flops_per_token(net.backbone.config, batch.packed.seqlens))
-        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip if args.clip > 0 else float("inf"))
+        encoder = [p for group in opt.param_groups for p in group["params"]]
+        gnorm = torch.nn.utils.clip_grad_norm_(encoder, args.clip if args.clip > 0 else float("inf"))
         # one host sync per step: skip a non-finite step honestly (gradients are all-reduced, so every rank agrees)
         if torch.isfinite(gnorm).item():
             opt.step()
+            probe_opt.step()
             bad_steps = 0
         else:
             bad_steps += 1
@@ -364,31 +422,39 @@ def train(args) -> dict:
             say(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
             logger.log({"step": step + 1, "skipped": "non-finite"})
         opt.zero_grad(set_to_none=True)
+        probe_opt.zero_grad(set_to_none=True)
         step += 1
         steps_since_log += 1
         bar.update(1)
         done = step == end
         if step % args.log_every == 0 or done:
             last = _log_metrics(logger, bar, step, parts_sum, gnorm, opt, counts, steps_since_log,
-                                time.perf_counter() - t0, flops_per_token, device, world)
+                                time.perf_counter() - t0, flops_per_token, device, world,
+                                health(seen, probe_seen, world))
             skipped_total += last["skipped_samples"]
             counts.zero_()
-            flops_per_token, steps_since_log = [], 0
+            flops_per_token, probe_seen, steps_since_log = [], [], 0
+            low_rank_logs = low_rank_logs + 1 if last["rank_proj"] < COLLAPSE_RANK else 0
+            if low_rank_logs == COLLAPSE_LOGS:  # said once per run of low logs
+                say(f"warning: the embedding is collapsing: effective rank of the {'projector' if args.objective == 'lejepa' else 'head'} "
+                    f"output below {COLLAPSE_RANK} for {COLLAPSE_LOGS} logged steps ({last['rank_proj']:.2f} at step {step}); "
+                    f"SIGReg weighs {sigreg_weight(args.lambd, n_step):.2g} against the prediction loss here, the paper "
+                    f"{sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g} (README: Embedding health)")
             t0 = time.perf_counter()
         if _any_rank(stop["signal"] is not None, device, world) and not done:  # every step: act within one step
             say(f"signal received: checkpoint at step {step} and exit")
             done = True
         if bad_steps >= args.max_bad_steps:
             if rank == 0:
-                save_checkpoint(ckpt_path, net, opt, step, args, bad_steps)
+                save_checkpoint(ckpt_path, net, opts, step, args, bad_steps)
             raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping "
                                f"(lower --lr, set --clip, or check the data with `python data.py check`)")
         if rank == 0 and (step % args.ckpt_every == 0 or done):
-            save_checkpoint(ckpt_path, net, opt, step, args, bad_steps)
+            save_checkpoint(ckpt_path, net, opts, step, args, bad_steps)
         if done:
             break
     if rank == 0 and step == 0:  # --steps 0: the initialisation itself, e.g. a random-init probe baseline
-        save_checkpoint(ckpt_path, net, opt, step, args, bad_steps)
+        save_checkpoint(ckpt_path, net, opts, step, args, bad_steps)
     bar.close()
     if skipped_total:
         say(f"{skipped_total:.0f} unreadable samples were skipped, all ranks (see the warnings above)")
@@ -404,10 +470,53 @@ def _any_rank(flag: bool, device, world: int) -> bool:
     return t.item() > 0
 
 
+def sigreg_weight(lambd: float, n_samples: int) -> float:
+    """How much SIGReg weighs against the prediction loss: lambda * N / (1 - lambda) (lejepa.py docstring)."""
+    return lambd * n_samples / max(1 - lambd, 1e-12)
+
+
+def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's t (equal shapes: equal per-rank batches), concatenated in rank order."""
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def health(seen: dict, probe_seen: list, world: int) -> dict:
+    """Embedding health at a logged step, over the global batch (all ranks).
+
+    rank_* / std_*: effective rank and mean per-dimension spread of the step's per-sample embeddings
+    (centroids of the global views), backbone (emb) and head (proj, where the loss acts). A collapsed
+    embedding has rank 1. The whole mixed batch counts the 2D/3D gap as one direction; rank_emb_2d /
+    rank_emb_3d show the spread within each modality. probe_auroc: the online probe's macro AUROC on
+    the global views since the last log, each scored before the probe learned from it.
+    """
+    emb, proj = _gather(seen["emb"], world), _gather(seen["proj"], world)
+    is_3d = _gather(seen["is_3d"].float(), world).bool()
+    out = {"rank_emb": lejepa.effective_rank(emb).item(), "rank_proj": lejepa.effective_rank(proj).item(),
+           "std_emb": emb.std(0).mean().item(), "std_proj": proj.std(0).mean().item()}
+    for name, mask in (("2d", ~is_3d), ("3d", is_3d)):
+        if 2 <= mask.sum() < len(mask):  # a mixed batch: the spread within this modality
+            out[f"rank_emb_{name}"] = lejepa.effective_rank(emb[mask]).item()
+    scores = _gather(torch.cat([p for p, _ in probe_seen]), world).cpu().numpy()
+    labels = _gather(torch.cat([y for _, y in probe_seen]), world).cpu().numpy()
+    aurocs = []
+    for j in range(labels.shape[1]):
+        known = ~np.isnan(labels[:, j])
+        if len(np.unique(labels[known, j])) == 2:
+            aurocs.append(roc_auc_score(labels[known, j], scores[known, j]))
+    if aurocs:  # none without labelled samples of both classes (e.g. unlabelled DICOM volumes)
+        out["probe_auroc"] = float(np.mean(aurocs))
+    return out
+
+
 def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, counts, n_steps, elapsed, flops_per_token,
-                 device, world) -> dict:
+                 device, world, health_record: dict) -> dict:
     """All-reduce the step's loss parts (mean) and the counts since the last log (sum over ranks), print and
-    append one JSONL record (every --log-every steps). counts: this rank's tokens, samples, skipped samples."""
+    append one JSONL record (every --log-every steps) with the embedding health. counts: this rank's
+    tokens, samples, skipped samples."""
     names = sorted(parts_sum)
     values = torch.stack([torch.as_tensor(parts_sum[k], dtype=torch.float32, device=device) for k in names])
     totals = counts.to(device)
@@ -419,11 +528,13 @@ def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, counts, n_steps, elap
     record = {"step": step, **dict(zip(names, values.tolist())), "lr": opt.param_groups[0]["lr"],
               "grad_norm": gnorm.item(), "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
               "step_time_s": elapsed / max(1, n_steps), "skipped_samples": int(skipped),
-              "tflops_per_s": tokens * sum(flops_per_token) / max(1, len(flops_per_token)) / elapsed / 1e12}
+              "tflops_per_s": tokens * sum(flops_per_token) / max(1, len(flops_per_token)) / elapsed / 1e12,
+              **health_record}
     if device.type == "cuda":
         record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     logger.log(record)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    bar.set_postfix(loss=f"{record['loss']:.4f}", rank=f"{record['rank_proj']:.2f}",
+                    auroc=f"{record.get('probe_auroc', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
     return record
 
 

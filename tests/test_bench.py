@@ -70,7 +70,8 @@ def test_traffic_counts_every_matmul_flop_of_the_step(batch, capsys):
     widths = [d, 2048, 2048, 128]  # projector: forward + input and weight gradients
     head = 3 * 2 * n_views * sum(a * b for a, b in zip(widths, widths[1:]))
     sigreg = 2 * 2 * n_views * 128 * 256  # SIGReg's projection onto 256 directions: forward + input gradient
-    assert counted["matmul"]["TFLOP"] * 1e12 == pytest.approx(blocks + embed + head + sigreg, rel=1e-9)
+    probe = 2 * 2 * n_views * d * 5  # online probe on detached embeddings: forward + weight gradient only
+    assert counted["matmul"]["TFLOP"] * 1e12 == pytest.approx(blocks + embed + head + sigreg + probe, rel=1e-9)
     assert counted["attention (varlen, by formula)"]["TFLOP"] * 1e12 == pytest.approx(attention * 3.5 / 3)
     assert "H200: 989 TFLOP/s dense bf16, 4.8 TB/s" in note
     assert counted["total"]["least ms"] == pytest.approx(sum(r["least ms"] for r in rows[:-1]))
@@ -135,12 +136,12 @@ def test_smoke_run_on_cuda_reports_mfu_and_largest_batch(capsys):
 def test_padded_batch_computes_the_packed_loss_and_gradients(batch, net, per_modality):
     with bench.threads(1), bench.attention(net, "sdpa"):  # one thread: small work, no stalls on a busy machine
         net.zero_grad()
-        packed_loss, _ = compute_loss(net, batch, "lejepa", 0.025, 0)
+        packed_loss, *_ = compute_loss(net, batch, "lejepa", 0.025, 0)
         packed_loss.backward()
         packed_grads = [p.grad.clone() for p in net.parameters()]
         net.zero_grad()
         padded = bench.padded_batch(batch, per_modality)
-        padded_loss, _ = compute_loss(bench.PaddedNet(net), padded, "lejepa", 0.025, 0)
+        padded_loss, *_ = compute_loss(bench.PaddedNet(net), padded, "lejepa", 0.025, 0)
         padded_loss.backward()
     assert padded.packed.n_tokens > batch.packed.n_tokens  # padding is computed, not skipped
     assert torch.allclose(padded_loss, packed_loss, rtol=1e-5, atol=1e-7)

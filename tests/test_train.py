@@ -45,6 +45,64 @@ def test_short_run_learns_and_checkpoints(tmp_path, stage, objective):
     assert json.load(open(os.path.join(out, "config.json")))["objective"] == objective
 
 
+def health_log(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "rank_proj" in r]
+
+
+def test_default_lambda_keeps_spread_where_the_paper_lambda_collapses_at_a_small_batch(tmp_path, capsys):
+    """The collapse of issue 12, pinned: at 12 samples per step lambda = 0.025 weighs SIGReg 22x less than
+    at the paper's 256, and the projector output falls onto one direction (effective rank 1) with a
+    vanishing prediction loss; the default (the paper's balance at this batch) keeps it spread."""
+    common = ["--steps", "30", "--warmup", "3", "--log-every", "5"]
+    default, _ = run(tmp_path, "default", *common)
+    said_default = capsys.readouterr().out
+    paper, _ = run(tmp_path, "paper", *common, "--lambd", "0.025")
+    said_paper = capsys.readouterr().out
+    late = lambda out, key: sum(r[key] for r in health_log(out)[2:]) / 4  # noqa: E731  steps 15..30
+    assert late(paper, "rank_proj") < 1.1 and late(paper, "pred") < 0.01  # collapsed: nothing left to predict
+    assert late(default, "rank_proj") > 1.4 and late(default, "pred") > 0.05
+    assert late(default, "sigreg") < late(paper, "sigreg")
+    assert "lambd=0.354" in said_default and "expect collapse" not in said_default
+    assert "expect collapse" in said_paper and "the embedding is collapsing" in said_paper
+
+
+def test_every_log_step_records_embedding_health(tmp_path):
+    out, last = run(tmp_path, "run", "--steps", "4")
+    records = health_log(out)
+    assert len(records) == 4
+    for r in records:
+        assert 1.0 <= r["rank_proj"] <= 11 and 1.0 <= r["rank_emb"] <= 11  # 12 samples: at most 11 directions
+        assert r["std_emb"] > 0 and r["std_proj"] > 0 and r["probe_bce"] > 0
+        assert 0.0 <= r["probe_auroc"] <= 1.0 and {"rank_emb_2d", "rank_emb_3d"} <= set(r)
+    assert last == records[-1]
+
+
+def test_online_probe_trains_the_probe_only(tmp_path):
+    """The probe's loss reaches the probe's weights and nothing else: the encoder's gradient is the objective's."""
+    args = train.get_args([*TINY, "--out", str(tmp_path)])
+    train.resolve_defaults(args, cuda=False)
+    torch.manual_seed(0)
+    net = train.build_net(args)
+    ds2, ds3 = train.open_training_data(args)
+    import data
+    batch = next(iter(data.make_loader(ds2, ds3, batch_2d=args.batch_2d, batch_3d=args.batch_3d, steps=1,
+                                       n_local=args.n_local, patch=14)))
+    loss, parts, _ = train.compute_loss(net, batch, "lejepa", args.lambd, 0)
+    loss.backward()
+    with_probe = {k: p.grad.clone() for k, p in net.named_parameters()}
+    net.zero_grad()
+    _, out, _ = net(batch.packed)
+    objective, _ = train.lejepa.lejepa_loss(out.view(batch.n_views, batch.n_samples, -1), 2, args.lambd, 0)
+    objective.backward()
+    for k, p in net.named_parameters():
+        if k.startswith("probe."):
+            assert with_probe[k].abs().sum() > 0 and p.grad is None
+        else:
+            assert torch.allclose(with_probe[k], p.grad, atol=1e-7), k
+    assert parts["loss"] == pytest.approx(objective.item())
+
+
 def test_stage2_starts_from_stage1_weights(tmp_path):
     s1, _ = run(tmp_path, "s1", "--stage", "1", "--batch-3d", "0", "--steps", "2")
     s1_weights = load_checkpoint(os.path.join(s1, "last.pt"))["model"]
@@ -100,7 +158,7 @@ def test_supervised_batch_without_known_labels_is_a_zero_loss_not_nan():
     import data
     batch = next(iter(data.make_loader(ds2, ds3, batch_2d=4, batch_3d=2, steps=1, mode="supervised", patch=14)))
     batch.labels[:] = float("nan")
-    loss, parts = train.compute_loss(net, batch, "supervised", 0.0, 0)
+    loss, parts, _ = train.compute_loss(net, batch, "supervised", 0.0, 0)
     loss.backward()
     assert loss.item() == 0.0 and all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
@@ -169,7 +227,7 @@ def _first_step_grads(rank, world, port, argv, queue):
         for i, rid in enumerate(batch.ids):
             if zlib.crc32(rid.encode()) % 3:
                 batch.labels[i, 1:] = float("nan")
-    loss, _ = train.compute_loss(model, batch, args.objective, args.lambd, 0)
+    loss, *_ = train.compute_loss(model, batch, args.objective, args.lambd, 0)
     loss.backward()
     if rank == 0:
         queue.put(pickle.dumps([p.grad.clone() for p in net.parameters()]))
@@ -207,6 +265,10 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 3
     assert len(losses(out)) == 3
+    one, _ = run(tmp_path, "one", "--steps", "3")  # health is of the global batch, not of one rank's share
+    for a, b in zip(health_log(one), health_log(out)):
+        for key in ("rank_emb", "rank_proj", "rank_emb_2d", "std_proj", "probe_auroc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
 
 
 def test_failure_on_one_rank_exits_cleanly(tmp_path):
