@@ -963,6 +963,44 @@ def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global
     return views
 
 
+# Paper 2.4.1 names only the multi-crop. The photometric part follows the official LeJEPA example
+# (ColorJitter(0.8, 0.8) with p 0.8, GaussianBlur 7 taps, sigma 0.1-2 px, p 0.5, solarize p 0.2)
+# without hue and saturation (grey images) and without its horizontal flip (left and right are
+# anatomy in a chest). Without it, what every crop of a sample shares most cheaply is its
+# acquisition (noise level, gamma, intensity calibration), and that is what LeJEPA learns
+# (README "Embedding collapse": measured on phantoms).
+JITTER, JITTER_P, BLUR_SIGMA, BLUR_TAPS, BLUR_P, SOLARIZE_P = 0.8, 0.8, (0.1, 2.0), 7, 0.5, 0.2
+
+
+def photometric(view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random brightness and contrast, Gaussian blur and solarization of a view (1, z, h, w) in [-1, 1].
+
+    Computed on [0, 1] as torchvision does; 2D images are blurred in-plane, volumes along all three axes.
+    """
+    x = (view + 1) / 2
+    if rng.random() < JITTER_P:
+        x = (x * rng.uniform(1 - JITTER, 1 + JITTER)).clamp(0, 1)  # brightness
+        mean = x.mean()
+        x = ((x - mean) * rng.uniform(1 - JITTER, 1 + JITTER) + mean).clamp(0, 1)  # contrast
+    if rng.random() < BLUR_P:
+        sigma, r = rng.uniform(*BLUR_SIGMA), BLUR_TAPS // 2
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
+        k = k / k.sum()
+        x = x[None]  # (1, 1, z, h, w)
+        for axis in range(2 if view.shape[1] == 1 else 1, 5):  # separable: one 1D pass per patched axis
+            if x.shape[axis] <= r:
+                continue
+            shape = [1, 1, 1, 1, 1]
+            shape[axis] = len(k)
+            pad = [0] * 6
+            pad[2 * (4 - axis)], pad[2 * (4 - axis) + 1] = r, r
+            x = F.conv3d(F.pad(x, pad, mode="replicate"), k.view(shape))
+        x = x[0]
+    if rng.random() < SOLARIZE_P:
+        x = torch.where(x >= 0.5, 1 - x, x)
+    return x * 2 - 1
+
+
 def whole_view(record: Record, patch: int) -> torch.Tensor:
     """The full image (1, Z, H, W), centre-cropped to whole patches (Z kept when Z == 1)."""
     dims = np.array(record.image.shape)
@@ -1017,7 +1055,7 @@ class StepDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds_2d, ds_3d, *, batch_2d, batch_3d, steps, mode, n_global, n_local,
-                 global_scale, local_scale, patch, seed, rank, world):
+                 global_scale, local_scale, patch, seed, rank, world, photometric=True):
         if mode not in ("lejepa", "supervised"):
             raise ValueError(f"mode must be 'lejepa' or 'supervised', got {mode!r}")
         self.parts = []  # (modality code, dataset, global batch)
@@ -1033,7 +1071,7 @@ class StepDataset(torch.utils.data.Dataset):
             raise ValueError("make_loader needs a 2D or a 3D dataset with a batch size > 0")
         self.steps, self.patch, self.seed, self.rank, self.world = steps, patch, seed, rank, world
         self.n_global, self.n_local = (1, 0) if mode == "supervised" else (n_global, n_local)
-        self.global_scale, self.local_scale = global_scale, local_scale
+        self.global_scale, self.local_scale, self.photometric = global_scale, local_scale, photometric
         self._perms = {}
 
     def __len__(self) -> int:
@@ -1063,6 +1101,8 @@ class StepDataset(torch.utils.data.Dataset):
                 rng = np.random.default_rng([self.seed, step, code, pos])
                 views = make_views(rec.image, rng, self.patch, self.n_global, self.n_local,
                                    self.global_scale, self.local_scale)
+                if self.photometric:  # drawn after the crops: the crops are the same with or without
+                    views = [photometric(v, rng) for v in views]
                 return rec, views, skipped
             except Exception as e:  # never crash mid-run on one bad file
                 message = f"skipping {ds.name}/{ds.split}[{i}]: {e}"
@@ -1099,7 +1139,7 @@ def _as_is(batch):
 
 def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="lejepa", n_global=2, n_local=8,
                 global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), patch=14, alpha=128.0, seed=0, rank=0, world=1,
-                workers=0, pin_memory=False) -> torch.utils.data.DataLoader:
+                workers=0, pin_memory=False, photometric=True) -> torch.utils.data.DataLoader:
     """Batches of steps start_step .. steps-1 (paper 2.3/2.4: 192 2D + 64 3D; stage 1: 256 2D).
 
     Views are cropped and packed inside the worker processes; resume = start
@@ -1108,7 +1148,7 @@ def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="
     """
     ds = StepDataset(ds_2d, ds_3d, batch_2d=batch_2d, batch_3d=batch_3d, steps=steps, mode=mode,
                      n_global=n_global, n_local=n_local, global_scale=global_scale, local_scale=local_scale,
-                     patch=patch, seed=seed, rank=rank, world=world)
+                     patch=patch, seed=seed, rank=rank, world=world, photometric=photometric)
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start_step, steps), num_workers=workers,
                                        collate_fn=_as_is, pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals)
 

@@ -601,3 +601,34 @@ def test_atomic_write_never_leaves_half_a_file(tmp_path):
         data.atomic_write(path, fails_halfway)
     assert path.read_bytes() == b"old"  # the previous file, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # and no temporary file left behind
+
+
+def test_photometric_keeps_shape_and_range_and_blurs_the_patched_axes_only(monkeypatch):
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 28, 42), (1, 28, 14, 42)]:
+        view = torch.rand(shape) * 2 - 1
+        for _ in range(20):
+            out = data.photometric(view, rng)
+            assert out.shape == view.shape and out.min() >= -1 and out.max() <= 1
+    monkeypatch.setattr(data, "JITTER_P", 0.0)
+    monkeypatch.setattr(data, "SOLARIZE_P", 0.0)
+    monkeypatch.setattr(data, "BLUR_P", 1.0)
+    flat = torch.full((1, 14, 14, 14), 0.3)
+    assert torch.allclose(data.photometric(flat, rng), flat, atol=1e-6)  # blur keeps a uniform region
+    for z in (1, 15):
+        delta = torch.full((1, z, 21, 21), -1.0)
+        delta[0, z // 2, 10, 10] = 1.0
+        light = (data.photometric(delta, rng) + 1) / 2
+        assert light.sum() == pytest.approx(1.0, abs=1e-5)  # blur moves light, never makes or loses it
+        assert light[0, z // 2, 10, 10] < 1.0 and light[0, z // 2, 10, 11] > 0
+        assert (z == 1) or light[0, z // 2 + 1, 10, 10] > 0  # volumes blur across slices, radiographs cannot
+
+
+def test_photometric_views_are_the_same_crops():
+    ds = data.open_dataset("phantom2d", "train", n=4, size=56)
+    shapes = {}
+    for on in (False, True):
+        batch = next(iter(data.make_loader(ds, None, batch_2d=4, batch_3d=0, steps=1, patch=14, photometric=on)))
+        shapes[on] = batch.packed.view_grid.tolist()
+        assert batch.packed.patches_2d.abs().max() <= 1
+    assert shapes[False] == shapes[True]
