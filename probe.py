@@ -253,11 +253,12 @@ def extract_features(model: SparseMedicalViT, ds, device: torch.device, batch_to
 
 @functools.lru_cache(maxsize=1)  # the same for every (checkpoint, dataset) of a run: read the sources once
 def feature_code_digest() -> str:
-    """The code that turns a stored record into a feature: model.py, rope3d.py, pack.py and data.whole_view.
+    """The code that turns a stored record into a feature: model.py, rope3d.py, pack.py, data.whole_view, and
+    phantom.py, which makes the phantom records (the phantom fingerprint counts only PHANTOM_VERSION).
 
     Part of the cache key, so a fix to any of them never leaves stale features behind.
     """
-    sources = [inspect.getsource(sys.modules[name]) for name in ("model", "rope3d", "pack")]
+    sources = [inspect.getsource(sys.modules[name]) for name in ("model", "rope3d", "pack", "phantom")]
     sources += [inspect.getsource(fn) for fn in (data.whole_view, data._patched)]
     return hashlib.sha256("\n".join(sources).encode()).hexdigest()
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import phantom
 
 nib = pytest.importorskip("nibabel")
 from PIL import Image  # noqa: E402
@@ -402,7 +403,7 @@ def test_phantoms_are_deterministic_with_disjoint_splits_and_sources():
     test = data.open_dataset("phantom2d", "test", n=4, size=42, seed=1)
     three = data.open_dataset("phantom3d", "train", n=4, size=42, seed=1)
     assert not set(a.ids) & set(test.ids) and not set(a.ids) & set(three.ids)
-    params = lambda name, split: data.sample_patient(data.phantom_rng(name, split, 0, 1))["scale"]
+    params = lambda name, split: phantom.sample_patient(phantom.phantom_rng(name, split, 0, 1))["scale"]
     assert len({params("phantom2d", "train"), params("phantom2d", "test"), params("phantom3d", "train")}) == 3
     assert a.fingerprint != data.open_dataset("phantom2d", "train", n=4, size=42, seed=2).fingerprint
     rec, vol = a[0], three[0]
@@ -456,8 +457,8 @@ def frontal(img: np.ndarray) -> np.ndarray:
 def test_cardiomegaly_widens_the_projected_heart_in_2d_and_3d_alike():
     patients = []
     for i in range(20):  # patients whose lung bases are aerated (fluid would hide the heart border)
-        rng = data.phantom_rng("phantom2d", "train", i, 0)
-        patient = data.sample_patient(rng)
+        rng = phantom.phantom_rng("phantom2d", "train", i, 0)
+        patient = phantom.sample_patient(rng)
         if patient["labels"][0] == patient["labels"][4] == 0:
             patients.append((i, rng, patient))
     for i, rng, patient in patients[:4]:
@@ -467,7 +468,8 @@ def test_cardiomegaly_widens_the_projected_heart_in_2d_and_3d_alike():
             pictures = []
             for heart_scale in (1.0, 1.5):  # same patient, same noise: only the heart differs
                 rng.bit_generator.state = state
-                pictures.append(frontal(data.phantom_image(dict(patient, heart_scale=heart_scale), rng, modality, 64, False)))
+                raw = phantom.render(dict(patient, heart_scale=heart_scale), rng, modality, 64, False)
+                pictures.append(frontal(data.preprocess_phantom(raw, modality, 64)))
             grown = (pictures[1] - pictures[0]) > 0.05  # lung replaced by heart: denser
             cols = np.flatnonzero(grown.any(axis=0)) / grown.shape[1]
             rows = np.flatnonzero(grown.any(axis=1)) / grown.shape[0]
@@ -601,3 +603,19 @@ def test_atomic_write_never_leaves_half_a_file(tmp_path):
         data.atomic_write(path, fails_halfway)
     assert path.read_bytes() == b"old"  # the previous file, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # and no temporary file left behind
+
+
+def test_phantom_py_stands_alone_and_is_preprocessed_like_real_images():
+    import ast
+    tree = ast.parse(Path(phantom.__file__).read_text())
+    imported = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+                for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert imported <= {"math", "statistics", "numpy", "torch"}  # nothing from the project
+    rng = phantom.phantom_rng("phantom3d", "train", 0, 0)
+    hu = phantom.render(phantom.sample_patient(rng), rng, "3d", 28, False)
+    assert hu.shape[1:] == (28, 28) and hu.min() < -900 and hu.max() > 300  # HU: air and bone, unwindowed
+    assert np.array_equal(data.preprocess_phantom(hu, "3d", 28), data.window_ct(hu))  # resampling keeps every value
+    rng = phantom.phantom_rng("phantom2d", "train", 0, 0)
+    line = phantom.render(phantom.sample_patient(rng), rng, "2d", 42, False)
+    assert line.shape[0] == 42 and line.min() >= -0.1  # a line integral, not yet min-maxed
+    assert np.array_equal(data.preprocess_phantom(line, "2d", 42), data.minmax(line, "x")[None])
