@@ -172,11 +172,18 @@ def phantom_record(name: str, split: str, index: int, size: int, seed: int) -> R
 
 # ---------------------------------------------------------------- raw datasets (see DATASETS.md)
 
-MODALITY = {"mimic": "2d", "chexpert": "2d", "ctrate": "3d", "radchest": "3d", "folder2d": "2d", "folder3d": "3d"}
+MODALITY = {"mimic": "2d", "chexpert": "2d", "ctrate": "3d", "radchest": "3d", "nih": "2d", "dicom": "3d",
+            "folder2d": "2d", "folder3d": "3d"}  # dicom: 3D (CT) by default, --dicom-modality 2d for radiographs
 CTRATE_COLUMNS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Lung opacity", "Pleural effusion")
 RADCHEST_PREFIXES = ("atelectasis", "cardiomegaly", "consolidation", "opacity", "pleural_effusion")
 RADCHEST_SPLITS = {"trn": ("train", "imgtrain"), "val": ("valid", "imgvalid"), "tst": ("test", "imgtest")}
 RADCHEST_SPACING = (0.8, 0.8, 0.8)  # mm, isotropic as released
+NIH_TABLE = "Data_Entry_2017_v2020.csv"
+NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
+NIH_COLUMNS = ("Atelectasis", "Cardiomegaly", "Consolidation", None, "Effusion")  # LABELS order; no Lung Opacity
+NIH_SPLIT_LISTS = {"train": "train_val_list.txt", "test": "test_list.txt"}  # the official patient-wise split
+TEST_FRACTION = 0.2  # a split made here puts ~20% of the patients in test (paper 2.4.1: MIMIC 33,537 of 167,286)
 
 
 @dataclass
@@ -194,7 +201,8 @@ class Options:
     v1_flip: str = ""              # CT-RATE v1 (header ignored): axes of (Z, Y, X) to flip, e.g. "zy"
     phantom: str = "phantom2d"     # phantom cache: which phantom
     n: int = 1024                  # phantom cache: train samples (test: n // 4)
-    seed: int = 0                  # phantom cache: seed
+    seed: int = 0                  # phantom cache: seed; patient splits made here (NIH without lists): their seed
+    dicom_modality: str = "3d"     # DICOM: 3d (CT series -> volumes) | 2d (CR/DX/DR files -> radiographs)
 
 
 @dataclass
@@ -205,10 +213,11 @@ class Source:
     split: str
     labels: np.ndarray
     path: str
-    kind: str                # xray | nifti | npz | phantom
+    kind: str                # xray | nifti | npz | dicom-ct | dicom-xray | phantom
     rescale: tuple = None    # CT-RATE v1: (slope, intercept) from the metadata, header ignored
     spacing: tuple = None    # (z, y, x) mm from the metadata; None: from the file
     problem: str = ""        # known defect (e.g. no metadata row): reported as a failure
+    files: tuple = ()        # DICOM CT: the files of the series (any order: read_dicom_series sorts them)
 
 
 def read_table(path: Path, required) -> list:
@@ -289,6 +298,54 @@ def scan_mimic(root: Path, opt: Options) -> list:
         split = split_of.get(dicom, "")
         sources.append(Source(_key(dicom), f"p{subject}/s{study}", split, labels_of.get((subject, study), _nan_labels()),
                               str(path), "xray", problem="" if split else f"dicom_id {dicom} not in {split_table}"))
+    return sources
+
+
+def patient_split(patient: str, seed: int, test_fraction: float = TEST_FRACTION) -> str:
+    """'train' or 'test' for a patient, from a hash of (seed, patient id): every study of a patient on one side,
+    and a patient keeps its side when the tree grows or shrinks (no permutation of a list that could shift)."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}/{patient}".encode()).digest()[:8], "big")
+    return "test" if h < test_fraction * 2 ** 64 else "train"
+
+
+def scan_nih(root: Path, opt: Options) -> list:
+    """NIH ChestX-ray14: Data_Entry table, images under images_NNN/images/ or one flat images/ folder.
+
+    Labels from `Finding Labels` ('|'-separated): a finding not named is negative, Effusion is Pleural
+    Effusion, Lung Opacity is unknown (no such label). Split: the official lists when both are there,
+    else patient_split on `Patient ID`. Ids: 'PatientID/Image Index'.
+    """
+    table = root / NIH_TABLE
+    rows = read_table(table, ["Image Index", "Finding Labels", "Patient ID"])
+    lists = {split: root / name for split, name in NIH_SPLIT_LISTS.items()}
+    present = [p for p in lists.values() if p.is_file()]
+    if len(present) == 1:
+        missing = next(p for p in lists.values() if not p.is_file())
+        raise FileNotFoundError(f"{missing}: not found beside {present[0]} (give both official split lists or none)")
+    split_of = {}
+    for split, path in (lists.items() if present else ()):
+        split_of.update((line.strip(), split) for line in path.read_text().splitlines() if line.strip())
+    images = {p.name: p for p in root.rglob("*.png")}  # images_001/images/ ... images_012/images/, or images/
+    sources = []
+    for n, r in enumerate(rows):
+        where = f"{table} row {n + 2}"
+        name, patient = r["Image Index"].strip(), r["Patient ID"].strip()
+        findings = {f.strip() for f in (r["Finding Labels"] or "").split("|")}
+        unknown = findings - {*NIH_FINDINGS, "No Finding"}
+        if unknown or ("No Finding" in findings and len(findings) > 1):
+            raise ValueError(f"{where}: Finding Labels {r['Finding Labels']!r} is not 'No Finding' or "
+                             f"'|'-separated findings among {NIH_FINDINGS}")
+        if not name or not patient:
+            raise ValueError(f"{where}: empty Image Index or Patient ID")
+        labels = np.array([float(c in findings) if c else math.nan for c in NIH_COLUMNS], np.float32)
+        split = split_of.get(name, "") if present else patient_split(patient, opt.seed)
+        path, problem = images.get(name), ""
+        if path is None:
+            path, problem = root / "images" / name, f"{name} (row {n + 2} of {table}) not found under {root}"
+        elif not split:
+            problem = f"{name} is in neither {lists['train'].name} nor {lists['test'].name}"
+        sources.append(Source(_key(Path(name).stem), f"{patient}/{name}", split, labels, str(path), "xray",
+                              problem=problem))
     return sources
 
 
@@ -442,6 +499,171 @@ def scan_folder(root: Path, modality: str) -> list:
     return sources
 
 
+DICOM_XRAY = ("CR", "DX", "DR")  # radiograph modalities (DR is no DICOM code, but archives write it)
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise ImportError("reading DICOM needs pydicom, an optional dependency: pip install pydicom") from None
+    return pydicom
+
+
+def _decoder_problem(ds) -> str:
+    """'' if this file's pixel data can be decoded here, else why not (a compressed syntax without a decoder)."""
+    from pydicom.pixels import get_decoder
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None:
+        return ""  # no file meta: pydicom assumes implicit little endian, decodable
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return f"transfer syntax {syntax.name} ({syntax}) cannot be decoded by pydicom"
+    if not decoder.is_available:
+        return (f"transfer syntax {syntax.name} ({syntax}) needs a decoder that is not installed: "
+                f"{'; '.join(decoder.missing_dependencies)}")
+    return ""
+
+
+def dicom_series_geometry(headers: list, where: str):
+    """Slice order and affine of a CT series from its headers (paper 2.4: CT in its true geometry).
+
+    Slices are ordered by ImagePositionPatient projected on the slice normal (row x column direction of
+    ImageOrientationPatient), never by file name or InstanceNumber. Returns (order, affine): order indexes
+    headers, affine (4, 4) maps the stacked (slice, row, column) indices to RAS+ millimetres, which is what
+    canonical_zyx (shared with NIfTI) reorients. A series that is no regular volume is a ValueError.
+    """
+    if len(headers) < 2:
+        raise ValueError(f"{where}: {len(headers)} slice: not a volume")
+    frames = [int(h.get("NumberOfFrames", 1) or 1) for h in headers]
+    if max(frames) > 1:
+        raise ValueError(f"{where}: multi-frame file(s) ({max(frames)} frames): only one slice per file is read")
+    need = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+    lacking = sorted({k for h in headers for k in need if h.get(k) is None})
+    if lacking:
+        raise ValueError(f"{where}: slice(s) without {lacking}: the geometry is unknown")
+    sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: slices of mixed sizes {sorted(sizes)}")
+    iop = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
+    if np.abs(iop - iop[0]).max() > 1e-4:
+        raise ValueError(f"{where}: slices with different ImageOrientationPatient")
+    spacing = np.array([[float(v) for v in h.PixelSpacing] for h in headers])
+    if np.abs(spacing - spacing[0]).max() > 1e-4:
+        raise ValueError(f"{where}: slices with different PixelSpacing")
+    row_dir, col_dir = iop[0, :3], iop[0, 3:]  # LPS directions of increasing column index, row index
+    normal = np.cross(row_dir, col_dir)
+    position = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    depth = position @ normal
+    order = np.argsort(depth, kind="stable")
+    gaps = np.diff(depth[order])
+    if gaps.min() < 1e-3:
+        raise ValueError(f"{where}: two slices at the same position ({depth[order][np.argmin(gaps)]:.2f} mm "
+                         f"along the normal): several acquisitions in one series?")
+    gap = float(np.median(gaps))
+    if gaps.max() - gaps.min() > max(0.01 * gap, 1e-3):
+        raise ValueError(f"{where}: uneven slice positions, gaps {gaps.min():.3g} to {gaps.max():.3g} mm "
+                         f"(a missing slice?)")
+    in_plane = position[order] - np.outer(depth[order], normal)
+    if np.abs(in_plane - in_plane[0]).max() > 0.5 * spacing[0].min():
+        raise ValueError(f"{where}: slice positions drift in-plane (gantry tilt?): not a regular volume")
+    lps = np.eye(4)
+    lps[:3, 0] = normal * gap           # slice index: along the normal, in sorted order
+    lps[:3, 1] = col_dir * spacing[0, 0]  # row index: PixelSpacing[0] is the distance between rows
+    lps[:3, 2] = row_dir * spacing[0, 1]  # column index: PixelSpacing[1], between columns
+    lps[:3, 3] = position[order[0]]
+    return order, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
+
+
+def read_dicom_series(paths) -> tuple:
+    """The files of one CT series -> ((Z, Y, X) HU float32 in the project orientation, spacing (z, y, x) mm).
+
+    HU = RescaleSlope * stored + RescaleIntercept, per slice (they may differ between slices).
+    """
+    pydicom = _pydicom()
+    import nibabel as nib
+    where = f"{Path(paths[0]).parent} (series of {len(paths)} files)"
+    slices = [pydicom.dcmread(p) for p in paths]
+    order, affine = dicom_series_geometry(slices, where)
+    hu = np.empty((len(slices), int(slices[0].Rows), int(slices[0].Columns)), np.float32)
+    for k, i in enumerate(order):
+        ds = slices[i]
+        problem = _decoder_problem(ds)
+        if problem:
+            raise ValueError(f"{paths[i]}: {problem}")
+        hu[k] = ds.pixel_array * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    return canonical_zyx(nib.Nifti1Image(hu, affine))
+
+
+def read_dicom_xray(path: str) -> np.ndarray:
+    """One CR/DX radiograph -> float32 (H, W), bright = dense as in the JPG datasets: MONOCHROME1 (bright =
+    low attenuation) is inverted."""
+    ds = _pydicom().dcmread(path)
+    problem = _decoder_problem(ds)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    img = ds.pixel_array.astype(np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"{path}: pixel array of shape {img.shape}, expected one grayscale image")
+    img = img * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        img = img.max() + img.min() - img
+    return img
+
+
+def scan_dicom(root: Path, opt: Options) -> list:
+    """DICOM files anywhere under root (any name, with or without .dcm), grouped by SeriesInstanceUID.
+
+    --dicom-modality 3d: each CT series is one volume; 2d: each CR/DX/DR file is one radiograph. Series of
+    the other kind, other modalities and series that are no regular volume are Sources with a problem
+    (skipped and reported by check and prepare). Files that are not DICOM images are ignored.
+    """
+    pydicom = _pydicom()
+    series = {}  # SeriesInstanceUID -> [(path, header)]
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            continue  # not DICOM (or not parseable as such): notes, DICOMDIR siblings, ...
+        if "Rows" not in ds:
+            continue  # no image (DICOMDIR, structured report, presentation state)
+        series.setdefault(str(ds.get("SeriesInstanceUID", f"(no series uid) {path}")), []).append((path, ds))
+    per_folder = {}
+    for files in series.values():
+        per_folder[files[0][0].parent] = per_folder.get(files[0][0].parent, 0) + 1
+    sources = []
+    for uid, files in series.items():
+        first = files[0][1]
+        patient = _key(str(first.get("PatientID", "") or "unknown"))
+        modality = str(first.get("Modality", "")).upper()
+        folder = files[0][0].parent
+        where = str(folder) if per_folder[folder] == 1 else f"{folder} [series {uid}]"
+        if modality in DICOM_XRAY:
+            for path, ds in files:
+                sop = str(ds.get("SOPInstanceUID", path.name))
+                problem = (f"{modality} radiograph: this run reads CT volumes (--dicom-modality 2d reads it)"
+                           if opt.dicom_modality == "3d" else _decoder_problem(ds))
+                sources.append(Source(_key(sop), f"{patient}/{sop}", "train", _nan_labels(), str(path), "dicom-xray",
+                                      problem=problem))
+            continue
+        problem = ""
+        if modality != "CT":
+            problem = f"modality {modality or '(none)'}: only CT series and CR/DX/DR radiographs are read"
+        elif opt.dicom_modality == "2d":
+            problem = "CT series: this run reads radiographs (--dicom-modality 3d reads it)"
+        else:
+            try:
+                dicom_series_geometry([h for _, h in files], f"{len(files)} files")
+                problem = _decoder_problem(first)
+            except ValueError as e:
+                problem = str(e)
+        sources.append(Source(_key(uid), f"{patient}/{uid}", "train", _nan_labels(), where, "dicom-ct",
+                              problem=problem, files=tuple(str(p) for p, _ in files)))
+    return sources
+
+
 def scan_phantom(opt: Options) -> list:
     if opt.phantom not in PHANTOMS:
         raise ValueError(f"--phantom must be one of {PHANTOMS}, got {opt.phantom!r}")
@@ -449,6 +671,12 @@ def scan_phantom(opt: Options) -> list:
           for s, n in (("train", opt.n), ("test", max(1, opt.n // 4)))}
     return [Source(_key(d.ids[i]), d.ids[i], s, d.labels[i], f"{opt.phantom}/{s}/{i}", "phantom")
             for s, d in ds.items() for i in range(len(d))]
+
+
+def dataset_modality(name: str, opt: Options) -> str:
+    if name == "phantom":
+        return "3d" if "3d" in opt.phantom else "2d"
+    return opt.dicom_modality if name == "dicom" else MODALITY[name]
 
 
 def scan(name: str, root, opt: Options) -> list:
@@ -462,7 +690,8 @@ def scan(name: str, root, opt: Options) -> list:
         raise FileNotFoundError(f"{root}: dataset root not found")
     if name.startswith("folder"):
         return scan_folder(root, MODALITY[name])
-    return {"mimic": scan_mimic, "chexpert": scan_chexpert, "ctrate": scan_ctrate, "radchest": scan_radchest}[name](root, opt)
+    return {"mimic": scan_mimic, "chexpert": scan_chexpert, "ctrate": scan_ctrate, "radchest": scan_radchest,
+            "nih": scan_nih, "dicom": scan_dicom}[name](root, opt)
 
 
 def read_nifti(path: str, rescale=None, flip: str = ""):
@@ -480,12 +709,19 @@ def read_nifti(path: str, rescale=None, flip: str = ""):
     if len(img.shape) != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {img.shape}")
     if rescale is None:
-        img = nib.as_closest_canonical(img)
-        vol = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)[::-1, ::-1, ::-1]
-    else:
-        vol = (img.dataobj.get_unscaled().astype(np.float32) * rescale[0] + rescale[1]).transpose(2, 1, 0)
+        return canonical_zyx(img)
+    vol = (img.dataobj.get_unscaled().astype(np.float32) * rescale[0] + rescale[1]).transpose(2, 1, 0)
     for axis in flip:
         vol = np.flip(vol, "zyx".index(axis))
+    return vol, tuple(float(s) for s in img.header.get_zooms()[:3][::-1])
+
+
+def canonical_zyx(img):
+    """A nibabel image with a trustworthy affine -> ((Z, Y, X) float32, spacing (z, y, x) mm) in the project
+    orientation: nibabel's closest RAS+ (axis 0 -> patient right, 1 -> anterior, 2 -> superior), every axis
+    reversed and transposed. NIfTI files and DICOM series (their affine built from the headers) share it."""
+    img = __import__("nibabel").as_closest_canonical(img)
+    vol = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)[::-1, ::-1, ::-1]
     return vol, tuple(float(s) for s in img.header.get_zooms()[:3][::-1])
 
 
@@ -501,7 +737,7 @@ def load_source(src: Source, opt: Options) -> np.ndarray:
     """Decode and preprocess one raw file -> float32 (Z, H, W) in [-1, 1], validated."""
     if src.problem:
         raise ValueError(f"{src.path}: {src.problem}")
-    size = opt.size or (XRAY_SIZE if src.kind == "xray" or src.path.startswith("phantom2d") else CT_SIZE)
+    size = opt.size or (XRAY_SIZE if src.kind in ("xray", "dicom-xray") or src.path.startswith("phantom2d") else CT_SIZE)
     if src.kind == "xray":
         from PIL import Image
         with Image.open(src.path) as im:
@@ -514,10 +750,17 @@ def load_source(src: Source, opt: Options) -> np.ndarray:
     elif src.kind == "npz":
         hu = read_radchest(src.path).astype(np.float32)
         img = preprocess_ct(hu, RADCHEST_SPACING, size, src.path)
+    elif src.kind == "dicom-ct":
+        hu, spacing = read_dicom_series(src.files)
+        img = preprocess_ct(hu, spacing, size, src.path)
+    elif src.kind == "dicom-xray":
+        from PIL import Image
+        img = preprocess_xray(Image.fromarray(read_dicom_xray(src.path)), size, src.path)
     else:
         name, split, index = src.path.split("/")
         img = phantom_record(name, split, int(index), size, opt.seed).image
-    return validate_image(img, src.path, opt.min_side, is_3d=src.kind in ("nifti", "npz") or src.path.startswith("phantom3d"))
+    is_3d = src.kind in ("nifti", "npz", "dicom-ct") or src.path.startswith("phantom3d")
+    return validate_image(img, src.path, opt.min_side, is_3d=is_3d)
 
 
 # ---------------------------------------------------------------- cache: prepare and read
@@ -588,7 +831,7 @@ def prepare(name: str, root, out, opt: Options, workers: int = 1) -> dict:
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise ValueError(f"{root}: several files map to the same cache key, e.g. {dup}")
-    modality = ("3d" if "3d" in opt.phantom else "2d") if name == "phantom" else MODALITY[name]
+    modality = dataset_modality(name, opt)
     if name == "ctrate":  # the version read, not "auto": v1 and v2 arrays share file names but not HU
         opt = replace(opt, ctrate_version=ctrate_version(_ctrate_dir(Path(root)), opt))
     out = Path(out)
@@ -751,7 +994,13 @@ def describe(spec: str, **phantom_options) -> dict:
     sets = [open_dataset(spec, s, **phantom_options) for s in list_splits(spec)]
     return {"name": sets[0].name, "modality": sets[0].modality,
             "splits": {d.split: len(d) for d in sets},
-            "prevalence": {d.split: [float(v) for v in np.nanmean(d.labels, 0)] if len(d) else [] for d in sets}}
+            "prevalence": {d.split: _prevalence(d.labels) if len(d) else [] for d in sets}}
+
+
+def _prevalence(labels: np.ndarray) -> list:
+    """Fraction positive among the known labels, per label; NaN for a label never known (NIH's Lung Opacity)."""
+    known = (~np.isnan(labels)).sum(0)
+    return [float(np.nansum(col) / k) if k else math.nan for col, k in zip(labels.T, known)]
 
 
 # ---------------------------------------------------------------- views (paper 2.4.1)
@@ -972,7 +1221,7 @@ def check(name: str, root, opt: Options, full: bool = False) -> dict:
         try:
             if src.problem:
                 raise ValueError(src.problem)
-            if src.kind != "phantom" and not Path(src.path).is_file():
+            if src.kind not in ("phantom", "dicom-ct") and not Path(src.path).is_file():
                 raise FileNotFoundError("file not found")
             load_source(src, opt) if full else _peek(src)
         except Exception as e:
@@ -1009,7 +1258,9 @@ def main(argv=None) -> int:
         p.add_argument("--v1-flip", default="", help="CT-RATE v1: axes of (Z, Y, X) to flip, e.g. 'zy'")
         p.add_argument("--phantom", choices=PHANTOMS, default="phantom2d")
         p.add_argument("--n", type=int, default=1024, help="phantom: train samples (test: n // 4)")
-        p.add_argument("--seed", type=int, default=0, help="phantom: seed")
+        p.add_argument("--seed", type=int, default=0, help="phantom: seed; NIH without split lists: patient split seed")
+        p.add_argument("--dicom-modality", choices=["3d", "2d"], default="3d",
+                       help="DICOM: 3d reads CT series as volumes, 2d reads CR/DX/DR radiographs")
         if command == "prepare":
             p.add_argument("--out", required=True, help="cache folder")
             p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -1019,7 +1270,7 @@ def main(argv=None) -> int:
     opt = Options(size=args.size, min_side=args.min_side, uncertain=args.uncertain, blank=args.blank,
                   mimic_views=args.mimic_views, frontal_only=args.frontal_only, chexpert_table=args.chexpert_table,
                   ctrate_version=args.ctrate_version, one_per_scan=args.one_per_scan, v1_flip=args.v1_flip,
-                  phantom=args.phantom, n=args.n, seed=args.seed)
+                  phantom=args.phantom, n=args.n, seed=args.seed, dicom_modality=args.dicom_modality)
     if args.command == "prepare":
         prepare(args.dataset, args.root, args.out, opt, args.workers)
         return 0

@@ -57,6 +57,9 @@ ROLES = {
     "radchest_train": ("RAD-ChestCT", "radchest", "train", "phantom3d-ext", "train", "Table 2 LP training"),
 }
 TEST_SETS = ("mimic", "chexpert", "ctrate", "radchest")
+# a public dataset that takes a paper dataset's roles when that one is not in --data: NIH ChestX-ray14 (no
+# credentials, four of the five labels, Lung Opacity unknown) as the labelled 2D set in MIMIC's place
+STAND_INS = {"mimic": ("nih", "NIH ChestX-ray14")}
 LP_TRAIN = {"2D": ("train_2d",), "3D": ("train_3d",), "ALL": ("train_2d", "train_3d")}  # paper 3: LP training data
 
 
@@ -294,10 +297,14 @@ def resolve_sources(data_args: list, lps: list) -> dict:
     if data_args == ["phantom"]:
         return {role: Source(f"{paper} ({phantom} {psplit})", phantom, psplit)
                 for role, (paper, _, _, phantom, psplit, _) in ROLES.items()}
-    by_name = {}
+    by_name, shown = {}, {}
     for spec in data_args:
         by_name[data.describe(spec)["name"]] = spec
-    sources = {role: Source(f"{paper} ({kind})" if "test" in kind else f"{paper} {split}", by_name[name], split)
+    for name, (stand_in, title) in STAND_INS.items():
+        if name not in by_name and stand_in in by_name:
+            by_name[name], shown[name] = by_name[stand_in], title
+    sources = {role: Source(f"{shown.get(name, paper)} ({kind})" if "test" in kind else
+                            f"{shown.get(name, paper)} {split}", by_name[name], split)
                for role, (paper, name, split, _, _, kind) in ROLES.items()
                if name in by_name and split in data.list_splits(by_name[name])}
     for lp in lps:
@@ -544,7 +551,7 @@ def get_args(argv=None):
                         "are named from their training args (S<stage> or Supervised)")
     p.add_argument("--data", nargs="+", default=["phantom"],
                    help="'phantom' (built-in stand-ins) or cache dirs from `python data.py prepare` "
-                        "(mimic, chexpert, ctrate, radchest)")
+                        "(mimic, chexpert, ctrate, radchest; nih stands in for mimic)")
     p.add_argument("--lp", default="2D,3D,ALL", help="LP training data, comma-separated subset of 2D,3D,ALL")
     p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")

@@ -3,6 +3,7 @@ the cache, phantoms, multi-crop views and the mixed loader (all on CPU, tiny siz
 import csv
 import gzip
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -48,6 +49,14 @@ def same(a, b):
 
 def opt(**kw):
     return data.Options(size=28, **kw)
+
+
+def real(name: str) -> Path:
+    """A sample of ../shared/real (beside the repo) or $MMV_REAL; the test skips where it is absent."""
+    root = Path(os.environ.get("MMV_REAL") or Path(__file__).resolve().parents[1] / ".." / "shared" / "real")
+    if not (root / name).exists():
+        pytest.skip(f"real sample {root / name} not found")
+    return root / name
 
 
 def prepared(name, root, tmp_path, **kw):
@@ -619,3 +628,100 @@ def test_phantom_py_stands_alone_and_is_preprocessed_like_real_images():
     line = phantom.render(phantom.sample_patient(rng), rng, "2d", 42, False)
     assert line.shape[0] == 42 and line.min() >= -0.1  # a line integral, not yet min-maxed
     assert np.array_equal(data.preprocess_phantom(line, "2d", 42), data.minmax(line, "x")[None])
+
+
+# ---------------------------------------------------------------- NIH ChestX-ray14
+
+NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+              "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
+
+
+def nih_tree(root: Path, rows, folders=True):
+    """rows: (image index, findings, patient id); header and rows as the official table (11 fields a row)."""
+    for k, (name, _, _) in enumerate(rows):
+        folder = root / (f"images_{k % 2 + 1:03d}" if folders else "") / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    write_csv(root / data.NIH_TABLE, NIH_HEADER,
+              [[name, findings, 0, patient, 60, "M", "PA", 2500, 2048, 0.143, 0.143] for name, findings, patient in rows])
+
+
+def test_nih_labels_official_split_and_ids_keep_the_image_index(tmp_path):
+    rows = [("00000001_000.png", "Cardiomegaly|Effusion", "1"), ("00000001_001.png", "No Finding", "1"),
+            ("00000002_000.png", "Atelectasis|Consolidation|Infiltration", "2"), ("00000003_000.png", "Hernia", "3")]
+    root = tmp_path / "nih"
+    nih_tree(root, rows)
+    (root / "train_val_list.txt").write_text("00000001_000.png\n00000001_001.png\n00000003_000.png\n")
+    (root / "test_list.txt").write_text("00000002_000.png\n")
+    cache = prepared("nih", root, tmp_path)
+    train, test = data.open_dataset(str(cache), "train"), data.open_dataset(str(cache), "test")
+    assert train.ids == ["1/00000001_000.png", "1/00000001_001.png", "3/00000003_000.png"]
+    assert test.ids == ["2/00000002_000.png"] and train.modality == "2d"
+    got = labels_of(train) | labels_of(test)
+    assert same(got["1/00000001_000.png"], [0, 1, 0, NAN, 1])  # Effusion = Pleural Effusion; no Lung Opacity label
+    assert same(got["1/00000001_001.png"], [0, 0, 0, NAN, 0])  # No Finding: negative for all four
+    assert same(got["2/00000002_000.png"], [1, 0, 1, NAN, 0]) and same(got["3/00000003_000.png"], [0, 0, 0, NAN, 0])
+    direct = data.preprocess_xray(Image.open(next(root.rglob("00000002_000.png"))), 28, "x")
+    assert np.array_equal(test[0].image, data._float32(direct.astype(np.float16)))  # the image as PIL reads it
+    (root / "test_list.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="test_list.txt: not found beside .*train_val_list.txt"):
+        data.scan("nih", root, opt())
+
+
+def test_nih_without_split_lists_splits_by_patient_stably_and_reports_missing_images(tmp_path):
+    rows = [(f"{p:08d}_{k:03d}.png", "No Finding", str(p)) for p in range(1, 41) for k in range(3)]
+    root = tmp_path / "nih"
+    nih_tree(root, rows, folders=False)  # one flat images/ folder, as the real sample
+    sources = data.scan("nih", root, opt())
+    side = {}
+    for src in sources:
+        side.setdefault(src.id.split("/")[0], set()).add(src.split)
+    assert all(len(s) == 1 for s in side.values())  # no patient on both sides
+    n_test = sum(s == {"test"} for s in side.values())
+    assert 2 <= n_test <= 16  # ~20% of 40 patients
+    assert [s.split for s in data.scan("nih", root, opt())] == [s.split for s in sources]  # deterministic
+    assert [s.split for s in data.scan("nih", root, opt(seed=1))] != [s.split for s in sources]  # seeded
+    grown = rows[::2] + [("00000099_000.png", "No Finding", "99")]  # fewer and other patients: same sides
+    nih_tree(tmp_path / "nih2", grown, folders=False)
+    kept = {s.id: s.split for s in data.scan("nih", tmp_path / "nih2", opt())}
+    assert all(kept[s.id] == s.split for s in sources if s.id in kept)
+    next(root.rglob("00000005_001.png")).unlink()
+    report = data.check("nih", root, opt())
+    assert [Path(p).name for p, _ in report["problems"]] == ["00000005_001.png"]
+    assert "not found under" in report["problems"][0][1]
+    write_csv(root / data.NIH_TABLE, NIH_HEADER, [["00000001_000.png", "Cardiomegaly|Pneumothrax", 0, "1", 60, "M",
+                                                  "PA", 1, 1, 0.1, 0.1]])
+    with pytest.raises(ValueError, match=r"Data_Entry_2017_v2020.csv row 2: Finding Labels 'Cardiomegaly\|Pneumothrax'"):
+        data.scan("nih", root, opt())
+
+
+def test_nih_real_sample_counts_labels_and_patient_disjoint_split():
+    root = real("nih-cxr14-sample")
+    sources = data.scan("nih", root, opt())
+    assert len(sources) == 1000 and not any(s.problem for s in sources)
+    labels = np.stack([s.labels for s in sources])
+    assert np.nansum(labels, 0)[[0, 1, 2, 4]].tolist() == [95, 83, 42, 170]  # the sample's README counts
+    assert np.isnan(labels[:, 3]).all()
+    with open(root / data.NIH_TABLE, newline="") as f:  # a direct reading of the table
+        rows = {r[0]: r for r in csv.reader(f)}
+    for src in sources[::97]:
+        findings = rows[src.id.split("/")[1]][1].split("|")
+        assert same(src.labels, [float(c in findings) for c in ("Atelectasis", "Cardiomegaly", "Consolidation")]
+                    + [NAN, float("Effusion" in findings)])
+        assert src.id.split("/")[0] == rows[src.id.split("/")[1]][3]
+    patients = {split: {s.id.split("/")[0] for s in sources if s.split == split} for split in ("train", "test")}
+    assert not patients["train"] & patients["test"] and len(patients["train"] | patients["test"]) == 264
+    assert 0.1 < sum(s.split == "test" for s in sources) / 1000 < 0.3
+    img = data.load_source(sources[0], data.Options())
+    assert img.shape == (1, 224, 224) and img.min() == -1 and img.max() == 1  # 64 x 64 RGB, grey -> 224, min-max
+
+
+def test_nih_cache_takes_mimic_roles_in_probe(tmp_path):
+    import probe
+    rows = [(f"{p:08d}_000.png", "Effusion" if p % 2 else "No Finding", str(p)) for p in range(1, 21)]
+    nih_tree(tmp_path / "nih", rows)
+    cache = prepared("nih", tmp_path / "nih", tmp_path)
+    sources = probe.resolve_sources([str(cache)], ["2D"])
+    assert sorted(sources) == ["mimic", "train_2d"]
+    assert sources["mimic"].split == "test" and sources["train_2d"].split == "train"
+    assert sources["mimic"].title == "NIH ChestX-ray14 (internal test set)" and sources["mimic"].spec == str(cache)
