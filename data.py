@@ -1229,7 +1229,8 @@ def check(name: str, root, opt: Options, full: bool = False) -> dict:
     splits = {s: [x for x in sources if x.split == s] for s in _splits_of([{"split": x.split} for x in sources])}
     labels = {s: {label: [int((y == 1).sum()), int((y == 0).sum()), int(np.isnan(y).sum())]
                   for label, y in zip(LABELS, np.stack([x.labels for x in xs]).T)} for s, xs in splits.items()}
-    print(f"{name} at {root}: {len(sources)} files, {len(problems)} with problems")
+    unit = "series or files" if name == "dicom" else "files"
+    print(f"{name} at {root}: {len(sources)} {unit}, {len(problems)} with problems")
     for s, xs in splits.items():
         print(f"  {s or '(no split)'}: {len(xs)}")
         for label, (pos, neg, unk) in labels[s].items():
@@ -1271,10 +1272,14 @@ def main(argv=None) -> int:
                   mimic_views=args.mimic_views, frontal_only=args.frontal_only, chexpert_table=args.chexpert_table,
                   ctrate_version=args.ctrate_version, one_per_scan=args.one_per_scan, v1_flip=args.v1_flip,
                   phantom=args.phantom, n=args.n, seed=args.seed, dicom_modality=args.dicom_modality)
-    if args.command == "prepare":
-        prepare(args.dataset, args.root, args.out, opt, args.workers)
-        return 0
-    return 0 if len(check(args.dataset, args.root, opt, args.full)["problems"]) == 0 else 1
+    try:  # a user's mistake (missing root, table or column, no pydicom) is one line, not a traceback
+        if args.command == "prepare":
+            prepare(args.dataset, args.root, args.out, opt, args.workers)
+            return 0
+        return 0 if len(check(args.dataset, args.root, opt, args.full)["problems"]) == 0 else 1
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
+        print(f"data.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import csv
 import gzip
 import json
 import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -725,3 +726,180 @@ def test_nih_cache_takes_mimic_roles_in_probe(tmp_path):
     assert sorted(sources) == ["mimic", "train_2d"]
     assert sources["mimic"].split == "test" and sources["train_2d"].split == "train"
     assert sources["mimic"].title == "NIH ChestX-ray14 (internal test set)" and sources["mimic"].spec == str(cache)
+
+
+# ---------------------------------------------------------------- DICOM
+
+def write_dicom(path: Path, pixels: np.ndarray, *, series="1.2.826.0.1.3680043.8.498.1", modality="CT",
+                position=(0.0, 0.0, 0.0), orientation=(1, 0, 0, 0, 1, 0), spacing=(0.5, 0.7), slope=1.0,
+                intercept=-1024.0, instance=1, photometric="MONOCHROME2", patient="P1", syntax=None):
+    """One synthetic DICOM file, written by pydicom with the geometry given (CT Image Storage or DX)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+    sop_class = CTImageStorage if modality in ("CT", "MR") else DigitalXRayImageStorageForPresentation
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID, series
+    ds.Modality, ds.PatientID, ds.InstanceNumber = modality, patient, instance
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = list(position), list(orientation)
+    ds.PixelSpacing, ds.RescaleSlope, ds.RescaleIntercept = list(spacing), slope, intercept
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if syntax is None:
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    else:
+        ds.PixelData = pydicom.encaps.encapsulate([b"\0" * 16])
+        ds["PixelData"].VR = "OB"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+# a volume in the project orientation: (Z, Y, X) superior->inferior, anterior->posterior, right->left, HU
+TRUE_HU = (np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7) * 7 - 1000)
+GAP, ROW_MM, COL_MM = 1.0, 0.9, 0.7  # slice gap, distance between rows, between columns
+
+
+def write_series(folder: Path, encoding: str, series: str, drop=(), skew_deg=0.0):
+    """TRUE_HU stored as a DICOM series in one of several encodings of the same patient geometry (LPS mm).
+
+    axial: IOP rows -> patient left, columns -> posterior (the usual); flipped: both reversed; feet-first: the
+    column direction reversed, so the slice normal points to the feet. Files are named against the slice order
+    and InstanceNumber is shuffled: neither may decide the order.
+    """
+    z_count, y_count, x_count = TRUE_HU.shape
+    instances = np.random.default_rng(0).permutation(z_count) + 1
+    for k in range(z_count):
+        if k in drop:
+            continue
+        z = 100.0 - k * GAP  # superior first: k = 0 is the highest z (LPS: +z is superior)
+        pixels = TRUE_HU[k]
+        if encoding == "axial":
+            iop, ipp = (1, 0, 0, 0, 1, 0), (-10.0, -20.0, z)
+        elif encoding == "flipped":
+            iop, ipp = (-1, 0, 0, 0, -1, 0), (-10.0 + (x_count - 1) * COL_MM, -20.0 + (y_count - 1) * ROW_MM, z)
+            pixels = pixels[::-1, ::-1]
+        elif encoding == "feet-first":
+            iop, ipp = (1, 0, 0, 0, -1, 0), (-10.0, -20.0 + (y_count - 1) * ROW_MM, z)
+            pixels = pixels[::-1]
+        elif encoding == "oblique":  # rotated a few degrees about the patient's z axis: closest axes as axial
+            c, s = np.cos(np.radians(skew_deg)), np.sin(np.radians(skew_deg))
+            iop, ipp = (c, s, 0, -s, c, 0), (-10.0, -20.0, z)
+        write_dicom(folder / f"IM{z_count - k:04d}", np.ascontiguousarray(pixels) + 1024, series=series,
+                    position=ipp, orientation=iop, spacing=(ROW_MM, COL_MM), instance=int(instances[k]))
+
+
+@pytest.mark.parametrize("encoding", ["axial", "flipped", "feet-first", "oblique"])
+def test_dicom_ct_series_ordered_by_position_reoriented_like_nifti(tmp_path, encoding):
+    write_series(tmp_path / "archive" / "study" / "series", encoding, "1.2.3.1", skew_deg=8.0)
+    (tmp_path / "archive" / "README.txt").write_text("not a DICOM file")
+    (src,) = data.scan("dicom", tmp_path / "archive", opt())
+    assert src.kind == "dicom-ct" and not src.problem and src.id == "P1/1.2.3.1" and len(src.files) == 5
+    hu, spacing = data.read_dicom_series(src.files)
+    assert np.array_equal(hu, TRUE_HU)  # same patient geometry, whatever the encoding
+    assert spacing == pytest.approx((GAP, ROW_MM, COL_MM))
+    img = data.load_source(src, opt())
+    assert img.shape == data.long_side_shape(TRUE_HU.shape, (GAP, ROW_MM, COL_MM), 28)
+    assert np.allclose(img, data.preprocess_ct(TRUE_HU, (GAP, ROW_MM, COL_MM), 28, "x"))
+
+
+def test_dicom_ct_series_in_a_nifti_file_gives_the_same_volume(tmp_path):
+    """The DICOM reader's affine, written as NIfTI, read back by the NIfTI reader: one orientation path."""
+    write_series(tmp_path / "dcm", "flipped", "1.2.3.2")
+    (src,) = data.scan("dicom", tmp_path / "dcm", opt())
+    pydicom = pytest.importorskip("pydicom")
+    slices = [pydicom.dcmread(p) for p in src.files]
+    order, affine = data.dicom_series_geometry(slices, "x")
+    stack = np.stack([slices[i].pixel_array.astype(np.float32) - 1024 for i in order])
+    nib.save(nib.Nifti1Image(stack, affine), tmp_path / "vol.nii.gz")
+    hu, spacing = data.read_nifti(str(tmp_path / "vol.nii.gz"))
+    assert np.array_equal(hu, TRUE_HU) and spacing == pytest.approx((GAP, ROW_MM, COL_MM))
+
+
+def test_dicom_series_that_are_no_volume_are_skipped_with_the_reason(tmp_path, capsys):
+    root = tmp_path / "archive"
+    write_series(root / "good", "axial", "1.2.3.10")
+    write_series(root / "gap", "axial", "1.2.3.11", drop=(2,))
+    write_dicom(root / "single" / "a", TRUE_HU[0] + 1024, series="1.2.3.12")
+    write_dicom(root / "mr" / "a", TRUE_HU[0] + 1024, series="1.2.3.13", modality="MR")
+    write_dicom(root / "mr" / "b", TRUE_HU[0] + 1024, series="1.2.3.13", modality="MR", position=(0, 0, 2))
+    write_dicom(root / "sizes" / "a", TRUE_HU[0] + 1024, series="1.2.3.14")
+    write_dicom(root / "sizes" / "b", TRUE_HU[0, :4] + 1024, series="1.2.3.14", position=(0, 0, 2))
+    write_dicom(root / "xray" / "a", TRUE_HU[0] + 1024, series="1.2.3.15", modality="DX")
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
+    jpegls = not get_decoder(JPEGLSLossless).is_available
+    if jpegls:  # no JPEG-LS decoder here (pydicom alone): the series is refused by name
+        for k in range(2):
+            write_dicom(root / "jpegls" / f"{k}", TRUE_HU[0] + 1024, series="1.2.3.16", position=(0, 0, 2 * k),
+                        syntax=JPEGLSLossless)
+    reasons = {Path(s.path).name: s.problem for s in data.scan("dicom", root, opt())}
+    assert reasons["good"] == ""
+    assert "uneven slice positions, gaps 1 to 2 mm (a missing slice?)" in reasons["gap"]
+    assert "1 slice: not a volume" in reasons["single"]
+    assert "modality MR" in reasons["mr"] and "mixed sizes" in reasons["sizes"]
+    assert "DX radiograph: this run reads CT volumes" in reasons["a"]  # a radiograph is named by its file
+    if jpegls:
+        assert "JPEG-LS Lossless" in reasons["jpegls"] and "not installed" in reasons["jpegls"]
+    out = tmp_path / "cache"
+    summary = data.prepare("dicom", root, out, opt())
+    assert summary["records"] == 1 and len(summary["failed"]) == len(reasons) - 1
+    report = dict(line.split("\t") for line in (out / "report.tsv").read_text().splitlines())
+    assert "uneven slice positions" in report[str(root / "gap")]
+    ds = data.open_dataset(str(out), "train")
+    assert ds.modality == "3d" and ds.ids == ["P1/1.2.3.10"] and np.isnan(ds.labels).all()
+
+
+def test_dicom_radiograph_monochrome1_is_inverted(tmp_path):
+    pixels = np.full((40, 30), 3000, np.uint16)  # MONOCHROME1: high values shown dark (air) ...
+    pixels[10:30, 5:25] = 200                    # ... low values bright: the dense body
+    write_dicom(tmp_path / "dx" / "m1", pixels, series="1.2.3.20", modality="DX", photometric="MONOCHROME1",
+                slope=1.0, intercept=0.0)
+    write_dicom(tmp_path / "dx" / "m2", 3200 - pixels, series="1.2.3.20", modality="DX", slope=1.0, intercept=0.0)
+    sources = data.scan("dicom", tmp_path / "dx", opt(dicom_modality="2d"))
+    assert [s.kind for s in sources] == ["dicom-xray"] * 2 and not any(s.problem for s in sources)
+    one, two = (data.load_source(s, opt(dicom_modality="2d")) for s in sources)
+    assert np.array_equal(one, two)  # MONOCHROME1 inverted == the same image stored MONOCHROME2
+    assert one.shape == (1, 28, 21) and one[0, 14, 10] == pytest.approx(1) and one[0, 0, 0] == pytest.approx(-1)
+    (ct,) = data.scan("dicom", tmp_path / "dx", opt())[:1]
+    assert "this run reads CT volumes" in ct.problem
+
+
+def test_dicom_real_series_equals_a_direct_reading_in_any_file_order(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    folder = real("ct-dicom/Lung_Dx-A0002-B40f")
+    files = sorted(folder.iterdir())
+    shuffled = tmp_path / "shuffled"  # links named against the slice order: a name says nothing
+    shuffled.mkdir()
+    for k, f in enumerate(files):
+        (shuffled / f"slice{len(files) - k:02d}").symlink_to(f)
+    (src,) = data.scan("dicom", shuffled, opt())
+    hu, spacing = data.read_dicom_series(src.files)
+    slices = [pydicom.dcmread(f) for f in files]
+    slices.sort(key=lambda d: -float(d.ImagePositionPatient[2]))  # axial, IOP (1,0,0,0,1,0): superior first
+    direct = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices])
+    assert hu.shape == (30, 512, 512) and np.array_equal(hu, direct.astype(np.float32))
+    assert spacing == pytest.approx((8.0, 0.646484375, 0.646484375))
+    assert hu.min() == -1024 and 1000 < hu.max() < 3000  # HU: air outside the body, bone
+    bone = np.argwhere(hu > 300)
+    assert bone[:, 1].mean() > 300  # the spine is posterior: high Y (anterior -> posterior)
+    body = hu > -300
+    inside = np.maximum.accumulate(body, axis=2) & np.maximum.accumulate(body[..., ::-1], axis=2)[..., ::-1]
+    lung = ((hu < -400) & inside).sum(axis=(1, 2))  # air between the body's walls, per slice
+    assert lung[:3].max() < 0.5 * lung.max()  # the apices first: superior -> inferior
+    liver = ((hu > 20) & (hu < 90))[-5:]  # the lowest slices: the liver dome, on the patient's right
+    assert liver[..., :256].sum() > 1.3 * liver[..., 256:].sum()  # right -> left: the right is at low X
+
+
+def test_dicom_without_pydicom_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as on a machine without the optional package
+    (tmp_path / "archive").mkdir()
+    with pytest.raises(ImportError, match="optional dependency: pip install pydicom"):
+        data.scan("dicom", tmp_path / "archive", opt())
+    assert data.main(["check", "--dataset", "dicom", "--root", str(tmp_path / "archive")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install pydicom" in err  # one line, no traceback
