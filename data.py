@@ -178,6 +178,11 @@ CTRATE_COLUMNS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Lung opacity"
 RADCHEST_PREFIXES = ("atelectasis", "cardiomegaly", "consolidation", "opacity", "pleural_effusion")
 RADCHEST_SPLITS = {"trn": ("train", "imgtrain"), "val": ("valid", "imgvalid"), "tst": ("test", "imgtest")}
 RADCHEST_SPACING = (0.8, 0.8, 0.8)  # mm, isotropic as released
+# CT-RATE v1 arrays (i, j, k) run towards patient Left, Posterior, Superior: slice k = 0 is the most inferior.
+# Evidence: CT-CLIP, trained on v1, feeds the stored array as (k, i, j) (scripts/data_inference_nii.py:
+# transpose(2, 0, 1), no flip), and its released weights work on volumes reoriented to SLP+ (k -> Superior,
+# i -> Left, j -> Posterior; CT-CLIP issue #41, torchio issue #1282); v2's corrected headers carry LPS codes.
+CTRATE_V1_AXES = "LPS"
 NIH_TABLE = "Data_Entry_2017_v2020.csv"
 NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
                 "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
@@ -198,7 +203,7 @@ class Options:
     chexpert_table: str = ""       # CheXpert CSV; default: groundtruth.csv, test_labels.csv or test.csv
     ctrate_version: str = "auto"   # auto | 1 (train/, valid/) | 2 (train_fixed/, valid_fixed/)
     one_per_scan: bool = False     # CT-RATE: keep only the first reconstruction of each scan
-    v1_flip: str = ""              # CT-RATE v1 (header ignored): axes of (Z, Y, X) to flip, e.g. "zy"
+    v1_flip: str = ""              # CT-RATE v1 (header ignored, axes CTRATE_V1_AXES): extra flips of (Z, Y, X)
     phantom: str = "phantom2d"     # phantom cache: which phantom
     n: int = 1024                  # phantom cache: train samples (test: n // 4)
     seed: int = 0                  # phantom cache: seed; patient splits made here (NIH without lists): their seed
@@ -409,10 +414,9 @@ def scan_ctrate(root: Path, opt: Options) -> list:
         labels_of = {r["VolumeName"]: _row_labels(r, CTRATE_COLUMNS, opt, f"{table_path} row {n + 2}")
                      for n, r in enumerate(table)}
         meta_path = ds / "metadata" / f"{meta_name}_metadata.csv"
-        meta = {}
-        if version == "1" or meta_path.is_file():
-            need = spacing_cols + (["RescaleSlope", "RescaleIntercept"] if version == "1" else [])
-            meta = {r["VolumeName"]: r for r in read_table(meta_path, need)}
+        meta = {}  # v1 only: v2's header holds HU and the geometry, and its spacing is the one its affine was made with
+        if version == "1":
+            meta = {r["VolumeName"]: r for r in read_table(meta_path, spacing_cols + ["RescaleSlope", "RescaleIntercept"])}
         kept = {}
         for path in sorted(folder.rglob("*.nii.gz")):
             name, stem = path.name, path.name[: -len(".nii.gz")]
@@ -428,12 +432,11 @@ def scan_ctrate(root: Path, opt: Options) -> list:
                 try:  # one bad row is this volume's problem (skipped, reported), not the whole scan's
                     xy = _floats(row["XYSpacing"])
                     src.spacing = (float(row["ZSpacing"]), xy[0], xy[-1])
-                    if version == "1":
-                        src.rescale = (float(row["RescaleSlope"]), float(row["RescaleIntercept"]))
+                    src.rescale = (float(row["RescaleSlope"]), float(row["RescaleIntercept"]))
                 except (ValueError, IndexError) as e:
                     src.problem = f"bad spacing or rescale for {name} in {meta_path}: {e or 'empty'}"
             elif version == "1":
-                src.problem = f"no row for {name} in {meta_path} (RescaleSlope/RescaleIntercept needed for v1)"
+                src.problem = f"no row for {name} in {meta_path} (v1 needs its RescaleSlope/Intercept and spacing)"
             sources.append(src)
     if not found:
         raise FileNotFoundError(f"{ds}: no CT-RATE volume folder (v1: train/, valid/; v2: train_fixed/, valid_fixed/)")
@@ -701,8 +704,10 @@ def read_nifti(path: str, rescale=None, flip: str = ""):
     (axis 0 -> patient right, 1 -> anterior, 2 -> superior), header scaling
     applied, then every axis reversed and transposed to (Z, Y, X).
     CT-RATE v1 (rescale = (slope, intercept)): header scaling and affine are
-    ignored; the stored array (i, j, k), k the slice axis, becomes (k, j, i)
-    and HU = slope * stored + intercept; `flip` reverses axes of the result.
+    ignored; HU = slope * stored + intercept, and the stored axes (i, j, k) are
+    taken to run towards patient Left, Posterior, Superior (CTRATE_V1_AXES), as
+    v2's corrected affines say of the same arrays; `flip` reverses axes of the
+    result, for a copy that differs.
     """
     import nibabel as nib
     img = nib.load(path)
@@ -710,7 +715,8 @@ def read_nifti(path: str, rescale=None, flip: str = ""):
         raise ValueError(f"{path}: expected a 3D volume, got shape {img.shape}")
     if rescale is None:
         return canonical_zyx(img)
-    vol = (img.dataobj.get_unscaled().astype(np.float32) * rescale[0] + rescale[1]).transpose(2, 1, 0)
+    # (i, j, k) = (L, P, S) -> (k, j, i) = (S, P, L), then Z reversed: superior -> inferior, as v2 and RAD-ChestCT
+    vol = (img.dataobj.get_unscaled().astype(np.float32) * rescale[0] + rescale[1]).transpose(2, 1, 0)[::-1]
     for axis in flip:
         vol = np.flip(vol, "zyx".index(axis))
     return vol, tuple(float(s) for s in img.header.get_zooms()[:3][::-1])
@@ -832,14 +838,17 @@ def prepare(name: str, root, out, opt: Options, workers: int = 1) -> dict:
         dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise ValueError(f"{root}: several files map to the same cache key, e.g. {dup}")
     modality = dataset_modality(name, opt)
+    extra = {}
     if name == "ctrate":  # the version read, not "auto": v1 and v2 arrays share file names but not HU
         opt = replace(opt, ctrate_version=ctrate_version(_ctrate_dir(Path(root)), opt))
+        if opt.ctrate_version == "1":  # a v1 cache made under another reading of its axes is refused, not reused
+            extra["ctrate_v1_axes"] = CTRATE_V1_AXES
     out = Path(out)
     (out / "arrays").mkdir(parents=True, exist_ok=True)
     settings = {"dataset": name, "modality": modality, **asdict(opt),
                 "size": opt.size or (CT_SIZE if modality == "3d" else XRAY_SIZE),
                 "window": [WINDOW_LEVEL, WINDOW_WIDTH], "dtype": "float16",
-                "orientation": "(Z, Y, X): superior->inferior, anterior->posterior, right->left"}
+                "orientation": "(Z, Y, X): superior->inferior, anterior->posterior, right->left", **extra}
     if (out / "settings.json").is_file():
         old = json.loads((out / "settings.json").read_text())
         if old != json.loads(json.dumps(settings)):
@@ -1256,7 +1265,8 @@ def main(argv=None) -> int:
         p.add_argument("--chexpert-table", default="", help="CheXpert label CSV (default: groundtruth.csv, ...)")
         p.add_argument("--ctrate-version", choices=["auto", "1", "2"], default="auto")
         p.add_argument("--one-per-scan", action="store_true", help="CT-RATE: first reconstruction of each scan only")
-        p.add_argument("--v1-flip", default="", help="CT-RATE v1: axes of (Z, Y, X) to flip, e.g. 'zy'")
+        p.add_argument("--v1-flip", default="", help="CT-RATE v1: axes of (Z, Y, X) to flip after reading the "
+                       "stored axes as Left, Posterior, Superior (the default, see CTRATE_V1_AXES), e.g. 'z'")
         p.add_argument("--phantom", choices=PHANTOMS, default="phantom2d")
         p.add_argument("--n", type=int, default=1024, help="phantom: train samples (test: n // 4)")
         p.add_argument("--seed", type=int, default=0, help="phantom: seed; NIH without split lists: patient split seed")

@@ -179,8 +179,43 @@ def test_ctrate_v1_hu_from_metadata_rescale_and_spacing(tmp_path):
     assert rec.id == "train_1/train_1_a_1" and rec.modality == "3d"
     assert same(rec.labels, [0, 1, 0, 1, 0])
     assert rec.image.shape == (28, 28, 28)  # 5 x 2.8 mm = 20 x 0.7 mm: a cube, from the metadata spacing
-    assert np.allclose(rec.image[8:], 0.0, atol=2e-3)  # 250 HU = the window level -> 0
-    assert np.allclose(rec.image[:3], 1.0, atol=2e-3)  # stored slice k=0 stays first, 1500 HU -> +1
+    assert np.allclose(rec.image[:-8], 0.0, atol=2e-3)  # 250 HU = the window level -> 0
+    assert np.allclose(rec.image[-3:], 1.0, atol=2e-3)  # stored slice k=0 is the most inferior: last; 1500 HU -> +1
+
+
+def test_ctrate_one_scan_stored_as_v1_and_as_v2_gives_the_same_cached_array(tmp_path):
+    """The same HU volume as v1 (raw values, metadata slope/intercept and spacing, a header not to trust) and as
+    v2 (HU, the corrected LPS header; metadata spacing that disagrees): both give one cached array."""
+    rng = np.random.default_rng(0)
+    true = rng.integers(-1000, 1500, (8, 14, 12)).astype(np.int16)  # (Z, Y, X): sup->inf, ant->post, right->left
+    true[:2, :3, :3] = 1500  # superior-anterior-right corner
+    lps = true[::-1].transpose(2, 1, 0)  # stored (i, j, k) towards Left, Posterior, Superior
+    spacing = (2.0, 0.8, 0.9)  # (z, y, x) mm
+    name = "valid_7_a_1.nii.gz"
+    meta_row = [name, 1, -8192, f"[{spacing[1]}, {spacing[2]}]", spacing[0]]
+    meta_header = ["VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"]
+    v1 = tmp_path / "v1" / "dataset"
+    path = v1 / "valid" / "valid_7" / "valid_7_a" / name
+    path.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image((lps.astype(np.int32) + 8192).astype(np.uint16), np.eye(4)), path)  # header: junk
+    write_csv(v1 / "metadata" / "validation_metadata.csv", meta_header, [meta_row])
+    v2 = tmp_path / "v2" / "dataset"
+    path = v2 / "valid_fixed" / "valid_7" / "valid_7_a" / name
+    path.parent.mkdir(parents=True)
+    lps_affine = np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])  # RAS+ affine of L, P, S axes
+    nib.save(nib.Nifti1Image(lps, lps_affine), path)
+    assert nib.aff2axcodes(lps_affine) == ("L", "P", "S")
+    write_csv(v2 / "metadata" / "validation_metadata.csv", meta_header, [[*meta_row[:3], "[0.5, 0.5]", 5.0]])
+    for ds in (v1, v2):
+        ctrate_labels(ds, "valid", [(name, {"Cardiomegaly"})])
+    arrays = []
+    for version, root in (("1", v1), ("2", v2)):
+        cache = prepared("ctrate", root.parent, tmp_path / version)
+        arrays.append(data.open_dataset(str(cache), "valid")[0].image)
+    assert np.array_equal(arrays[0], arrays[1])
+    assert np.array_equal(arrays[0], data._float32(data.preprocess_ct(true.astype(np.float32), spacing, 28, "x")
+                                                    .astype(np.float16)))
+    assert arrays[0][0, 0, 0] == pytest.approx(1.0, abs=2e-3)  # the marked corner first on every axis
 
 
 def write_ras_volume(path: Path, affine_sign, shape=(16, 12, 10), zooms=(1.0, 1.0, 1.0)):
