@@ -189,6 +189,9 @@ NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass
 NIH_COLUMNS = ("Atelectasis", "Cardiomegaly", "Consolidation", None, "Effusion")  # LABELS order; no Lung Opacity
 NIH_SPLIT_LISTS = {"train": "train_val_list.txt", "test": "test_list.txt"}  # the official patient-wise split
 TEST_FRACTION = 0.2  # a split made here puts ~20% of the patients in test (paper 2.4.1: MIMIC 33,537 of 167,286)
+# the paper's n per (dataset, split) (2.4.1; Table 1's RAD-ChestCT set is every split), printed beside check's counts
+PAPER_N = {("mimic", "train"): 133_749, ("mimic", "test"): 33_537, ("chexpert", "test"): 668,
+           ("ctrate", "train"): 46_394, ("ctrate", "valid"): 3_002, ("radchest", "all"): 3_630}
 
 
 @dataclass
@@ -199,6 +202,7 @@ class Options:
     uncertain: str = "nan"         # MIMIC / CheXpert label -1.0: nan | zero | one
     blank: str = "nan"             # label not mentioned (blank cell): nan | zero
     mimic_views: str = "PA,AP"     # MIMIC frontal views by preference; one image per study
+    mimic_split: str = "paper"     # paper: patient-wise 80/20 by patient_split (paper 2.4.1) | official: split.csv.gz
     frontal_only: bool = False     # CheXpert: drop lateral views (the paper's n=668 keeps them)
     chexpert_table: str = ""       # CheXpert CSV; default: groundtruth.csv, test_labels.csv or test.csv
     ctrate_version: str = "auto"   # auto | 1 (train/, valid/) | 2 (train_fixed/, valid_fixed/)
@@ -206,7 +210,7 @@ class Options:
     v1_flip: str = ""              # CT-RATE v1 (header ignored, axes CTRATE_V1_AXES): extra flips of (Z, Y, X)
     phantom: str = "phantom2d"     # phantom cache: which phantom
     n: int = 1024                  # phantom cache: train samples (test: n // 4)
-    seed: int = 0                  # phantom cache: seed; patient splits made here (NIH without lists): their seed
+    seed: int = 0                  # phantom cache: seed; patient splits made here (MIMIC paper, NIH): their seed
     dicom_modality: str = "3d"     # DICOM: 3d (CT series -> volumes) | 2d (CR/DX/DR files -> radiographs)
 
 
@@ -278,11 +282,23 @@ def _nan_labels() -> np.ndarray:
 
 
 def scan_mimic(root: Path, opt: Options) -> list:
-    """MIMIC-CXR-JPG: one frontal image per study (opt.mimic_views by preference)."""
+    """MIMIC-CXR-JPG: one frontal image per study (opt.mimic_views by preference).
+
+    Split (opt.mimic_split): "paper" (default), the paper's protocol (2.4.1: train n=133,749, internal test
+    n=33,537, 20.0% of the studies): patient_split on subject_id, every study of a patient on one side. The
+    official split's train, validate and test studies all go where their patient falls: the paper's two
+    counts add up to every frontal study it used, none held out for validation (the probe chooses C on
+    held-out train patients itself), and the official test part is only ~2% of the studies. "official":
+    mimic-cxr-2.0.0-split.csv.gz as published (train / validate / test).
+    A study without a row in the label table is reported (skipped), not given unknown labels.
+    """
+    if opt.mimic_split not in ("paper", "official"):
+        raise ValueError(f"--mimic-split must be 'paper' or 'official', got {opt.mimic_split!r}")
     meta = read_table(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"])
     table = read_table(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *LABELS])
     split_table = root / "mimic-cxr-2.0.0-split.csv.gz"
-    split_of = {r["dicom_id"]: r["split"] for r in read_table(split_table, ["dicom_id", "split"])}
+    split_of = ({r["dicom_id"]: r["split"] for r in read_table(split_table, ["dicom_id", "split"])}
+                if opt.mimic_split == "official" else {})
     labels_of = {}
     for n, r in enumerate(table):
         where = f"{root / 'mimic-cxr-2.0.0-chexpert.csv.gz'} row {n + 2}"
@@ -300,9 +316,12 @@ def scan_mimic(root: Path, opt: Options) -> list:
     for (subject, study), (_, r) in sorted(best.items()):
         dicom = r["dicom_id"]
         path = root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
-        split = split_of.get(dicom, "")
+        split = split_of.get(dicom, "") if opt.mimic_split == "official" else patient_split(f"p{subject}", opt.seed)
+        problem = "" if split else f"dicom_id {dicom} not in {split_table}"
+        if (subject, study) not in labels_of:
+            problem = f"study s{study} of p{subject} has no row in {root / 'mimic-cxr-2.0.0-chexpert.csv.gz'}"
         sources.append(Source(_key(dicom), f"p{subject}/s{study}", split, labels_of.get((subject, study), _nan_labels()),
-                              str(path), "xray", problem="" if split else f"dicom_id {dicom} not in {split_table}"))
+                              str(path), "xray", problem=problem))
     return sources
 
 
@@ -1239,14 +1258,20 @@ def check(name: str, root, opt: Options, full: bool = False) -> dict:
     labels = {s: {label: [int((y == 1).sum()), int((y == 0).sum()), int(np.isnan(y).sum())]
                   for label, y in zip(LABELS, np.stack([x.labels for x in xs]).T)} for s, xs in splits.items()}
     unit = "series or files" if name == "dicom" else "files"
+    bad = {p for p, _ in problems}
+    usable = {s: sum(x.path not in bad for x in xs) for s, xs in splits.items()}
     print(f"{name} at {root}: {len(sources)} {unit}, {len(problems)} with problems")
     for s, xs in splits.items():
-        print(f"  {s or '(no split)'}: {len(xs)}")
+        paper = PAPER_N.get((name, s))
+        print(f"  {s or '(no split)'}: {len(xs)}, {usable[s]} usable" + (f"  (paper 2.4.1: n={paper:,})" if paper else ""))
         for label, (pos, neg, unk) in labels[s].items():
             print(f"    {label:17s} positive {pos:7d}  negative {neg:7d}  unknown {unk:7d}")
+    if (name, "all") in PAPER_N:  # RAD-ChestCT: Table 1 tests on every split
+        print(f"  all splits: {len(sources)}, {sum(usable.values())} usable  (paper 2.4.1: n={PAPER_N[name, 'all']:,})")
     for path, error in problems:
         print(f"  problem: {path}: {error}")
-    return {"splits": {s: len(xs) for s, xs in splits.items()}, "labels": labels, "problems": problems}
+    return {"splits": {s: len(xs) for s, xs in splits.items()}, "usable": usable, "labels": labels,
+            "problems": problems}
 
 
 def main(argv=None) -> int:
@@ -1261,6 +1286,9 @@ def main(argv=None) -> int:
         p.add_argument("--uncertain", choices=["nan", "zero", "one"], default="nan", help="MIMIC/CheXpert label -1.0")
         p.add_argument("--blank", choices=["nan", "zero"], default="nan", help="MIMIC/CheXpert blank label")
         p.add_argument("--mimic-views", default="PA,AP", help="MIMIC frontal views in order of preference")
+        p.add_argument("--mimic-split", choices=["paper", "official"], default="paper",
+                       help="MIMIC split: the paper's patient-wise 80/20 (2.4.1, seeded by --seed) or the official "
+                            "split.csv.gz (test ~2%%)")
         p.add_argument("--frontal-only", action="store_true", help="CheXpert: drop lateral views")
         p.add_argument("--chexpert-table", default="", help="CheXpert label CSV (default: groundtruth.csv, ...)")
         p.add_argument("--ctrate-version", choices=["auto", "1", "2"], default="auto")
@@ -1269,7 +1297,8 @@ def main(argv=None) -> int:
                        "stored axes as Left, Posterior, Superior (the default, see CTRATE_V1_AXES), e.g. 'z'")
         p.add_argument("--phantom", choices=PHANTOMS, default="phantom2d")
         p.add_argument("--n", type=int, default=1024, help="phantom: train samples (test: n // 4)")
-        p.add_argument("--seed", type=int, default=0, help="phantom: seed; NIH without split lists: patient split seed")
+        p.add_argument("--seed", type=int, default=0, help="phantom: seed; patient splits made here (MIMIC paper, "
+                       "NIH without lists): their seed")
         p.add_argument("--dicom-modality", choices=["3d", "2d"], default="3d",
                        help="DICOM: 3d reads CT series as volumes, 2d reads CR/DX/DR radiographs")
         if command == "prepare":
@@ -1279,7 +1308,7 @@ def main(argv=None) -> int:
             p.add_argument("--full", action="store_true", help="decode every file, not only headers")
     args = ap.parse_args(argv)
     opt = Options(size=args.size, min_side=args.min_side, uncertain=args.uncertain, blank=args.blank,
-                  mimic_views=args.mimic_views, frontal_only=args.frontal_only, chexpert_table=args.chexpert_table,
+                  mimic_views=args.mimic_views, mimic_split=args.mimic_split, frontal_only=args.frontal_only, chexpert_table=args.chexpert_table,
                   ctrate_version=args.ctrate_version, one_per_scan=args.one_per_scan, v1_flip=args.v1_flip,
                   phantom=args.phantom, n=args.n, seed=args.seed, dicom_modality=args.dicom_modality)
     try:  # a user's mistake (missing root, table or column, no pydicom) is one line, not a traceback

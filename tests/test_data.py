@@ -97,7 +97,7 @@ def mimic_tree(root: Path):
 
 def test_mimic_one_frontal_per_study_pa_first_with_label_policy(tmp_path):
     mimic_tree(tmp_path / "mimic")
-    cache = prepared("mimic", tmp_path / "mimic", tmp_path)
+    cache = prepared("mimic", tmp_path / "mimic", tmp_path, mimic_split="official")
     assert data.list_splits(str(cache)) == ["train", "test"]
     train, test = data.open_dataset(str(cache), "train"), data.open_dataset(str(cache), "test")
     assert (train.name, train.modality) == ("mimic", "2d")
@@ -106,7 +106,7 @@ def test_mimic_one_frontal_per_study_pa_first_with_label_policy(tmp_path):
     assert same(test[0].labels, [0, 1, NAN, 1, 0])
     index = json.loads((cache / "index.json").read_text())
     assert index["records"][0]["key"].startswith("aaaaaaa2")  # PA preferred over AP
-    zero = data.scan("mimic", tmp_path / "mimic", opt(uncertain="zero", blank="zero"))
+    zero = data.scan("mimic", tmp_path / "mimic", opt(uncertain="zero", blank="zero", mimic_split="official"))
     assert same(zero[0].labels, [1, 0, 0, 0, 1])
     img = train[0].image
     assert img.shape == (1, 28, 22) and img.dtype == np.float32  # long side 28 (40x32 raw)
@@ -114,6 +114,51 @@ def test_mimic_one_frontal_per_study_pa_first_with_label_policy(tmp_path):
 
 
 # ---------------------------------------------------------------- CheXpert
+
+def mimic_tables(root: Path, subjects, studies_per_subject=3, unlabelled=()):
+    """Metadata, label and official split tables of a MIMIC-format tree (no images: scan reads tables only)."""
+    meta, split, lab = [], [], []
+    for n, subject in enumerate(subjects):
+        for k in range(studies_per_subject):
+            study, dicom = f"5{n:04d}{k:03d}", f"{n:08x}-{k:08x}-00000000-00000000-00000000"
+            meta.append([dicom, subject, study, "PA"])
+            split.append([dicom, study, subject, "test" if n % 50 == 0 else ("validate" if n % 60 == 1 else "train")])
+            if study not in unlabelled:
+                lab.append([subject, study, *(["0.0"] * len(ALL14))])
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta,
+              gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split, gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *ALL14], lab, gz=True)
+
+
+def test_mimic_paper_split_is_patient_wise_80_20_stable_and_official_is_an_option(tmp_path):
+    subjects = [str(10_000_000 + 7919 * n) for n in range(400)]
+    mimic_tables(tmp_path / "m", subjects)
+    paper = data.scan("mimic", tmp_path / "m", opt())
+    official = data.scan("mimic", tmp_path / "m", opt(mimic_split="official"))
+    assert len(paper) == len(official) == 1200 and not any(s.problem for s in paper)
+    share = sum(s.split == "test" for s in paper) / len(paper)
+    assert 0.16 < share < 0.24  # the paper's 20.0%; the official split gives 2%
+    assert sum(s.split == "test" for s in official) / len(official) == pytest.approx(0.02)
+    assert {s.split for s in paper} == {"train", "test"}  # official validate studies fall by their patient too
+    side = {}
+    for s in paper:
+        side.setdefault(s.id.split("/")[0], set()).add(s.split)
+    assert all(len(v) == 1 for v in side.values())  # no patient on both sides
+    mimic_tables(tmp_path / "grown", subjects[::3] + [str(19_000_000 + n) for n in range(50)])
+    was = {s.id: s.split for s in paper}
+    grown = data.scan("mimic", tmp_path / "grown", opt())
+    assert all(was[s.id] == s.split for s in grown if s.id in was)  # a patient keeps its side as the tree changes
+    mimic_tables(tmp_path / "small", subjects[:2], unlabelled={"50000001"})
+    sources = data.scan("mimic", tmp_path / "small", opt())
+    for s in sources:
+        write_jpg(Path(s.path))
+    assert [s.problem for s in sources if s.problem] == [
+        f"study s50000001 of p10000000 has no row in {tmp_path / 'small' / 'mimic-cxr-2.0.0-chexpert.csv.gz'}"]
+    summary = data.prepare("mimic", tmp_path / "small", tmp_path / "cache", opt())
+    assert summary["records"] == 5 and len(summary["failed"]) == 1  # reported and skipped, not labelled unknown
+    assert json.loads((tmp_path / "cache" / "settings.json").read_text())["mimic_split"] == "paper"
+
 
 def test_chexpert_study_table_labels_every_image_and_frontal_only_option(tmp_path):
     root = tmp_path / "chexpert"
@@ -282,11 +327,12 @@ def test_missing_root_table_and_column_are_named(tmp_path):
     root = tmp_path / "mimic"
     mimic_tree(root)
     (root / "mimic-cxr-2.0.0-split.csv.gz").unlink()
+    assert len(data.scan("mimic", root, opt())) == 2  # the paper's split needs no split table
     with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-split.csv.gz: table not found"):
-        data.scan("mimic", root, opt())
+        data.scan("mimic", root, opt(mimic_split="official"))
     write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id"], [], gz=True)
     with pytest.raises(ValueError, match=r"split.csv.gz: missing column\(s\) \['split'\]"):
-        data.scan("mimic", root, opt())
+        data.scan("mimic", root, opt(mimic_split="official"))
     rad = tmp_path / "rad"
     rad.mkdir()
     np.savez_compressed(rad / "trn00001.npz", ct=np.zeros((20, 20, 20), np.int16))
@@ -312,7 +358,7 @@ def test_bad_table_cells_and_files_are_errors_naming_file_row_and_column(tmp_pat
     mimic_tree(mimic)
     (mimic / "mimic-cxr-2.0.0-split.csv.gz").write_text("dicom_id,split\n")  # plain text under a .gz name
     with pytest.raises(ValueError, match=r"split.csv.gz: unreadable table \(BadGzipFile"):
-        data.scan("mimic", mimic, opt())
+        data.scan("mimic", mimic, opt(mimic_split="official"))
 
 
 def ctrate_v1_tree(ds: Path, names, zspacing="2.8"):
@@ -397,12 +443,14 @@ def test_check_reports_counts_prevalence_and_problem_paths(tmp_path, capsys):
     mimic_tree(root)
     missing = next(root.rglob("aaaaaaa2*.jpg"))
     missing.unlink()
-    report = data.check("mimic", root, opt())
-    assert report["splits"] == {"train": 1, "test": 1}
+    report = data.check("mimic", root, opt(mimic_split="official"))
+    assert report["splits"] == {"train": 1, "test": 1} and report["usable"] == {"train": 0, "test": 1}
     assert report["labels"]["train"]["Consolidation"] == [0, 0, 1]  # positive, negative, unknown
     assert [p for p, _ in report["problems"]] == [str(missing)]
-    assert str(missing) in capsys.readouterr().out
-    assert data.main(["check", "--dataset", "mimic", "--root", str(root), "--size", "28"]) == 1
+    out = capsys.readouterr().out
+    assert str(missing) in out
+    assert "train: 1, 0 usable  (paper 2.4.1: n=133,749)" in out and "test: 1, 1 usable  (paper 2.4.1: n=33,537)" in out
+    assert data.main(["check", "--dataset", "mimic", "--root", str(root), "--size", "28", "--mimic-split", "official"]) == 1
 
 
 def test_ct_resampling_keeps_anatomy_proportions():
