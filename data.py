@@ -1234,11 +1234,25 @@ def _peek(src: Source) -> None:
             im.size
     elif src.kind == "nifti":
         import nibabel as nib
-        shape = nib.load(src.path).shape
-        if len(shape) != 3:
-            raise ValueError(f"{src.path}: expected a 3D volume, got shape {shape}")
+        img = nib.load(src.path)
+        if len(img.shape) != 3:
+            raise ValueError(f"{src.path}: expected a 3D volume, got shape {img.shape}")
+        if src.path.endswith(".gz"):
+            offset = img.dataobj.offset  # where the voxels start in the uncompressed file (vox_offset)
+            _check_gzip_size(src.path, offset + math.prod(img.shape) * img.header.get_data_dtype().itemsize)
     elif src.kind == "npz":
         read_radchest(src.path, header_only=True)
+
+
+def _check_gzip_size(path: str, expected: int) -> None:
+    """A gzip member ends with its uncompressed size mod 2^32 (RFC 1952 ISIZE): one seek tells a truncated
+    .nii.gz (whose last bytes are then compressed data) from a whole one, without decompressing it."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(f.read(4), "little")
+    if isize != expected % 2 ** 32:
+        raise ValueError(f"{path}: truncated or corrupt: its gzip trailer says {isize} bytes uncompressed, "
+                         f"its NIfTI header implies {expected % 2 ** 32} (mod 2^32)")
 
 
 def check(name: str, root, opt: Options, full: bool = False) -> dict:

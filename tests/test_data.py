@@ -453,6 +453,20 @@ def test_check_reports_counts_prevalence_and_problem_paths(tmp_path, capsys):
     assert data.main(["check", "--dataset", "mimic", "--root", str(root), "--size", "28", "--mimic-split", "official"]) == 1
 
 
+def test_check_without_full_finds_a_truncated_nifti_gz(tmp_path):
+    root = tmp_path / "vols"
+    root.mkdir()
+    for name in ("whole", "cut"):
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(-1000, 1000, (40, 40, 30)).astype(np.int16),
+                                 np.eye(4)), root / f"{name}.nii.gz")  # noise: compresses little, so a cut bites
+    cut = root / "cut.nii.gz"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    report = data.check("folder3d", root, opt())  # headers only
+    assert [Path(p).name for p, _ in report["problems"]] == ["cut.nii.gz"]
+    assert "truncated or corrupt: its gzip trailer says" in report["problems"][0][1]
+    assert "implies 96352" in report["problems"][0][1]  # 352-byte header + 40 x 40 x 30 int16
+
+
 def test_ct_resampling_keeps_anatomy_proportions():
     hu = np.zeros((10, 40, 20), np.float32)  # 4 mm slices, 1 mm pixels: 40 x 40 x 20 mm
     out = data.preprocess_ct(hu, (4.0, 1.0, 1.0), 28, "x")
