@@ -928,16 +928,20 @@ def _splits_of(records) -> list:
     return sorted(found, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
 
 
+ALL_SPLITS = "all"  # CacheDataset(root, ALL_SPLITS): every record (Table 1 tests on all of RAD-ChestCT, paper 2.4.1)
+
+
 class CacheDataset(torch.utils.data.Dataset):
-    """One split of a cache written by `prepare`; items are Records read through a memory map."""
+    """One split of a cache written by `prepare` (or all of it: ALL_SPLITS); items are Records read through a
+    memory map."""
 
     def __init__(self, root, split: str):
         self.root = Path(root)
         index = _read_index(self.root)
         splits = _splits_of(index["records"])
-        if split not in splits:
+        if split not in splits and split != ALL_SPLITS:
             raise ValueError(f"{root}: no split {split!r}; it has {splits}")
-        self.records = [r for r in index["records"] if r["split"] == split]
+        self.records = [r for r in index["records"] if split in (r["split"], ALL_SPLITS)]
         self.name, self.modality, self.split = index["name"], index["modality"], split
         self.ids = [r["id"] for r in self.records]
         self.labels = np.array([[math.nan if v is None else v for v in r["labels"]] for r in self.records],

@@ -1000,3 +1000,24 @@ def test_dicom_without_pydicom_is_one_clear_error(tmp_path, monkeypatch, capsys)
     assert data.main(["check", "--dataset", "dicom", "--root", str(tmp_path / "archive")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install pydicom" in err  # one line, no traceback
+
+
+def test_radchest_table_1_tests_on_every_split_and_table_2_on_the_test_split(tmp_path):
+    import probe
+    root = tmp_path / "radchest"
+    root.mkdir()
+    vol = np.full((20, 20, 20), -1000, np.int16)
+    for split, prefix in (("imgtrain", "trn"), ("imgvalid", "val"), ("imgtest", "tst")):
+        for k in range(2):
+            np.savez_compressed(root / f"{prefix}{k:05d}.npz", ct=vol)
+        write_csv(root / f"{split}_Abnormality_and_Location_Labels.csv",
+                  ["NoteAcc_DEID", *[f"{c}*lung" for c in data.RADCHEST_PREFIXES]],
+                  [[f"{prefix}{k:05d}", k, 0, 1, 0, k] for k in range(2)])
+    cache = str(prepared("radchest", root, tmp_path))
+    sources = probe.resolve_sources([cache], [])
+    assert sources["radchest"].split == data.ALL_SPLITS and sources["radchest_test"].split == "test"
+    sets = probe.open_datasets(sources, None)
+    assert sorted(sets["radchest"].ids) == sorted(f"{p}{k:05d}" for p in ("trn", "val", "tst") for k in range(2))
+    assert sets["radchest_test"].ids == ["tst00000", "tst00001"] and sets["radchest_train"].ids == ["trn00000", "trn00001"]
+    assert sets["radchest"].fingerprint != sets["radchest_test"].fingerprint  # features cached apart
+    assert "all splits" in sources["radchest"].title
