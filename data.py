@@ -913,10 +913,17 @@ SPLIT_ORDER = ("train", "validate", "valid", "test")
 
 
 def _read_index(root: Path) -> dict:
-    path = Path(root) / "index.json"
+    root = Path(root)
+    path = root / "index.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{root}: neither a phantom name {PHANTOMS} nor a cache directory with index.json "
-                                f"(make one with `python data.py prepare`)")
+        make = f"make one with `python data.py prepare`, or name a phantom {PHANTOMS}"
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such folder ({make})")
+        if not root.is_dir():
+            raise ValueError(f"{root}: a file, not a cache folder ({make})")
+        if not any(root.iterdir()):
+            raise ValueError(f"{root}: empty folder, not a cache ({make})")
+        raise ValueError(f"{root}: no index.json, so not a finished cache (rerun `python data.py prepare` to finish it)")
     index = json.loads(path.read_text())
     if index.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path}: cache format {index.get('format')}, this data.py reads {CACHE_FORMAT}; prepare again")

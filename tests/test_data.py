@@ -1021,3 +1021,17 @@ def test_radchest_table_1_tests_on_every_split_and_table_2_on_the_test_split(tmp
     assert sets["radchest_test"].ids == ["tst00000", "tst00001"] and sets["radchest_train"].ids == ["trn00000", "trn00001"]
     assert sets["radchest"].fingerprint != sets["radchest_test"].fingerprint  # features cached apart
     assert "all splits" in sources["radchest"].title
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_prepare_on_a_bad_root_is_one_line_and_leaves_no_out(tmp_path, capsys, case):
+    root = tmp_path / "mimic"
+    if case == "empty":
+        root.mkdir()
+    out = tmp_path / "cache"
+    assert data.main(["prepare", "--dataset", "mimic", "--root", str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("data.py prepare: error: ")
+    assert (f"{root}: dataset root not found" if case == "missing" else
+            f"{root / 'mimic-cxr-2.0.0-metadata.csv.gz'}: table not found") in err
+    assert not out.exists()
