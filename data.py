@@ -5,6 +5,8 @@ the mixed 2D/3D loader.
 
     python data.py check   --dataset mimic --root /data/mimic-cxr-jpg
     python data.py prepare --dataset mimic --root /data/mimic-cxr-jpg --out cache/mimic --workers 16
+    python data.py prepare --dataset nih   --root /data/nih-cxr14 --out cache/nih     # public, labelled 2D
+    python data.py prepare --dataset dicom --root /data/archive   --out cache/dicom   # CT series (pip install pydicom)
     python data.py prepare --dataset phantom --phantom phantom3d --n 512 --out cache/phantom3d
 
 Every source yields a Record: image float32 (Z, H, W) in [-1, 1] (Z == 1 for a
@@ -15,7 +17,10 @@ Orientation: every 3D array is (Z, Y, X) with Z superior -> inferior,
 Y anterior -> posterior, X patient right -> patient left: RAD-ChestCT's own
 order. An axial slice then looks as radiologists display it, and projecting a
 volume along Y gives a radiograph in the usual display (head up, patient right
-on the viewer's left), which is how the phantom makes its 2D images.
+on the viewer's left), which is how the phantom makes its 2D images. NIfTI
+files with a trustworthy affine and DICOM series (their affine built from
+ImagePositionPatient / ImageOrientationPatient) are reoriented by one function,
+canonical_zyx; CT-RATE v1, whose headers are not trusted, by CTRATE_V1_AXES.
 
 Preprocessing (paper 2.4): X-ray: grayscale, long side resized to 224,
 min-max to [-1, 1]. CT: Hounsfield units, reoriented as above, resampled to
