@@ -534,6 +534,8 @@ def _pydicom():
         import pydicom
     except ImportError:
         raise ImportError("reading DICOM needs pydicom, an optional dependency: pip install pydicom") from None
+    if int(pydicom.__version__.split(".")[0]) < 3:  # pydicom.pixels (decoder lookup) is new in 3.0
+        raise ImportError(f"reading DICOM needs pydicom >= 3.0, found {pydicom.__version__}: pip install -U pydicom")
     return pydicom
 
 
