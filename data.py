@@ -556,6 +556,20 @@ def _decoder_problem(ds) -> str:
     return ""
 
 
+def _truncation_problem(path: Path, ds) -> str:
+    """'' unless the file ends before its pixel data does (a cut download): found from the headers alone."""
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    if elem is None:
+        return f"{path}: no pixel data"
+    if getattr(elem, "length", 0xFFFFFFFF) == 0xFFFFFFFF or getattr(elem, "value_tell", None) is None:
+        return ""  # encapsulated (compressed) or already read: nothing to compare without decoding
+    size = path.stat().st_size
+    if elem.value_tell + elem.length > size:
+        return (f"{path}: truncated: its pixel data needs {elem.length} bytes from byte {elem.value_tell}, "
+                f"the file has {size}")
+    return ""
+
+
 def dicom_series_geometry(headers: list, where: str):
     """Slice order and affine of a CT series from its headers (paper 2.4: CT in its true geometry).
 
@@ -653,7 +667,7 @@ def scan_dicom(root: Path, opt: Options) -> list:
     series = {}  # SeriesInstanceUID -> [(path, header)]
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, defer_size=1024)  # headers; the pixel data is only located, not read
         except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
             continue  # not DICOM (or not parseable as such): notes, DICOMDIR siblings, ...
         if "Rows" not in ds:
@@ -673,7 +687,7 @@ def scan_dicom(root: Path, opt: Options) -> list:
             for path, ds in files:
                 sop = str(ds.get("SOPInstanceUID", path.name))
                 problem = (f"{modality} radiograph: this run reads CT volumes (--dicom-modality 2d reads it)"
-                           if opt.dicom_modality == "3d" else _decoder_problem(ds))
+                           if opt.dicom_modality == "3d" else _truncation_problem(path, ds) or _decoder_problem(ds))
                 sources.append(Source(_key(sop), f"{patient}/{sop}", "train", _nan_labels(), str(path), "dicom-xray",
                                       problem=problem))
             continue
@@ -685,7 +699,7 @@ def scan_dicom(root: Path, opt: Options) -> list:
         else:
             try:
                 dicom_series_geometry([h for _, h in files], f"{len(files)} files")
-                problem = _decoder_problem(first)
+                problem = next(filter(None, (_truncation_problem(p, h) for p, h in files)), "") or _decoder_problem(first)
             except ValueError as e:
                 problem = str(e)
         sources.append(Source(_key(uid), f"{patient}/{uid}", "train", _nan_labels(), where, "dicom-ct",

@@ -927,6 +927,9 @@ def test_dicom_series_that_are_no_volume_are_skipped_with_the_reason(tmp_path, c
     write_dicom(root / "sizes" / "a", TRUE_HU[0] + 1024, series="1.2.3.14")
     write_dicom(root / "sizes" / "b", TRUE_HU[0, :4] + 1024, series="1.2.3.14", position=(0, 0, 2))
     write_dicom(root / "xray" / "a", TRUE_HU[0] + 1024, series="1.2.3.15", modality="DX")
+    write_series(root / "cut", "axial", "1.2.3.17")
+    cut = sorted((root / "cut").iterdir())[2]
+    cut.write_bytes(cut.read_bytes()[:-10])  # a download cut short: found from headers, before any decoding
     from pydicom.pixels import get_decoder
     from pydicom.uid import JPEGLSLossless
     jpegls = not get_decoder(JPEGLSLossless).is_available
@@ -940,6 +943,7 @@ def test_dicom_series_that_are_no_volume_are_skipped_with_the_reason(tmp_path, c
     assert "1 slice: not a volume" in reasons["single"]
     assert "modality MR" in reasons["mr"] and "mixed sizes" in reasons["sizes"]
     assert "DX radiograph: this run reads CT volumes" in reasons["a"]  # a radiograph is named by its file
+    assert f"{cut}: truncated: its pixel data needs 84 bytes" in reasons["cut"]
     if jpegls:
         assert "JPEG-LS Lossless" in reasons["jpegls"] and "not installed" in reasons["jpegls"]
     out = tmp_path / "cache"
