@@ -297,7 +297,8 @@ def train(args) -> dict:
             step, bad_steps = ckpt["step"], ckpt["bad_steps"]
             say(f"resumed from {resume} at step {step}")
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"train.py: error: {e}") from None
+        rank_tag = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # under torchrun: which rank
+        raise SystemExit(f"{rank_tag}train.py: error: {e}") from None
     os.makedirs(args.out, exist_ok=True)
     if world > 1:  # every rank read its own --out: without a shared file system they could disagree
         steps = torch.tensor([step, -step], device=device)
