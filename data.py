@@ -766,7 +766,8 @@ def canonical_zyx(img):
     """A nibabel image with a trustworthy affine -> ((Z, Y, X) float32, spacing (z, y, x) mm) in the project
     orientation: nibabel's closest RAS+ (axis 0 -> patient right, 1 -> anterior, 2 -> superior), every axis
     reversed and transposed. NIfTI files and DICOM series (their affine built from the headers) share it."""
-    img = __import__("nibabel").as_closest_canonical(img)
+    import nibabel as nib
+    img = nib.as_closest_canonical(img)
     vol = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)[::-1, ::-1, ::-1]
     return vol, tuple(float(s) for s in img.header.get_zooms()[:3][::-1])
 

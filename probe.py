@@ -433,8 +433,8 @@ def table_2(adapted: dict, before: dict, train: str, test: str) -> Table:
             rows.append([name, label, fmt_ci(a, c), fmt(gain, 2), fmt(p)])
         rdata.append({"model": name, "adapted": result_data(r), "before": result_data(b)})
     notes = [f"Probe retrained on {train}, tested on {test}; Improvement (%) and 'AUROC before adaptation' "
-             "refer to the probe trained on the pre-training data (Table 1's probe), scored on the same test split "
-             "(Table 1 scores it on every split, as the paper, whose 0.66 before is that). Improvement (%) is the AUROC "
+             "refer to the probe trained on the pre-training data (Table 1's probe) scored on the same test split "
+             "(the paper's 0.66 before is its Table 1 figure, on every split). Improvement (%) is the AUROC "
              "difference x 100, as in the paper (0.66 -> 0.75: 9.12).", NA_NOTE]
     return Table(f"Table 2: domain adaptation on {test}", ["Model", "Label", "AUROC (95% CI)", "Improvement (%)",
                  "AUROC before adaptation"], rows, notes, rdata)
