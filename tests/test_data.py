@@ -1039,3 +1039,18 @@ def test_prepare_on_a_bad_root_is_one_line_and_leaves_no_out(tmp_path, capsys, c
     assert (f"{root}: dataset root not found" if case == "missing" else
             f"{root / 'mimic-cxr-2.0.0-metadata.csv.gz'}: table not found") in err
     assert not out.exists()
+
+
+def test_probe_feature_cache_key_covers_phantom_py(monkeypatch):
+    """Cached features of phantom records must be recomputed when the generator changes, even at one PHANTOM_VERSION."""
+    import inspect
+    import probe
+    probe.feature_code_digest.cache_clear()
+    before = probe.feature_code_digest()
+    source = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: source(obj) + ("\n# edited" if obj is phantom else ""))
+    probe.feature_code_digest.cache_clear()
+    try:
+        assert probe.feature_code_digest() != before
+    finally:
+        probe.feature_code_digest.cache_clear()
