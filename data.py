@@ -188,7 +188,8 @@ RADCHEST_SPACING = (0.8, 0.8, 0.8)  # mm, isotropic as released
 # transpose(2, 0, 1), no flip), and its released weights work on volumes reoriented to SLP+ (k -> Superior,
 # i -> Left, j -> Posterior; CT-CLIP issue #41, torchio issue #1282); v2's corrected headers carry LPS codes.
 CTRATE_V1_AXES = "LPS"
-NIH_TABLE = "Data_Entry_2017_v2020.csv"
+NIH_TABLE = "Data_Entry_2017_v2020.csv"  # the 2020 relabelled table; the 2017 original is read when it is alone
+NIH_TABLE_2017 = "Data_Entry_2017.csv"
 NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
                 "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
 NIH_COLUMNS = ("Atelectasis", "Cardiomegaly", "Consolidation", None, "Effusion")  # LABELS order; no Lung Opacity
@@ -344,7 +345,7 @@ def scan_nih(root: Path, opt: Options) -> list:
     Effusion, Lung Opacity is unknown (no such label). Split: the official lists when both are there,
     else patient_split on `Patient ID`. Ids: 'PatientID/Image Index'.
     """
-    table = root / NIH_TABLE
+    table = root / NIH_TABLE if (root / NIH_TABLE).is_file() or not (root / NIH_TABLE_2017).is_file() else root / NIH_TABLE_2017
     rows = read_table(table, ["Image Index", "Finding Labels", "Patient ID"])
     lists = {split: root / name for split, name in NIH_SPLIT_LISTS.items()}
     present = [p for p in lists.values() if p.is_file()]

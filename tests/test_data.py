@@ -791,6 +791,12 @@ def test_nih_without_split_lists_splits_by_patient_stably_and_reports_missing_im
                                                   "PA", 1, 1, 0.1, 0.1]])
     with pytest.raises(ValueError, match=r"Data_Entry_2017_v2020.csv row 2: Finding Labels 'Cardiomegaly\|Pneumothrax'"):
         data.scan("nih", root, opt())
+    (root / data.NIH_TABLE).rename(root / data.NIH_TABLE_2017)  # the 2017 release's table, alone: read
+    with pytest.raises(ValueError, match=r"Data_Entry_2017.csv row 2: Finding Labels"):
+        data.scan("nih", root, opt())
+    (root / data.NIH_TABLE_2017).unlink()
+    with pytest.raises(FileNotFoundError, match=r"Data_Entry_2017_v2020.csv: table not found"):
+        data.scan("nih", root, opt())
 
 
 def test_nih_real_sample_counts_labels_and_patient_disjoint_split():
