@@ -345,7 +345,9 @@ def scan_nih(root: Path, opt: Options) -> list:
     Effusion, Lung Opacity is unknown (no such label). Split: the official lists when both are there,
     else patient_split on `Patient ID`. Ids: 'PatientID/Image Index'.
     """
-    table = root / NIH_TABLE if (root / NIH_TABLE).is_file() or not (root / NIH_TABLE_2017).is_file() else root / NIH_TABLE_2017
+    table = root / NIH_TABLE
+    if not table.is_file() and (root / NIH_TABLE_2017).is_file():
+        table = root / NIH_TABLE_2017
     rows = read_table(table, ["Image Index", "Finding Labels", "Patient ID"])
     lists = {split: root / name for split, name in NIH_SPLIT_LISTS.items()}
     present = [p for p in lists.values() if p.is_file()]
@@ -700,7 +702,8 @@ def scan_dicom(root: Path, opt: Options) -> list:
         else:
             try:
                 dicom_series_geometry([h for _, h in files], f"{len(files)} files")
-                problem = next(filter(None, (_truncation_problem(p, h) for p, h in files)), "") or _decoder_problem(first)
+                cut = [_truncation_problem(p, h) for p, h in files]
+                problem = next((c for c in cut if c), "") or _decoder_problem(first)
             except ValueError as e:
                 problem = str(e)
         sources.append(Source(_key(uid), f"{patient}/{uid}", "train", _nan_labels(), where, "dicom-ct",
@@ -1356,7 +1359,8 @@ def main(argv=None) -> int:
             p.add_argument("--full", action="store_true", help="decode every file, not only headers")
     args = ap.parse_args(argv)
     opt = Options(size=args.size, min_side=args.min_side, uncertain=args.uncertain, blank=args.blank,
-                  mimic_views=args.mimic_views, mimic_split=args.mimic_split, frontal_only=args.frontal_only, chexpert_table=args.chexpert_table,
+                  mimic_views=args.mimic_views, mimic_split=args.mimic_split, frontal_only=args.frontal_only,
+                  chexpert_table=args.chexpert_table,
                   ctrate_version=args.ctrate_version, one_per_scan=args.one_per_scan, v1_flip=args.v1_flip,
                   phantom=args.phantom, n=args.n, seed=args.seed, dicom_modality=args.dicom_modality)
     try:  # a user's mistake (missing root, table or column, no pydicom) is one line, not a traceback
