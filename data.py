@@ -699,7 +699,8 @@ def scan_dicom(root: Path, opt: Options) -> list:
             problem = f"modality {modality or '(none)'}: only CT series and CR/DX/DR radiographs are read"
         elif opt.dicom_modality == "2d":
             problem = "CT series: this run reads radiographs (--dicom-modality 3d reads it)"
-        else:
+        else:  # a scout (localizer) filed in the series is no slice of the volume
+            files = [(p, h) for p, h in files if "LOCALIZER" not in [str(v).upper() for v in h.get("ImageType", [])]]
             try:
                 dicom_series_geometry([h for _, h in files], f"{len(files)} files")
                 cut = [_truncation_problem(p, h) for p, h in files]

@@ -926,6 +926,11 @@ def test_dicom_ct_series_in_a_nifti_file_gives_the_same_volume(tmp_path):
 def test_dicom_series_that_are_no_volume_are_skipped_with_the_reason(tmp_path, capsys):
     root = tmp_path / "archive"
     write_series(root / "good", "axial", "1.2.3.10")
+    write_dicom(root / "good" / "scout", TRUE_HU[0] + 1024, series="1.2.3.10", orientation=(0, 1, 0, 0, 0, -1))
+    pydicom = pytest.importorskip("pydicom")
+    scout = pydicom.dcmread(root / "good" / "scout")
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]  # a scout filed in the series: left out, not fatal
+    scout.save_as(root / "good" / "scout")
     write_series(root / "gap", "axial", "1.2.3.11", drop=(2,))
     write_dicom(root / "single" / "a", TRUE_HU[0] + 1024, series="1.2.3.12")
     write_dicom(root / "mr" / "a", TRUE_HU[0] + 1024, series="1.2.3.13", modality="MR")
@@ -955,6 +960,7 @@ def test_dicom_series_that_are_no_volume_are_skipped_with_the_reason(tmp_path, c
     out = tmp_path / "cache"
     summary = data.prepare("dicom", root, out, opt())
     assert summary["records"] == 1 and len(summary["failed"]) == len(reasons) - 1
+    assert len(data.scan("dicom", root / "good", opt())[0].files) == 5  # the scout is not a slice
     report = dict(line.split("\t") for line in (out / "report.tsv").read_text().splitlines())
     assert "uneven slice positions" in report[str(root / "gap")]
     ds = data.open_dataset(str(out), "train")
