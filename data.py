@@ -1,8 +1,12 @@
-"""Data for MultiMedVision (paper 2.4): phantom chests, readers for the paper's
-datasets, a preprocessed cache, multi-crop views and the mixed 2D/3D loader.
+"""Data for MultiMedVision (paper 2.4): readers for the paper's datasets, NIH
+ChestX-ray14 and DICOM, the preprocessing shared by real images and phantom
+chests (phantom.py renders them), a preprocessed cache, multi-crop views and
+the mixed 2D/3D loader.
 
     python data.py check   --dataset mimic --root /data/mimic-cxr-jpg
     python data.py prepare --dataset mimic --root /data/mimic-cxr-jpg --out cache/mimic --workers 16
+    python data.py prepare --dataset nih   --root /data/nih-cxr14 --out cache/nih     # public, labelled 2D
+    python data.py prepare --dataset dicom --root /data/archive   --out cache/dicom   # CT series (pip install pydicom)
     python data.py prepare --dataset phantom --phantom phantom3d --n 512 --out cache/phantom3d
 
 Every source yields a Record: image float32 (Z, H, W) in [-1, 1] (Z == 1 for a
@@ -13,7 +17,10 @@ Orientation: every 3D array is (Z, Y, X) with Z superior -> inferior,
 Y anterior -> posterior, X patient right -> patient left: RAD-ChestCT's own
 order. An axial slice then looks as radiologists display it, and projecting a
 volume along Y gives a radiograph in the usual display (head up, patient right
-on the viewer's left), which is how the phantom makes its 2D images.
+on the viewer's left), which is how the phantom makes its 2D images. NIfTI
+files with a trustworthy affine and DICOM series (their affine built from
+ImagePositionPatient / ImageOrientationPatient) are reoriented by one function,
+canonical_zyx; CT-RATE v1, whose headers are not trusted, by CTRATE_V1_AXES.
 
 Preprocessing (paper 2.4): X-ray: grayscale, long side resized to 224,
 min-max to [-1, 1]. CT: Hounsfield units, reoriented as above, resampled to
@@ -45,7 +52,6 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from contextlib import nullcontext
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -53,11 +59,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pack import Packed, pack
+from phantom import PHANTOM_VERSION, PHANTOMS, phantom_rng, render, sample_patient
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Lung Opacity", "Pleural Effusion")
 XRAY_SIZE, CT_SIZE = 224, 112          # long side after preprocessing (paper 2.4)
 WINDOW_LEVEL, WINDOW_WIDTH = 250.0, 2500.0  # CT window (paper 2.4)
-PHANTOMS = ("phantom2d", "phantom3d", "phantom2d-ext", "phantom3d-ext")
 PHANTOM_N = {"train": 1024, "test": 256}
 CACHE_FORMAT = 1
 
@@ -148,190 +154,16 @@ def validate_image(img: np.ndarray, where: str, min_side: int, is_3d: bool | Non
     return img
 
 
-# ---------------------------------------------------------------- phantom chests
+# ---------------------------------------------------------------- phantom chests (rendered by phantom.py)
 
-# Tissue classes painted into a label volume; CT shows HU, a radiograph the
-# line integral of attenuation (water = 1; bone attenuates X-rays more than its HU says).
-AIR, FAT, TISSUE, LUNG, VESSEL, HEART, BONE, FLUID, CONS, ATEL, HAZE = range(11)
-HU_OF = np.array([-1000, -100, 20, -850, 40, 55, 450, 10, 30, 0, -550], np.float32)
-MU_OF = np.maximum((HU_OF + 1000) / 1000, 0)
-MU_OF[BONE] = 1.6
-IN_LUNG = np.isin(np.arange(11), [LUNG, VESSEL, HAZE, CONS, ATEL])  # lookups: which classes a finding may cover
-AERATED = np.arange(11) == LUNG
-PREVALENCE = np.array([0.25, 0.20, 0.12, 0.35, 0.22])  # target prevalence of each label, LABELS order
-PHANTOM_VERSION = 1  # bump when the generator changes: it is part of the phantom fingerprint
-
-
-def sample_patient(rng: np.random.Generator) -> dict:
-    """Anatomy and findings of one phantom patient (cheap: no rendering).
-
-    Normalized coordinates: x in [-1, 1] across the in-plane field of view
-    (patient right at -1), y anterior (-1) -> posterior (+1), z superior ->
-    inferior in the same units. Labels co-occur through a shared severity.
-    """
-    severity = rng.standard_normal()  # shared by the five labels: findings co-occur
-    thresholds = [NormalDist().inv_cdf(1 - p) for p in PREVALENCE]
-    labels = 0.6 * severity + 0.8 * rng.standard_normal(5) > thresholds
-    atel, cardio, cons, opac, effu = labels
-    s = rng.uniform(0.9, 1.05)
-    ox, oy = rng.uniform(-0.04, 0.04, 2)
-    lungs = []
-    for side in (-1, 1):  # right lung, then left (smaller: the heart)
-        r = np.array([0.62, 0.42, 0.30 if side < 0 else 0.27]) * s * rng.uniform(0.95, 1.05, 3)
-        c = np.array([-0.1 + rng.uniform(-0.03, 0.03), -0.02 + oy, side * 0.40 * s + ox])
-        lungs.append([c, r])
-    p = {"labels": labels.astype(np.float32), "scale": s, "offset": (ox, oy),
-         "lungs": lungs, "heart_scale": rng.uniform(1.35, 1.6) if cardio else rng.uniform(0.9, 1.05),
-         "rib_phase": rng.uniform(0, 1), "hu_offset": rng.uniform(-10, 10),
-         "gamma": rng.uniform(0.85, 1.15), "noise": rng.uniform(0.6, 1.4)}
-    p["vessels"] = [(lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.8), rng.uniform(0.018, 0.035))
-                    for k in rng.integers(0, 2, 24)]
-    if atel:  # volume loss of one lung plus a plate of collapsed lung at its base
-        k = rng.integers(0, 2)
-        c, r = lungs[k]
-        loss = rng.uniform(0.8, 0.9)
-        c[0] -= r[0] * (1 - loss)  # raised hemidiaphragm
-        r[0] *= loss
-        r[1] *= rng.uniform(0.88, 0.95)
-        normal = np.array([1.0, rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4)])
-        p["atel"] = (k, c + r * np.array([rng.uniform(0.2, 0.5), 0, 0]), normal / np.linalg.norm(normal),
-                     rng.uniform(0.025, 0.04))
-    if cons:  # one or two dense blobs in a lobe
-        p["cons"] = [(lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.55), rng.uniform(0.10, 0.18, 3))
-                     for k in rng.integers(0, 2, rng.integers(1, 3))]
-    if opac:  # diffuse ground-glass haze over a large region
-        k = rng.integers(0, 2)
-        p["haze"] = (lungs[k][0] + lungs[k][1] * _in_ball(rng, 0.4), rng.uniform(0.35, 0.55))
-    if effu:  # dependent fluid: inferior and posterior parts of one or both lungs
-        sides = [[0], [1], [0, 1]][rng.choice(3, p=[0.4, 0.3, 0.3])]
-        p["effusion"] = [(k, rng.uniform(0.3, 0.55)) for k in sides]
-    return p
-
-
-def _in_ball(rng, radius):
-    v = rng.standard_normal(3)
-    return v / np.linalg.norm(v) * radius * rng.uniform(0, 1) ** (1 / 3)
-
-
-def _paint(lab, axes, box, inside, value, over=None):
-    """Set lab to `value` where inside(z, y, x) holds, within box ((lo), (hi)) only.
-
-    axes: ascending coordinates of the (Z, Y, X) voxel centres; over: a boolean
-    lookup of the classes that may be overwritten (None: any).
-    """
-    sl = tuple(slice(*np.searchsorted(a, [lo, hi])) for a, lo, hi in zip(axes, *box))
-    if any(s.stop <= s.start for s in sl):
-        return
-    z, y, x = (a[s] for a, s in zip(axes, sl))
-    m = np.broadcast_to(inside(z[:, None, None], y[None, :, None], x[None, None, :]),
-                        (len(z), len(y), len(x)))
-    view = lab[sl]
-    if over is not None:
-        m = m & over[view]
-    view[m] = value
-
-
-def _ellipsoid(c, r):
-    return ((c - r, c + r),
-            lambda z, y, x: ((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2 <= 1)
-
-
-def _cylinder(cx, cy, rx, ry, z0=-9.0, z1=9.0):
-    """Elliptic cylinder along z: (box, inside) for _paint."""
-    return ((z0, cy - ry, cx - rx), (z1, cy + ry, cx + rx)), \
-        lambda z, y, x: ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
-
-
-def render_labels(p: dict, axes) -> np.ndarray:
-    """Paint the tissue classes of patient p on the grid axes (z, y, x) -> uint8 (Z, Y, X)."""
-    lab = np.zeros(tuple(len(a) for a in axes), np.uint8)
-    s, (ox, oy) = p["scale"], p["offset"]
-    bx, by = 0.86 * s, 0.62 * s  # body half-width and half-depth
-    _paint(lab, axes, *_cylinder(ox, oy, bx, by), FAT)
-    _paint(lab, axes, *_cylinder(ox, oy, bx - 0.06, by - 0.06), TISSUE)
-    for c, r in p["lungs"]:
-        _paint(lab, axes, *_ellipsoid(c, r), LUNG)
-    for c, r in p["vessels"]:
-        _paint(lab, axes, *_ellipsoid(c, np.full(3, r)), VESSEL, IN_LUNG)
-    hs = p["heart_scale"]  # cardiomegaly: a wider (and somewhat deeper) heart pushes the lungs aside
-    heart_r = np.array([0.22, 0.32 * (1 + (hs - 1) / 2), 0.25 * hs]) * s
-    _paint(lab, axes, *_ellipsoid(np.array([0.25, -0.06 + oy, 0.08 * s + ox]), heart_r), HEART)
-    _paint(lab, axes, *_cylinder(0.12 * s + ox, 0.30 * s + oy, 0.055 * s, 0.055 * s, -0.55, 0.7), HEART)  # aorta
-    box, body = _cylinder(ox, 0.50 * s + oy, 0.11 * s, 0.11 * s)
-    pitch = 0.11 * s  # vertebrae separated by discs
-    _paint(lab, axes, box, lambda z, y, x: body(z, y, x) & ((z / pitch + p["rib_phase"]) % 1 > 0.2), BONE)
-
-    def ribs(z, y, x):  # a shell inside the body wall, cut into bands that slope down laterally
-        shell = ((x - ox) / bx) ** 2 + ((y - oy) / by) ** 2
-        bands = np.cos(2 * np.pi * (z / 0.22 - 0.5 * np.abs(x - ox) + p["rib_phase"])) > 0.6
-        return (0.80 < shell) & (shell < 0.88) & (np.abs(x - ox) > 0.12) & bands
-
-    _paint(lab, axes, ((-0.9, -1, -1), (0.65, 1, 1)), ribs, BONE)
-    lungs = p["lungs"]
-    if "haze" in p:
-        c, r = p["haze"]
-        _paint(lab, axes, *_ellipsoid(c, np.full(3, r)), HAZE, AERATED)
-    for c, r in p.get("cons", []):
-        _paint(lab, axes, *_ellipsoid(c, r), CONS, IN_LUNG)
-    if "atel" in p:  # a plate of collapsed lung
-        k, c, n, half = p["atel"]
-        box = (lungs[k][0] - lungs[k][1], lungs[k][0] + lungs[k][1])
-        plate = lambda z, y, x: np.abs((z - c[0]) * n[0] + (y - c[1]) * n[1] + (x - c[2]) * n[2]) < half
-        _paint(lab, axes, box, plate, ATEL, IN_LUNG)
-    for k, depth in p.get("effusion", []):  # fluid fills the lung from its dependent (inferior-posterior) end
-        c, r = lungs[k]
-        base = c[0] + 0.4 * c[1] + math.hypot(r[0], 0.4 * r[1])  # highest value of z + 0.4 y in the lung
-        _paint(lab, axes, (c - r, c + r), lambda z, y, x: z + 0.4 * y > base - depth, FLUID, IN_LUNG)
-    return lab
-
-
-def _axis(n: int, lo: float, hi: float) -> np.ndarray:
-    return (lo + (np.arange(n, dtype=np.float32) + 0.5) * (hi - lo) / n).astype(np.float32)
-
-
-def _upsample(img: np.ndarray, shape) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-    mode = "trilinear" if img.ndim == 3 else "bilinear"
-    return F.interpolate(t, size=tuple(shape), mode=mode, align_corners=False)[0, 0].numpy()
-
-
-def phantom_image(p: dict, rng: np.random.Generator, modality: str, size: int, external: bool) -> np.ndarray:
-    """Render patient p: a CT volume (3D) or a frontal radiograph (2D, the projection of
-    the same kind of volume along Y) -> float32 (Z, H, W) in [-1, 1].
-
-    external: a shifted acquisition (coarser resolution, more noise, other
-    intensity calibration), the role CheXpert and RAD-ChestCT play for real data.
-    """
-    half_z = rng.uniform(0.75, 1.0) if modality == "3d" else rng.uniform(1.0, 1.2)
-    centre = rng.uniform(-0.12, 0.0)
-    if modality == "3d":  # square axial field of view, z extent varies: (Z, size, size)
-        shape = (max(1, round(size * half_z)), size, size)
-    else:  # frontal view: x spans the field of view, z (rows) the longer side
-        shape = (size, max(1, round(size / half_z)))
-    res = 0.6 if external else 1.0  # external: rendered coarser, then upsampled
-    coarse = [max(2, round(n * res)) for n in shape]
-    z = _axis(coarse[0], centre - half_z, centre + half_z)
-    x = _axis(coarse[-1], -1, 1)
-    noise = p["noise"] * (2.5 if external else 1.0)
+def preprocess_phantom(raw: np.ndarray, modality: str, size: int) -> np.ndarray:
+    """phantom.render's HU volume or line-integral radiograph -> float32 (Z, H, W) in [-1, 1], by the
+    preprocessing of real images (paper 2.4). Rendered at the target size with isotropic voxels, so the
+    resampling and resizing steps keep every value: phantom fingerprints are unchanged by this path."""
     if modality == "3d":
-        lab = render_labels(p, (z, _axis(coarse[1], -1, 1), x))
-        hu = HU_OF[lab] + p["hu_offset"]
-        if external:
-            hu = _upsample(hu * 1.04 + 30, shape)
-        hu += rng.standard_normal(hu.shape, dtype=np.float32) * (18 * noise)
-        return window_ct(hu)
-    lab = render_labels(p, (z, _axis(32, -1, 1), x))
-    line = MU_OF[lab].mean(axis=1)  # (H, W) line integral of attenuation through the body
-    if external:
-        line = _upsample(line, shape)
-    img = line ** (p["gamma"] * (0.7 if external else 1.0))
-    img += rng.standard_normal(img.shape, dtype=np.float32) * (0.015 * noise)
-    return minmax(img, "phantom")[None]
-
-
-def phantom_rng(name: str, split: str, index: int, seed: int) -> np.random.Generator:
-    """Patients differ across the four phantom sources and across splits."""
-    return np.random.default_rng([seed, PHANTOMS.index(name), ("train", "test").index(split), index])
+        return preprocess_ct(raw, (1.0, 1.0, 1.0), size, "phantom")
+    from PIL import Image
+    return preprocess_xray(Image.fromarray(raw), size, "phantom")
 
 
 def phantom_record(name: str, split: str, index: int, size: int, seed: int) -> Record:
@@ -339,17 +171,33 @@ def phantom_record(name: str, split: str, index: int, size: int, seed: int) -> R
     rng = phantom_rng(name, split, index, seed)
     p = sample_patient(rng)
     modality = "3d" if "3d" in name else "2d"
-    img = phantom_image(p, rng, modality, size, name.endswith("-ext"))
+    img = preprocess_phantom(render(p, rng, modality, size, name.endswith("-ext")), modality, size)
     return Record(_float32(img.astype(np.float16)), p["labels"], modality, f"{name}-{split}-{index:06d}")
 
 
 # ---------------------------------------------------------------- raw datasets (see DATASETS.md)
 
-MODALITY = {"mimic": "2d", "chexpert": "2d", "ctrate": "3d", "radchest": "3d", "folder2d": "2d", "folder3d": "3d"}
+MODALITY = {"mimic": "2d", "chexpert": "2d", "ctrate": "3d", "radchest": "3d", "nih": "2d", "dicom": "3d",
+            "folder2d": "2d", "folder3d": "3d"}  # dicom: 3D (CT) by default, --dicom-modality 2d for radiographs
 CTRATE_COLUMNS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Lung opacity", "Pleural effusion")
 RADCHEST_PREFIXES = ("atelectasis", "cardiomegaly", "consolidation", "opacity", "pleural_effusion")
 RADCHEST_SPLITS = {"trn": ("train", "imgtrain"), "val": ("valid", "imgvalid"), "tst": ("test", "imgtest")}
 RADCHEST_SPACING = (0.8, 0.8, 0.8)  # mm, isotropic as released
+# CT-RATE v1 arrays (i, j, k) run towards patient Left, Posterior, Superior: slice k = 0 is the most inferior.
+# Evidence: CT-CLIP, trained on v1, feeds the stored array as (k, i, j) (scripts/data_inference_nii.py:
+# transpose(2, 0, 1), no flip), and its released weights work on volumes reoriented to SLP+ (k -> Superior,
+# i -> Left, j -> Posterior; CT-CLIP issue #41, torchio issue #1282); v2's corrected headers carry LPS codes.
+CTRATE_V1_AXES = "LPS"
+NIH_TABLE = "Data_Entry_2017_v2020.csv"  # the 2020 relabelled table; the 2017 original is read when it is alone
+NIH_TABLE_2017 = "Data_Entry_2017.csv"
+NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
+NIH_COLUMNS = ("Atelectasis", "Cardiomegaly", "Consolidation", None, "Effusion")  # LABELS order; no Lung Opacity
+NIH_SPLIT_LISTS = {"train": "train_val_list.txt", "test": "test_list.txt"}  # the official patient-wise split
+TEST_FRACTION = 0.2  # a split made here puts ~20% of the patients in test (paper 2.4.1: MIMIC 33,537 of 167,286)
+# the paper's n per (dataset, split) (2.4.1; Table 1's RAD-ChestCT set is every split), printed beside check's counts
+PAPER_N = {("mimic", "train"): 133_749, ("mimic", "test"): 33_537, ("chexpert", "test"): 668,
+           ("ctrate", "train"): 46_394, ("ctrate", "valid"): 3_002, ("radchest", "all"): 3_630}
 
 
 @dataclass
@@ -360,14 +208,16 @@ class Options:
     uncertain: str = "nan"         # MIMIC / CheXpert label -1.0: nan | zero | one
     blank: str = "nan"             # label not mentioned (blank cell): nan | zero
     mimic_views: str = "PA,AP"     # MIMIC frontal views by preference; one image per study
+    mimic_split: str = "paper"     # paper: patient-wise 80/20 by patient_split (paper 2.4.1) | official: split.csv.gz
     frontal_only: bool = False     # CheXpert: drop lateral views (the paper's n=668 keeps them)
     chexpert_table: str = ""       # CheXpert CSV; default: groundtruth.csv, test_labels.csv or test.csv
     ctrate_version: str = "auto"   # auto | 1 (train/, valid/) | 2 (train_fixed/, valid_fixed/)
     one_per_scan: bool = False     # CT-RATE: keep only the first reconstruction of each scan
-    v1_flip: str = ""              # CT-RATE v1 (header ignored): axes of (Z, Y, X) to flip, e.g. "zy"
+    v1_flip: str = ""              # CT-RATE v1 (header ignored, axes CTRATE_V1_AXES): extra flips of (Z, Y, X)
     phantom: str = "phantom2d"     # phantom cache: which phantom
     n: int = 1024                  # phantom cache: train samples (test: n // 4)
-    seed: int = 0                  # phantom cache: seed
+    seed: int = 0                  # phantom cache: seed; patient splits made here (MIMIC paper, NIH): their seed
+    dicom_modality: str = "3d"     # DICOM: 3d (CT series -> volumes) | 2d (CR/DX/DR files -> radiographs)
 
 
 @dataclass
@@ -378,10 +228,11 @@ class Source:
     split: str
     labels: np.ndarray
     path: str
-    kind: str                # xray | nifti | npz | phantom
+    kind: str                # xray | nifti | npz | dicom-ct | dicom-xray | phantom
     rescale: tuple = None    # CT-RATE v1: (slope, intercept) from the metadata, header ignored
     spacing: tuple = None    # (z, y, x) mm from the metadata; None: from the file
     problem: str = ""        # known defect (e.g. no metadata row): reported as a failure
+    files: tuple = ()        # DICOM CT: the files of the series (any order: read_dicom_series sorts them)
 
 
 def read_table(path: Path, required) -> list:
@@ -437,11 +288,23 @@ def _nan_labels() -> np.ndarray:
 
 
 def scan_mimic(root: Path, opt: Options) -> list:
-    """MIMIC-CXR-JPG: one frontal image per study (opt.mimic_views by preference)."""
+    """MIMIC-CXR-JPG: one frontal image per study (opt.mimic_views by preference).
+
+    Split (opt.mimic_split): "paper" (default), the paper's protocol (2.4.1: train n=133,749, internal test
+    n=33,537, 20.0% of the studies): patient_split on subject_id, every study of a patient on one side. The
+    official split's train, validate and test studies all go where their patient falls: the paper's two
+    counts add up to every frontal study it used, none held out for validation (the probe chooses C on
+    held-out train patients itself), and the official test part is only ~2% of the studies. "official":
+    mimic-cxr-2.0.0-split.csv.gz as published (train / validate / test).
+    A study without a row in the label table is reported (skipped), not given unknown labels.
+    """
+    if opt.mimic_split not in ("paper", "official"):
+        raise ValueError(f"--mimic-split must be 'paper' or 'official', got {opt.mimic_split!r}")
     meta = read_table(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"])
     table = read_table(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *LABELS])
     split_table = root / "mimic-cxr-2.0.0-split.csv.gz"
-    split_of = {r["dicom_id"]: r["split"] for r in read_table(split_table, ["dicom_id", "split"])}
+    split_of = ({r["dicom_id"]: r["split"] for r in read_table(split_table, ["dicom_id", "split"])}
+                if opt.mimic_split == "official" else {})
     labels_of = {}
     for n, r in enumerate(table):
         where = f"{root / 'mimic-cxr-2.0.0-chexpert.csv.gz'} row {n + 2}"
@@ -459,9 +322,62 @@ def scan_mimic(root: Path, opt: Options) -> list:
     for (subject, study), (_, r) in sorted(best.items()):
         dicom = r["dicom_id"]
         path = root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
-        split = split_of.get(dicom, "")
+        split = split_of.get(dicom, "") if opt.mimic_split == "official" else patient_split(f"p{subject}", opt.seed)
+        problem = "" if split else f"dicom_id {dicom} not in {split_table}"
+        if (subject, study) not in labels_of:
+            problem = f"study s{study} of p{subject} has no row in {root / 'mimic-cxr-2.0.0-chexpert.csv.gz'}"
         sources.append(Source(_key(dicom), f"p{subject}/s{study}", split, labels_of.get((subject, study), _nan_labels()),
-                              str(path), "xray", problem="" if split else f"dicom_id {dicom} not in {split_table}"))
+                              str(path), "xray", problem=problem))
+    return sources
+
+
+def patient_split(patient: str, seed: int, test_fraction: float = TEST_FRACTION) -> str:
+    """'train' or 'test' for a patient, from a hash of (seed, patient id): every study of a patient on one side,
+    and a patient keeps its side when the tree grows or shrinks (no permutation of a list that could shift)."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}/{patient}".encode()).digest()[:8], "big")
+    return "test" if h < test_fraction * 2 ** 64 else "train"
+
+
+def scan_nih(root: Path, opt: Options) -> list:
+    """NIH ChestX-ray14: Data_Entry table, images under images_NNN/images/ or one flat images/ folder.
+
+    Labels from `Finding Labels` ('|'-separated): a finding not named is negative, Effusion is Pleural
+    Effusion, Lung Opacity is unknown (no such label). Split: the official lists when both are there,
+    else patient_split on `Patient ID`. Ids: 'PatientID/Image Index'.
+    """
+    table = root / NIH_TABLE
+    if not table.is_file() and (root / NIH_TABLE_2017).is_file():
+        table = root / NIH_TABLE_2017
+    rows = read_table(table, ["Image Index", "Finding Labels", "Patient ID"])
+    lists = {split: root / name for split, name in NIH_SPLIT_LISTS.items()}
+    present = [p for p in lists.values() if p.is_file()]
+    if len(present) == 1:
+        missing = next(p for p in lists.values() if not p.is_file())
+        raise FileNotFoundError(f"{missing}: not found beside {present[0]} (give both official split lists or none)")
+    split_of = {}
+    for split, path in (lists.items() if present else ()):
+        split_of.update((line.strip(), split) for line in path.read_text().splitlines() if line.strip())
+    images = {p.name: p for p in root.rglob("*.png")}  # images_001/images/ ... images_012/images/, or images/
+    sources = []
+    for n, r in enumerate(rows):
+        where = f"{table} row {n + 2}"
+        name, patient = r["Image Index"].strip(), r["Patient ID"].strip()
+        findings = {f.strip() for f in (r["Finding Labels"] or "").split("|")}
+        unknown = findings - {*NIH_FINDINGS, "No Finding"}
+        if unknown or ("No Finding" in findings and len(findings) > 1):
+            raise ValueError(f"{where}: Finding Labels {r['Finding Labels']!r} is not 'No Finding' or "
+                             f"'|'-separated findings among {NIH_FINDINGS}")
+        if not name or not patient:
+            raise ValueError(f"{where}: empty Image Index or Patient ID")
+        labels = np.array([float(c in findings) if c else math.nan for c in NIH_COLUMNS], np.float32)
+        split = split_of.get(name, "") if present else patient_split(patient, opt.seed)
+        path, problem = images.get(name), ""
+        if path is None:
+            path, problem = root / "images" / name, f"{name} (row {n + 2} of {table}) not found under {root}"
+        elif not split:
+            problem = f"{name} is in neither {lists['train'].name} nor {lists['test'].name}"
+        sources.append(Source(_key(Path(name).stem), f"{patient}/{name}", split, labels, str(path), "xray",
+                              problem=problem))
     return sources
 
 
@@ -525,10 +441,9 @@ def scan_ctrate(root: Path, opt: Options) -> list:
         labels_of = {r["VolumeName"]: _row_labels(r, CTRATE_COLUMNS, opt, f"{table_path} row {n + 2}")
                      for n, r in enumerate(table)}
         meta_path = ds / "metadata" / f"{meta_name}_metadata.csv"
-        meta = {}
-        if version == "1" or meta_path.is_file():
-            need = spacing_cols + (["RescaleSlope", "RescaleIntercept"] if version == "1" else [])
-            meta = {r["VolumeName"]: r for r in read_table(meta_path, need)}
+        meta = {}  # v1 only: v2's header holds HU and the geometry, and its spacing is the one its affine was made with
+        if version == "1":
+            meta = {r["VolumeName"]: r for r in read_table(meta_path, spacing_cols + ["RescaleSlope", "RescaleIntercept"])}
         kept = {}
         for path in sorted(folder.rglob("*.nii.gz")):
             name, stem = path.name, path.name[: -len(".nii.gz")]
@@ -544,12 +459,11 @@ def scan_ctrate(root: Path, opt: Options) -> list:
                 try:  # one bad row is this volume's problem (skipped, reported), not the whole scan's
                     xy = _floats(row["XYSpacing"])
                     src.spacing = (float(row["ZSpacing"]), xy[0], xy[-1])
-                    if version == "1":
-                        src.rescale = (float(row["RescaleSlope"]), float(row["RescaleIntercept"]))
+                    src.rescale = (float(row["RescaleSlope"]), float(row["RescaleIntercept"]))
                 except (ValueError, IndexError) as e:
                     src.problem = f"bad spacing or rescale for {name} in {meta_path}: {e or 'empty'}"
             elif version == "1":
-                src.problem = f"no row for {name} in {meta_path} (RescaleSlope/RescaleIntercept needed for v1)"
+                src.problem = f"no row for {name} in {meta_path} (v1 needs its RescaleSlope/Intercept and spacing)"
             sources.append(src)
     if not found:
         raise FileNotFoundError(f"{ds}: no CT-RATE volume folder (v1: train/, valid/; v2: train_fixed/, valid_fixed/)")
@@ -615,6 +529,189 @@ def scan_folder(root: Path, modality: str) -> list:
     return sources
 
 
+DICOM_XRAY = ("CR", "DX", "DR")  # radiograph modalities (DR is no DICOM code, but archives write it)
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise ImportError("reading DICOM needs pydicom, an optional dependency: pip install pydicom") from None
+    if int(pydicom.__version__.split(".")[0]) < 3:  # pydicom.pixels (decoder lookup) is new in 3.0
+        raise ImportError(f"reading DICOM needs pydicom >= 3.0, found {pydicom.__version__}: pip install -U pydicom")
+    return pydicom
+
+
+def _decoder_problem(ds) -> str:
+    """'' if this file's pixel data can be decoded here, else why not (a compressed syntax without a decoder)."""
+    from pydicom.pixels import get_decoder
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None:
+        return ""  # no file meta: pydicom assumes implicit little endian, decodable
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return f"transfer syntax {syntax.name} ({syntax}) cannot be decoded by pydicom"
+    if not decoder.is_available:
+        return (f"transfer syntax {syntax.name} ({syntax}) needs a decoder that is not installed: "
+                f"{'; '.join(decoder.missing_dependencies)}")
+    return ""
+
+
+def _truncation_problem(path: Path, ds) -> str:
+    """'' unless the file ends before its pixel data does (a cut download): found from the headers alone."""
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    if elem is None:
+        return f"{path}: no pixel data"
+    if getattr(elem, "length", 0xFFFFFFFF) == 0xFFFFFFFF or getattr(elem, "value_tell", None) is None:
+        return ""  # encapsulated (compressed) or already read: nothing to compare without decoding
+    size = path.stat().st_size
+    if elem.value_tell + elem.length > size:
+        return (f"{path}: truncated: its pixel data needs {elem.length} bytes from byte {elem.value_tell}, "
+                f"the file has {size}")
+    return ""
+
+
+def dicom_series_geometry(headers: list, where: str):
+    """Slice order and affine of a CT series from its headers (paper 2.4: CT in its true geometry).
+
+    Slices are ordered by ImagePositionPatient projected on the slice normal (row x column direction of
+    ImageOrientationPatient), never by file name or InstanceNumber. Returns (order, affine): order indexes
+    headers, affine (4, 4) maps the stacked (slice, row, column) indices to RAS+ millimetres, which is what
+    canonical_zyx (shared with NIfTI) reorients. A series that is no regular volume is a ValueError.
+    """
+    if len(headers) < 2:
+        raise ValueError(f"{where}: {len(headers)} slice: not a volume")
+    frames = [int(h.get("NumberOfFrames", 1) or 1) for h in headers]
+    if max(frames) > 1:
+        raise ValueError(f"{where}: multi-frame file(s) ({max(frames)} frames): only one slice per file is read")
+    need = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+    lacking = sorted({k for h in headers for k in need if h.get(k) is None})
+    if lacking:
+        raise ValueError(f"{where}: slice(s) without {lacking}: the geometry is unknown")
+    sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: slices of mixed sizes {sorted(sizes)}")
+    iop = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
+    if np.abs(iop - iop[0]).max() > 1e-4:
+        raise ValueError(f"{where}: slices with different ImageOrientationPatient")
+    spacing = np.array([[float(v) for v in h.PixelSpacing] for h in headers])
+    if np.abs(spacing - spacing[0]).max() > 1e-4:
+        raise ValueError(f"{where}: slices with different PixelSpacing")
+    row_dir, col_dir = iop[0, :3], iop[0, 3:]  # LPS directions of increasing column index, row index
+    normal = np.cross(row_dir, col_dir)
+    position = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    depth = position @ normal
+    order = np.argsort(depth, kind="stable")
+    gaps = np.diff(depth[order])
+    if gaps.min() < 1e-3:
+        raise ValueError(f"{where}: two slices at the same position ({depth[order][np.argmin(gaps)]:.2f} mm "
+                         f"along the normal): several acquisitions in one series?")
+    gap = float(np.median(gaps))
+    if gaps.max() - gaps.min() > max(0.01 * gap, 1e-3):
+        raise ValueError(f"{where}: uneven slice positions, gaps {gaps.min():.3g} to {gaps.max():.3g} mm "
+                         f"(a missing slice?)")
+    in_plane = position[order] - np.outer(depth[order], normal)
+    if np.abs(in_plane - in_plane[0]).max() > 0.5 * spacing[0].min():
+        raise ValueError(f"{where}: slice positions drift in-plane (gantry tilt?): not a regular volume")
+    lps = np.eye(4)
+    lps[:3, 0] = normal * gap           # slice index: along the normal, in sorted order
+    lps[:3, 1] = col_dir * spacing[0, 0]  # row index: PixelSpacing[0] is the distance between rows
+    lps[:3, 2] = row_dir * spacing[0, 1]  # column index: PixelSpacing[1], between columns
+    lps[:3, 3] = position[order[0]]
+    return order, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
+
+
+def read_dicom_series(paths) -> tuple:
+    """The files of one CT series -> ((Z, Y, X) HU float32 in the project orientation, spacing (z, y, x) mm).
+
+    HU = RescaleSlope * stored + RescaleIntercept, per slice (they may differ between slices).
+    """
+    pydicom = _pydicom()
+    import nibabel as nib
+    where = f"{Path(paths[0]).parent} (series of {len(paths)} files)"
+    slices = [pydicom.dcmread(p) for p in paths]
+    order, affine = dicom_series_geometry(slices, where)
+    hu = np.empty((len(slices), int(slices[0].Rows), int(slices[0].Columns)), np.float32)
+    for k, i in enumerate(order):
+        ds = slices[i]
+        problem = _decoder_problem(ds)
+        if problem:
+            raise ValueError(f"{paths[i]}: {problem}")
+        hu[k] = ds.pixel_array * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    return canonical_zyx(nib.Nifti1Image(hu, affine))
+
+
+def read_dicom_xray(path: str) -> np.ndarray:
+    """One CR/DX radiograph -> float32 (H, W), bright = dense as in the JPG datasets: MONOCHROME1 (bright =
+    low attenuation) is inverted."""
+    ds = _pydicom().dcmread(path)
+    problem = _decoder_problem(ds)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    img = ds.pixel_array.astype(np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"{path}: pixel array of shape {img.shape}, expected one grayscale image")
+    img = img * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        img = img.max() + img.min() - img
+    return img
+
+
+def scan_dicom(root: Path, opt: Options) -> list:
+    """DICOM files anywhere under root (any name, with or without .dcm), grouped by SeriesInstanceUID.
+
+    --dicom-modality 3d: each CT series is one volume; 2d: each CR/DX/DR file is one radiograph. Series of
+    the other kind, other modalities and series that are no regular volume are Sources with a problem
+    (skipped and reported by check and prepare). Files that are not DICOM images are ignored.
+    """
+    pydicom = _pydicom()
+    series = {}  # SeriesInstanceUID -> [(path, header)]
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, defer_size=1024)  # headers; the pixel data is only located, not read
+        except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            continue  # not DICOM (or not parseable as such): notes, DICOMDIR siblings, ...
+        if "Rows" not in ds:
+            continue  # no image (DICOMDIR, structured report, presentation state)
+        series.setdefault(str(ds.get("SeriesInstanceUID", f"(no series uid) {path}")), []).append((path, ds))
+    per_folder = {}
+    for files in series.values():
+        per_folder[files[0][0].parent] = per_folder.get(files[0][0].parent, 0) + 1
+    sources = []
+    for uid, files in series.items():
+        first = files[0][1]
+        patient = _key(str(first.get("PatientID", "") or "unknown"))
+        modality = str(first.get("Modality", "")).upper()
+        folder = files[0][0].parent
+        where = str(folder) if per_folder[folder] == 1 else f"{folder} [series {uid}]"
+        if modality in DICOM_XRAY:
+            for path, ds in files:
+                sop = str(ds.get("SOPInstanceUID", path.name))
+                problem = (f"{modality} radiograph: this run reads CT volumes (--dicom-modality 2d reads it)"
+                           if opt.dicom_modality == "3d" else _truncation_problem(path, ds) or _decoder_problem(ds))
+                sources.append(Source(_key(sop), f"{patient}/{sop}", "train", _nan_labels(), str(path), "dicom-xray",
+                                      problem=problem))
+            continue
+        problem = ""
+        if modality != "CT":
+            problem = f"modality {modality or '(none)'}: only CT series and CR/DX/DR radiographs are read"
+        elif opt.dicom_modality == "2d":
+            problem = "CT series: this run reads radiographs (--dicom-modality 3d reads it)"
+        else:  # a scout (localizer) filed in the series is no slice of the volume
+            files = [(p, h) for p, h in files if "LOCALIZER" not in [str(v).upper() for v in h.get("ImageType", [])]]
+            try:
+                dicom_series_geometry([h for _, h in files], f"{len(files)} files")
+                cut = [_truncation_problem(p, h) for p, h in files]
+                problem = next((c for c in cut if c), "") or _decoder_problem(first)
+            except ValueError as e:
+                problem = str(e)
+        sources.append(Source(_key(uid), f"{patient}/{uid}", "train", _nan_labels(), where, "dicom-ct",
+                              problem=problem, files=tuple(str(p) for p, _ in files)))
+    return sources
+
+
 def scan_phantom(opt: Options) -> list:
     if opt.phantom not in PHANTOMS:
         raise ValueError(f"--phantom must be one of {PHANTOMS}, got {opt.phantom!r}")
@@ -622,6 +719,12 @@ def scan_phantom(opt: Options) -> list:
           for s, n in (("train", opt.n), ("test", max(1, opt.n // 4)))}
     return [Source(_key(d.ids[i]), d.ids[i], s, d.labels[i], f"{opt.phantom}/{s}/{i}", "phantom")
             for s, d in ds.items() for i in range(len(d))]
+
+
+def dataset_modality(name: str, opt: Options) -> str:
+    if name == "phantom":
+        return "3d" if "3d" in opt.phantom else "2d"
+    return opt.dicom_modality if name == "dicom" else MODALITY[name]
 
 
 def scan(name: str, root, opt: Options) -> list:
@@ -635,7 +738,8 @@ def scan(name: str, root, opt: Options) -> list:
         raise FileNotFoundError(f"{root}: dataset root not found")
     if name.startswith("folder"):
         return scan_folder(root, MODALITY[name])
-    return {"mimic": scan_mimic, "chexpert": scan_chexpert, "ctrate": scan_ctrate, "radchest": scan_radchest}[name](root, opt)
+    return {"mimic": scan_mimic, "chexpert": scan_chexpert, "ctrate": scan_ctrate, "radchest": scan_radchest,
+            "nih": scan_nih, "dicom": scan_dicom}[name](root, opt)
 
 
 def read_nifti(path: str, rescale=None, flip: str = ""):
@@ -645,20 +749,31 @@ def read_nifti(path: str, rescale=None, flip: str = ""):
     (axis 0 -> patient right, 1 -> anterior, 2 -> superior), header scaling
     applied, then every axis reversed and transposed to (Z, Y, X).
     CT-RATE v1 (rescale = (slope, intercept)): header scaling and affine are
-    ignored; the stored array (i, j, k), k the slice axis, becomes (k, j, i)
-    and HU = slope * stored + intercept; `flip` reverses axes of the result.
+    ignored; HU = slope * stored + intercept, and the stored axes (i, j, k) are
+    taken to run towards patient Left, Posterior, Superior (CTRATE_V1_AXES), as
+    v2's corrected affines say of the same arrays; `flip` reverses axes of the
+    result, for a copy that differs.
     """
     import nibabel as nib
     img = nib.load(path)
     if len(img.shape) != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {img.shape}")
     if rescale is None:
-        img = nib.as_closest_canonical(img)
-        vol = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)[::-1, ::-1, ::-1]
-    else:
-        vol = (img.dataobj.get_unscaled().astype(np.float32) * rescale[0] + rescale[1]).transpose(2, 1, 0)
+        return canonical_zyx(img)
+    # (i, j, k) = (L, P, S) -> (k, j, i) = (S, P, L), then Z reversed: superior -> inferior, as v2 and RAD-ChestCT
+    vol = (img.dataobj.get_unscaled().astype(np.float32) * rescale[0] + rescale[1]).transpose(2, 1, 0)[::-1]
     for axis in flip:
         vol = np.flip(vol, "zyx".index(axis))
+    return vol, tuple(float(s) for s in img.header.get_zooms()[:3][::-1])
+
+
+def canonical_zyx(img):
+    """A nibabel image with a trustworthy affine -> ((Z, Y, X) float32, spacing (z, y, x) mm) in the project
+    orientation: nibabel's closest RAS+ (axis 0 -> patient right, 1 -> anterior, 2 -> superior), every axis
+    reversed and transposed. NIfTI files and DICOM series (their affine built from the headers) share it."""
+    import nibabel as nib
+    img = nib.as_closest_canonical(img)
+    vol = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)[::-1, ::-1, ::-1]
     return vol, tuple(float(s) for s in img.header.get_zooms()[:3][::-1])
 
 
@@ -674,7 +789,7 @@ def load_source(src: Source, opt: Options) -> np.ndarray:
     """Decode and preprocess one raw file -> float32 (Z, H, W) in [-1, 1], validated."""
     if src.problem:
         raise ValueError(f"{src.path}: {src.problem}")
-    size = opt.size or (XRAY_SIZE if src.kind == "xray" or src.path.startswith("phantom2d") else CT_SIZE)
+    size = opt.size or (XRAY_SIZE if src.kind in ("xray", "dicom-xray") or src.path.startswith("phantom2d") else CT_SIZE)
     if src.kind == "xray":
         from PIL import Image
         with Image.open(src.path) as im:
@@ -687,10 +802,17 @@ def load_source(src: Source, opt: Options) -> np.ndarray:
     elif src.kind == "npz":
         hu = read_radchest(src.path).astype(np.float32)
         img = preprocess_ct(hu, RADCHEST_SPACING, size, src.path)
+    elif src.kind == "dicom-ct":
+        hu, spacing = read_dicom_series(src.files)
+        img = preprocess_ct(hu, spacing, size, src.path)
+    elif src.kind == "dicom-xray":
+        from PIL import Image
+        img = preprocess_xray(Image.fromarray(read_dicom_xray(src.path)), size, src.path)
     else:
         name, split, index = src.path.split("/")
         img = phantom_record(name, split, int(index), size, opt.seed).image
-    return validate_image(img, src.path, opt.min_side, is_3d=src.kind in ("nifti", "npz") or src.path.startswith("phantom3d"))
+    is_3d = src.kind in ("nifti", "npz", "dicom-ct") or src.path.startswith("phantom3d")
+    return validate_image(img, src.path, opt.min_side, is_3d=is_3d)
 
 
 # ---------------------------------------------------------------- cache: prepare and read
@@ -761,15 +883,18 @@ def prepare(name: str, root, out, opt: Options, workers: int = 1) -> dict:
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise ValueError(f"{root}: several files map to the same cache key, e.g. {dup}")
-    modality = ("3d" if "3d" in opt.phantom else "2d") if name == "phantom" else MODALITY[name]
+    modality = dataset_modality(name, opt)
+    extra = {}
     if name == "ctrate":  # the version read, not "auto": v1 and v2 arrays share file names but not HU
         opt = replace(opt, ctrate_version=ctrate_version(_ctrate_dir(Path(root)), opt))
+        if opt.ctrate_version == "1":  # a v1 cache made under another reading of its axes is refused, not reused
+            extra["ctrate_v1_axes"] = CTRATE_V1_AXES
     out = Path(out)
     (out / "arrays").mkdir(parents=True, exist_ok=True)
     settings = {"dataset": name, "modality": modality, **asdict(opt),
                 "size": opt.size or (CT_SIZE if modality == "3d" else XRAY_SIZE),
                 "window": [WINDOW_LEVEL, WINDOW_WIDTH], "dtype": "float16",
-                "orientation": "(Z, Y, X): superior->inferior, anterior->posterior, right->left"}
+                "orientation": "(Z, Y, X): superior->inferior, anterior->posterior, right->left", **extra}
     if (out / "settings.json").is_file():
         old = json.loads((out / "settings.json").read_text())
         if old != json.loads(json.dumps(settings)):
@@ -815,10 +940,17 @@ SPLIT_ORDER = ("train", "validate", "valid", "test")
 
 
 def _read_index(root: Path) -> dict:
-    path = Path(root) / "index.json"
+    root = Path(root)
+    path = root / "index.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{root}: neither a phantom name {PHANTOMS} nor a cache directory with index.json "
-                                f"(make one with `python data.py prepare`)")
+        make = f"make one with `python data.py prepare`, or name a phantom {PHANTOMS}"
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such folder ({make})")
+        if not root.is_dir():
+            raise ValueError(f"{root}: a file, not a cache folder ({make})")
+        if not any(root.iterdir()):
+            raise ValueError(f"{root}: empty folder, not a cache ({make})")
+        raise ValueError(f"{root}: no index.json, so not a finished cache (rerun `python data.py prepare` to finish it)")
     index = json.loads(path.read_text())
     if index.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path}: cache format {index.get('format')}, this data.py reads {CACHE_FORMAT}; prepare again")
@@ -830,16 +962,20 @@ def _splits_of(records) -> list:
     return sorted(found, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
 
 
+ALL_SPLITS = "all"  # CacheDataset(root, ALL_SPLITS): every record (Table 1 tests on all of RAD-ChestCT, paper 2.4.1)
+
+
 class CacheDataset(torch.utils.data.Dataset):
-    """One split of a cache written by `prepare`; items are Records read through a memory map."""
+    """One split of a cache written by `prepare` (or all of it: ALL_SPLITS); items are Records read through a
+    memory map."""
 
     def __init__(self, root, split: str):
         self.root = Path(root)
         index = _read_index(self.root)
         splits = _splits_of(index["records"])
-        if split not in splits:
+        if split not in splits and split != ALL_SPLITS:
             raise ValueError(f"{root}: no split {split!r}; it has {splits}")
-        self.records = [r for r in index["records"] if r["split"] == split]
+        self.records = [r for r in index["records"] if split in (r["split"], ALL_SPLITS)]
         self.name, self.modality, self.split = index["name"], index["modality"], split
         self.ids = [r["id"] for r in self.records]
         self.labels = np.array([[math.nan if v is None else v for v in r["labels"]] for r in self.records],
@@ -924,7 +1060,13 @@ def describe(spec: str, **phantom_options) -> dict:
     sets = [open_dataset(spec, s, **phantom_options) for s in list_splits(spec)]
     return {"name": sets[0].name, "modality": sets[0].modality,
             "splits": {d.split: len(d) for d in sets},
-            "prevalence": {d.split: [float(v) for v in np.nanmean(d.labels, 0)] if len(d) else [] for d in sets}}
+            "prevalence": {d.split: _prevalence(d.labels) if len(d) else [] for d in sets}}
+
+
+def _prevalence(labels: np.ndarray) -> list:
+    """Fraction positive among the known labels, per label; NaN for a label never known (NIH's Lung Opacity)."""
+    known = (~np.isnan(labels)).sum(0)
+    return [float(np.nansum(col) / k) if k else math.nan for col, k in zip(labels.T, known)]
 
 
 # ---------------------------------------------------------------- views (paper 2.4.1)
@@ -1170,11 +1312,25 @@ def _peek(src: Source) -> None:
             im.size
     elif src.kind == "nifti":
         import nibabel as nib
-        shape = nib.load(src.path).shape
-        if len(shape) != 3:
-            raise ValueError(f"{src.path}: expected a 3D volume, got shape {shape}")
+        img = nib.load(src.path)
+        if len(img.shape) != 3:
+            raise ValueError(f"{src.path}: expected a 3D volume, got shape {img.shape}")
+        if src.path.endswith(".gz"):
+            offset = img.dataobj.offset  # where the voxels start in the uncompressed file (vox_offset)
+            _check_gzip_size(src.path, offset + math.prod(img.shape) * img.header.get_data_dtype().itemsize)
     elif src.kind == "npz":
         read_radchest(src.path, header_only=True)
+
+
+def _check_gzip_size(path: str, expected: int) -> None:
+    """A gzip member ends with its uncompressed size mod 2^32 (RFC 1952 ISIZE): one seek tells a truncated
+    .nii.gz (whose last bytes are then compressed data) from a whole one, without decompressing it."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(f.read(4), "little")
+    if isize != expected % 2 ** 32:
+        raise ValueError(f"{path}: truncated or corrupt: its gzip trailer says {isize} bytes uncompressed, "
+                         f"its NIfTI header implies {expected % 2 ** 32} (mod 2^32)")
 
 
 def check(name: str, root, opt: Options, full: bool = False) -> dict:
@@ -1185,7 +1341,7 @@ def check(name: str, root, opt: Options, full: bool = False) -> dict:
         try:
             if src.problem:
                 raise ValueError(src.problem)
-            if src.kind != "phantom" and not Path(src.path).is_file():
+            if src.kind not in ("phantom", "dicom-ct") and not Path(src.path).is_file():
                 raise FileNotFoundError("file not found")
             load_source(src, opt) if full else _peek(src)
         except Exception as e:
@@ -1193,14 +1349,21 @@ def check(name: str, root, opt: Options, full: bool = False) -> dict:
     splits = {s: [x for x in sources if x.split == s] for s in _splits_of([{"split": x.split} for x in sources])}
     labels = {s: {label: [int((y == 1).sum()), int((y == 0).sum()), int(np.isnan(y).sum())]
                   for label, y in zip(LABELS, np.stack([x.labels for x in xs]).T)} for s, xs in splits.items()}
-    print(f"{name} at {root}: {len(sources)} files, {len(problems)} with problems")
+    unit = "series or files" if name == "dicom" else "files"
+    bad = {p for p, _ in problems}
+    usable = {s: sum(x.path not in bad for x in xs) for s, xs in splits.items()}
+    print(f"{name} at {root}: {len(sources)} {unit}, {len(problems)} with problems")
     for s, xs in splits.items():
-        print(f"  {s or '(no split)'}: {len(xs)}")
+        paper = PAPER_N.get((name, s))
+        print(f"  {s or '(no split)'}: {len(xs)}, {usable[s]} usable" + (f"  (paper 2.4.1: n={paper:,})" if paper else ""))
         for label, (pos, neg, unk) in labels[s].items():
             print(f"    {label:17s} positive {pos:7d}  negative {neg:7d}  unknown {unk:7d}")
+    if (name, "all") in PAPER_N:  # RAD-ChestCT: Table 1 tests on every split
+        print(f"  all splits: {len(sources)}, {sum(usable.values())} usable  (paper 2.4.1: n={PAPER_N[name, 'all']:,})")
     for path, error in problems:
         print(f"  problem: {path}: {error}")
-    return {"splits": {s: len(xs) for s, xs in splits.items()}, "labels": labels, "problems": problems}
+    return {"splits": {s: len(xs) for s, xs in splits.items()}, "usable": usable, "labels": labels,
+            "problems": problems}
 
 
 def main(argv=None) -> int:
@@ -1215,14 +1378,21 @@ def main(argv=None) -> int:
         p.add_argument("--uncertain", choices=["nan", "zero", "one"], default="nan", help="MIMIC/CheXpert label -1.0")
         p.add_argument("--blank", choices=["nan", "zero"], default="nan", help="MIMIC/CheXpert blank label")
         p.add_argument("--mimic-views", default="PA,AP", help="MIMIC frontal views in order of preference")
+        p.add_argument("--mimic-split", choices=["paper", "official"], default="paper",
+                       help="MIMIC split: the paper's patient-wise 80/20 (2.4.1, seeded by --seed) or the official "
+                            "split.csv.gz (test ~2%%)")
         p.add_argument("--frontal-only", action="store_true", help="CheXpert: drop lateral views")
         p.add_argument("--chexpert-table", default="", help="CheXpert label CSV (default: groundtruth.csv, ...)")
         p.add_argument("--ctrate-version", choices=["auto", "1", "2"], default="auto")
         p.add_argument("--one-per-scan", action="store_true", help="CT-RATE: first reconstruction of each scan only")
-        p.add_argument("--v1-flip", default="", help="CT-RATE v1: axes of (Z, Y, X) to flip, e.g. 'zy'")
+        p.add_argument("--v1-flip", default="", help="CT-RATE v1: axes of (Z, Y, X) to flip after reading the "
+                       "stored axes as Left, Posterior, Superior (the default, see CTRATE_V1_AXES), e.g. 'z'")
         p.add_argument("--phantom", choices=PHANTOMS, default="phantom2d")
         p.add_argument("--n", type=int, default=1024, help="phantom: train samples (test: n // 4)")
-        p.add_argument("--seed", type=int, default=0, help="phantom: seed")
+        p.add_argument("--seed", type=int, default=0, help="phantom: seed; patient splits made here (MIMIC paper, "
+                       "NIH without lists): their seed")
+        p.add_argument("--dicom-modality", choices=["3d", "2d"], default="3d",
+                       help="DICOM: 3d reads CT series as volumes, 2d reads CR/DX/DR radiographs")
         if command == "prepare":
             p.add_argument("--out", required=True, help="cache folder")
             p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -1230,13 +1400,18 @@ def main(argv=None) -> int:
             p.add_argument("--full", action="store_true", help="decode every file, not only headers")
     args = ap.parse_args(argv)
     opt = Options(size=args.size, min_side=args.min_side, uncertain=args.uncertain, blank=args.blank,
-                  mimic_views=args.mimic_views, frontal_only=args.frontal_only, chexpert_table=args.chexpert_table,
+                  mimic_views=args.mimic_views, mimic_split=args.mimic_split, frontal_only=args.frontal_only,
+                  chexpert_table=args.chexpert_table,
                   ctrate_version=args.ctrate_version, one_per_scan=args.one_per_scan, v1_flip=args.v1_flip,
-                  phantom=args.phantom, n=args.n, seed=args.seed)
-    if args.command == "prepare":
-        prepare(args.dataset, args.root, args.out, opt, args.workers)
-        return 0
-    return 0 if len(check(args.dataset, args.root, opt, args.full)["problems"]) == 0 else 1
+                  phantom=args.phantom, n=args.n, seed=args.seed, dicom_modality=args.dicom_modality)
+    try:  # a user's mistake (missing root, table or column, no pydicom) is one line, not a traceback
+        if args.command == "prepare":
+            prepare(args.dataset, args.root, args.out, opt, args.workers)
+            return 0
+        return 0 if len(check(args.dataset, args.root, opt, args.full)["problems"]) == 0 else 1
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
+        print(f"data.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -225,11 +225,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """Read a train.py checkpoint safely (weights_only: unpickling never runs code) and check its format."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its end is its directory
+        raise ValueError(f"{path}: not a readable checkpoint: not a file written by torch.save, or truncated")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint (truncated, corrupt, or holding objects other "
-                         f"than tensors and plain data): {str(e).splitlines()[0]}") from e
+    except pickle.UnpicklingError as e:  # torch's own advice (weights_only=False) would run the file's code
+        raise ValueError(f"{path}: not a readable checkpoint: it holds objects other than tensors and plain data, "
+                         f"which are never unpickled here") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt): {str(e).splitlines()[0]}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path}: not a MultiMedVision checkpoint (no 'model' and 'model_config' entries)")
     if ckpt.get("format") != CKPT_FORMAT:

@@ -310,46 +310,51 @@ def train(args) -> dict:
     rank, world, local_rank = setup_distributed()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    notes = resolve_defaults(args, cuda)
-    for b, name in ((args.batch_2d, "--batch-2d"), (args.batch_3d, "--batch-3d")):
-        if b % (world * args.accum):
-            raise ValueError(f"{name} {b} must divide by processes x --accum = {world * args.accum}")
-    os.makedirs(args.out, exist_ok=True)
     say = print if rank == 0 else (lambda *a, **k: None)
-    for note in notes:
-        say(note)
-    n_step = args.batch_2d + args.batch_3d
-    if args.objective == "lejepa" and sigreg_weight(args.lambd, n_step) < sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH) / 2:
-        say(f"warning: lambda {args.lambd:g} at {n_step} samples per step weighs SIGReg "
-            f"{sigreg_weight(args.lambd, n_step):.2g} against the prediction loss, the paper "
-            f"{sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g}: expect collapse "
-            f"(--lambd {lejepa.balanced_lambd(n_step):.3g} keeps the paper's balance)")
+    try:  # the user's inputs (flags, --data, --init, --resume) first: a one-line error, and no --out made for nothing
+        notes = resolve_defaults(args, cuda)
+        for b, name in ((args.batch_2d, "--batch-2d"), (args.batch_3d, "--batch-3d")):
+            if b % (world * args.accum):
+                raise ValueError(f"{name} {b} must divide by processes x --accum = {world * args.accum}")
+        ds2, ds3 = open_training_data(args)
+        for note in notes:
+            say(note)
+        n_step = args.batch_2d + args.batch_3d
+        if args.objective == "lejepa" and sigreg_weight(args.lambd, n_step) < sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH) / 2:
+            say(f"warning: lambda {args.lambd:g} at {n_step} samples per step weighs SIGReg "
+                f"{sigreg_weight(args.lambd, n_step):.2g} against the prediction loss, the paper "
+                f"{sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g}: expect collapse "
+                f"(--lambd {lejepa.balanced_lambd(n_step):.3g} keeps the paper's balance)")
 
-    torch.manual_seed(args.seed)  # identical initialisation on every rank
-    net = build_net(args)
-    if args.stage == 2:
-        load_init(net, args.init)
-    net.to(device)
-    opt = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=cuda)
-    probe_opt = torch.optim.AdamW(net.probe.parameters(), lr=PROBE_LR, weight_decay=0.0)  # the official example's
-    opts = (opt, probe_opt)
-    step, bad_steps = 0, 0
-    resume = find_resume(args)
-    if resume:
-        ckpt = load_checkpoint(resume, map_location=device)
-        check_same_model(resume, ckpt, net)
-        try:
-            net.backbone.load_state_dict(ckpt["model"])
-            net.head.load_state_dict(ckpt["head"])
-            opt.load_state_dict(ckpt["optimizer"])
-            if "probe" in ckpt:  # checkpoints older than the online probe start it afresh
-                net.probe.load_state_dict(ckpt["probe"])
-                probe_opt.load_state_dict(ckpt["probe_optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"{resume}: cannot resume this run from it (another --objective or projector size?): "
-                             f"{str(e).splitlines()[0]}") from e
-        step, bad_steps = ckpt["step"], ckpt["bad_steps"]
-        say(f"resumed from {resume} at step {step}")
+        torch.manual_seed(args.seed)  # identical initialisation on every rank
+        net = build_net(args)
+        if args.stage == 2:
+            load_init(net, args.init)
+        net.to(device)
+        opt = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=cuda)
+        probe_opt = torch.optim.AdamW(net.probe.parameters(), lr=PROBE_LR, weight_decay=0.0)  # the official example's
+        opts = (opt, probe_opt)
+        step, bad_steps = 0, 0
+        resume = find_resume(args)
+        if resume:
+            ckpt = load_checkpoint(resume, map_location=device)
+            check_same_model(resume, ckpt, net)
+            try:
+                net.backbone.load_state_dict(ckpt["model"])
+                net.head.load_state_dict(ckpt["head"])
+                opt.load_state_dict(ckpt["optimizer"])
+                if "probe" in ckpt:  # checkpoints older than the online probe start it afresh
+                    net.probe.load_state_dict(ckpt["probe"])
+                    probe_opt.load_state_dict(ckpt["probe_optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ValueError(f"{resume}: cannot resume this run from it (another --objective or projector size?): "
+                                 f"{str(e).splitlines()[0]}") from e
+            step, bad_steps = ckpt["step"], ckpt["bad_steps"]
+            say(f"resumed from {resume} at step {step}")
+    except (ValueError, FileNotFoundError) as e:
+        rank_tag = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # under torchrun: which rank
+        raise SystemExit(f"{rank_tag}train.py: error: {e}") from None
+    os.makedirs(args.out, exist_ok=True)
     if world > 1:  # every rank read its own --out: without a shared file system they could disagree
         steps = torch.tensor([step, -step], device=device)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
@@ -363,7 +368,6 @@ def train(args) -> dict:
     model = DDP(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
     if args.compile:
         net.backbone.compile(dynamic=True)
-    ds2, ds3 = open_training_data(args)
     say(f"model {args.model} ({sum(p.numel() for p in net.backbone.parameters()) / 1e6:.1f}M params), "
         f"{world} process(es) on {device.type}, stage {args.stage}, {args.objective}, "
         f"{args.batch_2d} 2D + {args.batch_3d} 3D samples per step, data {args.data}")

@@ -3,6 +3,8 @@ the cache, phantoms, multi-crop views and the mixed loader (all on CPU, tiny siz
 import csv
 import gzip
 import json
+import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import data
+import phantom
 
 nib = pytest.importorskip("nibabel")
 from PIL import Image  # noqa: E402
@@ -47,6 +50,14 @@ def same(a, b):
 
 def opt(**kw):
     return data.Options(size=28, **kw)
+
+
+def real(name: str) -> Path:
+    """A sample of ../shared/real (beside the repo) or $MMV_REAL; the test skips where it is absent."""
+    root = Path(os.environ.get("MMV_REAL") or Path(__file__).resolve().parents[1] / ".." / "shared" / "real")
+    if not (root / name).exists():
+        pytest.skip(f"real sample {root / name} not found")
+    return root / name
 
 
 def prepared(name, root, tmp_path, **kw):
@@ -86,7 +97,7 @@ def mimic_tree(root: Path):
 
 def test_mimic_one_frontal_per_study_pa_first_with_label_policy(tmp_path):
     mimic_tree(tmp_path / "mimic")
-    cache = prepared("mimic", tmp_path / "mimic", tmp_path)
+    cache = prepared("mimic", tmp_path / "mimic", tmp_path, mimic_split="official")
     assert data.list_splits(str(cache)) == ["train", "test"]
     train, test = data.open_dataset(str(cache), "train"), data.open_dataset(str(cache), "test")
     assert (train.name, train.modality) == ("mimic", "2d")
@@ -95,7 +106,7 @@ def test_mimic_one_frontal_per_study_pa_first_with_label_policy(tmp_path):
     assert same(test[0].labels, [0, 1, NAN, 1, 0])
     index = json.loads((cache / "index.json").read_text())
     assert index["records"][0]["key"].startswith("aaaaaaa2")  # PA preferred over AP
-    zero = data.scan("mimic", tmp_path / "mimic", opt(uncertain="zero", blank="zero"))
+    zero = data.scan("mimic", tmp_path / "mimic", opt(uncertain="zero", blank="zero", mimic_split="official"))
     assert same(zero[0].labels, [1, 0, 0, 0, 1])
     img = train[0].image
     assert img.shape == (1, 28, 22) and img.dtype == np.float32  # long side 28 (40x32 raw)
@@ -103,6 +114,51 @@ def test_mimic_one_frontal_per_study_pa_first_with_label_policy(tmp_path):
 
 
 # ---------------------------------------------------------------- CheXpert
+
+def mimic_tables(root: Path, subjects, studies_per_subject=3, unlabelled=()):
+    """Metadata, label and official split tables of a MIMIC-format tree (no images: scan reads tables only)."""
+    meta, split, lab = [], [], []
+    for n, subject in enumerate(subjects):
+        for k in range(studies_per_subject):
+            study, dicom = f"5{n:04d}{k:03d}", f"{n:08x}-{k:08x}-00000000-00000000-00000000"
+            meta.append([dicom, subject, study, "PA"])
+            split.append([dicom, study, subject, "test" if n % 50 == 0 else ("validate" if n % 60 == 1 else "train")])
+            if study not in unlabelled:
+                lab.append([subject, study, *(["0.0"] * len(ALL14))])
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta,
+              gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split, gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *ALL14], lab, gz=True)
+
+
+def test_mimic_paper_split_is_patient_wise_80_20_stable_and_official_is_an_option(tmp_path):
+    subjects = [str(10_000_000 + 7919 * n) for n in range(400)]
+    mimic_tables(tmp_path / "m", subjects)
+    paper = data.scan("mimic", tmp_path / "m", opt())
+    official = data.scan("mimic", tmp_path / "m", opt(mimic_split="official"))
+    assert len(paper) == len(official) == 1200 and not any(s.problem for s in paper)
+    share = sum(s.split == "test" for s in paper) / len(paper)
+    assert 0.16 < share < 0.24  # the paper's 20.0%; the official split gives 2%
+    assert sum(s.split == "test" for s in official) / len(official) == pytest.approx(0.02)
+    assert {s.split for s in paper} == {"train", "test"}  # official validate studies fall by their patient too
+    side = {}
+    for s in paper:
+        side.setdefault(s.id.split("/")[0], set()).add(s.split)
+    assert all(len(v) == 1 for v in side.values())  # no patient on both sides
+    mimic_tables(tmp_path / "grown", subjects[::3] + [str(19_000_000 + n) for n in range(50)])
+    was = {s.id: s.split for s in paper}
+    grown = data.scan("mimic", tmp_path / "grown", opt())
+    assert all(was[s.id] == s.split for s in grown if s.id in was)  # a patient keeps its side as the tree changes
+    mimic_tables(tmp_path / "small", subjects[:2], unlabelled={"50000001"})
+    sources = data.scan("mimic", tmp_path / "small", opt())
+    for s in sources:
+        write_jpg(Path(s.path))
+    assert [s.problem for s in sources if s.problem] == [
+        f"study s50000001 of p10000000 has no row in {tmp_path / 'small' / 'mimic-cxr-2.0.0-chexpert.csv.gz'}"]
+    summary = data.prepare("mimic", tmp_path / "small", tmp_path / "cache", opt())
+    assert summary["records"] == 5 and len(summary["failed"]) == 1  # reported and skipped, not labelled unknown
+    assert json.loads((tmp_path / "cache" / "settings.json").read_text())["mimic_split"] == "paper"
+
 
 def test_chexpert_study_table_labels_every_image_and_frontal_only_option(tmp_path):
     root = tmp_path / "chexpert"
@@ -168,8 +224,43 @@ def test_ctrate_v1_hu_from_metadata_rescale_and_spacing(tmp_path):
     assert rec.id == "train_1/train_1_a_1" and rec.modality == "3d"
     assert same(rec.labels, [0, 1, 0, 1, 0])
     assert rec.image.shape == (28, 28, 28)  # 5 x 2.8 mm = 20 x 0.7 mm: a cube, from the metadata spacing
-    assert np.allclose(rec.image[8:], 0.0, atol=2e-3)  # 250 HU = the window level -> 0
-    assert np.allclose(rec.image[:3], 1.0, atol=2e-3)  # stored slice k=0 stays first, 1500 HU -> +1
+    assert np.allclose(rec.image[:-8], 0.0, atol=2e-3)  # 250 HU = the window level -> 0
+    assert np.allclose(rec.image[-3:], 1.0, atol=2e-3)  # stored slice k=0 is the most inferior: last; 1500 HU -> +1
+
+
+def test_ctrate_one_scan_stored_as_v1_and_as_v2_gives_the_same_cached_array(tmp_path):
+    """The same HU volume as v1 (raw values, metadata slope/intercept and spacing, a header not to trust) and as
+    v2 (HU, the corrected LPS header; metadata spacing that disagrees): both give one cached array."""
+    rng = np.random.default_rng(0)
+    true = rng.integers(-1000, 1500, (8, 14, 12)).astype(np.int16)  # (Z, Y, X): sup->inf, ant->post, right->left
+    true[:2, :3, :3] = 1500  # superior-anterior-right corner
+    lps = true[::-1].transpose(2, 1, 0)  # stored (i, j, k) towards Left, Posterior, Superior
+    spacing = (2.0, 0.8, 0.9)  # (z, y, x) mm
+    name = "valid_7_a_1.nii.gz"
+    meta_row = [name, 1, -8192, f"[{spacing[1]}, {spacing[2]}]", spacing[0]]
+    meta_header = ["VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"]
+    v1 = tmp_path / "v1" / "dataset"
+    path = v1 / "valid" / "valid_7" / "valid_7_a" / name
+    path.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image((lps.astype(np.int32) + 8192).astype(np.uint16), np.eye(4)), path)  # header: junk
+    write_csv(v1 / "metadata" / "validation_metadata.csv", meta_header, [meta_row])
+    v2 = tmp_path / "v2" / "dataset"
+    path = v2 / "valid_fixed" / "valid_7" / "valid_7_a" / name
+    path.parent.mkdir(parents=True)
+    lps_affine = np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])  # RAS+ affine of L, P, S axes
+    nib.save(nib.Nifti1Image(lps, lps_affine), path)
+    assert nib.aff2axcodes(lps_affine) == ("L", "P", "S")
+    write_csv(v2 / "metadata" / "validation_metadata.csv", meta_header, [[*meta_row[:3], "[0.5, 0.5]", 5.0]])
+    for ds in (v1, v2):
+        ctrate_labels(ds, "valid", [(name, {"Cardiomegaly"})])
+    arrays = []
+    for version, root in (("1", v1), ("2", v2)):
+        cache = prepared("ctrate", root.parent, tmp_path / version)
+        arrays.append(data.open_dataset(str(cache), "valid")[0].image)
+    assert np.array_equal(arrays[0], arrays[1])
+    assert np.array_equal(arrays[0], data._float32(data.preprocess_ct(true.astype(np.float32), spacing, 28, "x")
+                                                    .astype(np.float16)))
+    assert arrays[0][0, 0, 0] == pytest.approx(1.0, abs=2e-3)  # the marked corner first on every axis
 
 
 def write_ras_volume(path: Path, affine_sign, shape=(16, 12, 10), zooms=(1.0, 1.0, 1.0)):
@@ -236,11 +327,12 @@ def test_missing_root_table_and_column_are_named(tmp_path):
     root = tmp_path / "mimic"
     mimic_tree(root)
     (root / "mimic-cxr-2.0.0-split.csv.gz").unlink()
+    assert len(data.scan("mimic", root, opt())) == 2  # the paper's split needs no split table
     with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-split.csv.gz: table not found"):
-        data.scan("mimic", root, opt())
+        data.scan("mimic", root, opt(mimic_split="official"))
     write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id"], [], gz=True)
     with pytest.raises(ValueError, match=r"split.csv.gz: missing column\(s\) \['split'\]"):
-        data.scan("mimic", root, opt())
+        data.scan("mimic", root, opt(mimic_split="official"))
     rad = tmp_path / "rad"
     rad.mkdir()
     np.savez_compressed(rad / "trn00001.npz", ct=np.zeros((20, 20, 20), np.int16))
@@ -266,7 +358,7 @@ def test_bad_table_cells_and_files_are_errors_naming_file_row_and_column(tmp_pat
     mimic_tree(mimic)
     (mimic / "mimic-cxr-2.0.0-split.csv.gz").write_text("dicom_id,split\n")  # plain text under a .gz name
     with pytest.raises(ValueError, match=r"split.csv.gz: unreadable table \(BadGzipFile"):
-        data.scan("mimic", mimic, opt())
+        data.scan("mimic", mimic, opt(mimic_split="official"))
 
 
 def ctrate_v1_tree(ds: Path, names, zspacing="2.8"):
@@ -351,12 +443,28 @@ def test_check_reports_counts_prevalence_and_problem_paths(tmp_path, capsys):
     mimic_tree(root)
     missing = next(root.rglob("aaaaaaa2*.jpg"))
     missing.unlink()
-    report = data.check("mimic", root, opt())
-    assert report["splits"] == {"train": 1, "test": 1}
+    report = data.check("mimic", root, opt(mimic_split="official"))
+    assert report["splits"] == {"train": 1, "test": 1} and report["usable"] == {"train": 0, "test": 1}
     assert report["labels"]["train"]["Consolidation"] == [0, 0, 1]  # positive, negative, unknown
     assert [p for p, _ in report["problems"]] == [str(missing)]
-    assert str(missing) in capsys.readouterr().out
-    assert data.main(["check", "--dataset", "mimic", "--root", str(root), "--size", "28"]) == 1
+    out = capsys.readouterr().out
+    assert str(missing) in out
+    assert "train: 1, 0 usable  (paper 2.4.1: n=133,749)" in out and "test: 1, 1 usable  (paper 2.4.1: n=33,537)" in out
+    assert data.main(["check", "--dataset", "mimic", "--root", str(root), "--size", "28", "--mimic-split", "official"]) == 1
+
+
+def test_check_without_full_finds_a_truncated_nifti_gz(tmp_path):
+    root = tmp_path / "vols"
+    root.mkdir()
+    for name in ("whole", "cut"):
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(-1000, 1000, (40, 40, 30)).astype(np.int16),
+                                 np.eye(4)), root / f"{name}.nii.gz")  # noise: compresses little, so a cut bites
+    cut = root / "cut.nii.gz"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    report = data.check("folder3d", root, opt())  # headers only
+    assert [Path(p).name for p, _ in report["problems"]] == ["cut.nii.gz"]
+    assert "truncated or corrupt: its gzip trailer says" in report["problems"][0][1]
+    assert "implies 96352" in report["problems"][0][1]  # 352-byte header + 40 x 40 x 30 int16
 
 
 def test_ct_resampling_keeps_anatomy_proportions():
@@ -402,7 +510,7 @@ def test_phantoms_are_deterministic_with_disjoint_splits_and_sources():
     test = data.open_dataset("phantom2d", "test", n=4, size=42, seed=1)
     three = data.open_dataset("phantom3d", "train", n=4, size=42, seed=1)
     assert not set(a.ids) & set(test.ids) and not set(a.ids) & set(three.ids)
-    params = lambda name, split: data.sample_patient(data.phantom_rng(name, split, 0, 1))["scale"]
+    params = lambda name, split: phantom.sample_patient(phantom.phantom_rng(name, split, 0, 1))["scale"]
     assert len({params("phantom2d", "train"), params("phantom2d", "test"), params("phantom3d", "train")}) == 3
     assert a.fingerprint != data.open_dataset("phantom2d", "train", n=4, size=42, seed=2).fingerprint
     rec, vol = a[0], three[0]
@@ -456,8 +564,8 @@ def frontal(img: np.ndarray) -> np.ndarray:
 def test_cardiomegaly_widens_the_projected_heart_in_2d_and_3d_alike():
     patients = []
     for i in range(20):  # patients whose lung bases are aerated (fluid would hide the heart border)
-        rng = data.phantom_rng("phantom2d", "train", i, 0)
-        patient = data.sample_patient(rng)
+        rng = phantom.phantom_rng("phantom2d", "train", i, 0)
+        patient = phantom.sample_patient(rng)
         if patient["labels"][0] == patient["labels"][4] == 0:
             patients.append((i, rng, patient))
     for i, rng, patient in patients[:4]:
@@ -467,7 +575,8 @@ def test_cardiomegaly_widens_the_projected_heart_in_2d_and_3d_alike():
             pictures = []
             for heart_scale in (1.0, 1.5):  # same patient, same noise: only the heart differs
                 rng.bit_generator.state = state
-                pictures.append(frontal(data.phantom_image(dict(patient, heart_scale=heart_scale), rng, modality, 64, False)))
+                raw = phantom.render(dict(patient, heart_scale=heart_scale), rng, modality, 64, False)
+                pictures.append(frontal(data.preprocess_phantom(raw, modality, 64)))
             grown = (pictures[1] - pictures[0]) > 0.05  # lung replaced by heart: denser
             cols = np.flatnonzero(grown.any(axis=0)) / grown.shape[1]
             rows = np.flatnonzero(grown.any(axis=1)) / grown.shape[0]
@@ -632,3 +741,359 @@ def test_photometric_views_are_the_same_crops():
         shapes[on] = batch.packed.view_grid.tolist()
         assert batch.packed.patches_2d.abs().max() <= 1
     assert shapes[False] == shapes[True]
+
+
+def test_phantom_py_stands_alone_and_is_preprocessed_like_real_images():
+    import ast
+    tree = ast.parse(Path(phantom.__file__).read_text())
+    imported = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+                for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert imported <= {"math", "statistics", "numpy", "torch"}  # nothing from the project
+    rng = phantom.phantom_rng("phantom3d", "train", 0, 0)
+    hu = phantom.render(phantom.sample_patient(rng), rng, "3d", 28, False)
+    assert hu.shape[1:] == (28, 28) and hu.min() < -900 and hu.max() > 300  # HU: air and bone, unwindowed
+    assert np.array_equal(data.preprocess_phantom(hu, "3d", 28), data.window_ct(hu))  # resampling keeps every value
+    rng = phantom.phantom_rng("phantom2d", "train", 0, 0)
+    line = phantom.render(phantom.sample_patient(rng), rng, "2d", 42, False)
+    assert line.shape[0] == 42 and line.min() >= -0.1  # a line integral, not yet min-maxed
+    assert np.array_equal(data.preprocess_phantom(line, "2d", 42), data.minmax(line, "x")[None])
+
+
+# ---------------------------------------------------------------- NIH ChestX-ray14
+
+NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+              "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
+
+
+def nih_tree(root: Path, rows, folders=True):
+    """rows: (image index, findings, patient id); header and rows as the official table (11 fields a row)."""
+    for k, (name, _, _) in enumerate(rows):
+        folder = root / (f"images_{k % 2 + 1:03d}" if folders else "") / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    write_csv(root / data.NIH_TABLE, NIH_HEADER,
+              [[name, findings, 0, patient, 60, "M", "PA", 2500, 2048, 0.143, 0.143] for name, findings, patient in rows])
+
+
+def test_nih_labels_official_split_and_ids_keep_the_image_index(tmp_path):
+    rows = [("00000001_000.png", "Cardiomegaly|Effusion", "1"), ("00000001_001.png", "No Finding", "1"),
+            ("00000002_000.png", "Atelectasis|Consolidation|Infiltration", "2"), ("00000003_000.png", "Hernia", "3")]
+    root = tmp_path / "nih"
+    nih_tree(root, rows)
+    (root / "train_val_list.txt").write_text("00000001_000.png\n00000001_001.png\n00000003_000.png\n")
+    (root / "test_list.txt").write_text("00000002_000.png\n")
+    cache = prepared("nih", root, tmp_path)
+    train, test = data.open_dataset(str(cache), "train"), data.open_dataset(str(cache), "test")
+    assert train.ids == ["1/00000001_000.png", "1/00000001_001.png", "3/00000003_000.png"]
+    assert test.ids == ["2/00000002_000.png"] and train.modality == "2d"
+    got = labels_of(train) | labels_of(test)
+    assert same(got["1/00000001_000.png"], [0, 1, 0, NAN, 1])  # Effusion = Pleural Effusion; no Lung Opacity label
+    assert same(got["1/00000001_001.png"], [0, 0, 0, NAN, 0])  # No Finding: negative for all four
+    assert same(got["2/00000002_000.png"], [1, 0, 1, NAN, 0]) and same(got["3/00000003_000.png"], [0, 0, 0, NAN, 0])
+    direct = data.preprocess_xray(Image.open(next(root.rglob("00000002_000.png"))), 28, "x")
+    assert np.array_equal(test[0].image, data._float32(direct.astype(np.float16)))  # the image as PIL reads it
+    (root / "test_list.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="test_list.txt: not found beside .*train_val_list.txt"):
+        data.scan("nih", root, opt())
+
+
+def test_nih_without_split_lists_splits_by_patient_stably_and_reports_missing_images(tmp_path):
+    rows = [(f"{p:08d}_{k:03d}.png", "No Finding", str(p)) for p in range(1, 41) for k in range(3)]
+    root = tmp_path / "nih"
+    nih_tree(root, rows, folders=False)  # one flat images/ folder, as the real sample
+    sources = data.scan("nih", root, opt())
+    side = {}
+    for src in sources:
+        side.setdefault(src.id.split("/")[0], set()).add(src.split)
+    assert all(len(s) == 1 for s in side.values())  # no patient on both sides
+    n_test = sum(s == {"test"} for s in side.values())
+    assert 2 <= n_test <= 16  # ~20% of 40 patients
+    assert [s.split for s in data.scan("nih", root, opt())] == [s.split for s in sources]  # deterministic
+    assert [s.split for s in data.scan("nih", root, opt(seed=1))] != [s.split for s in sources]  # seeded
+    grown = rows[::2] + [("00000099_000.png", "No Finding", "99")]  # fewer and other patients: same sides
+    nih_tree(tmp_path / "nih2", grown, folders=False)
+    kept = {s.id: s.split for s in data.scan("nih", tmp_path / "nih2", opt())}
+    assert all(kept[s.id] == s.split for s in sources if s.id in kept)
+    next(root.rglob("00000005_001.png")).unlink()
+    report = data.check("nih", root, opt())
+    assert [Path(p).name for p, _ in report["problems"]] == ["00000005_001.png"]
+    assert "not found under" in report["problems"][0][1]
+    write_csv(root / data.NIH_TABLE, NIH_HEADER, [["00000001_000.png", "Cardiomegaly|Pneumothrax", 0, "1", 60, "M",
+                                                  "PA", 1, 1, 0.1, 0.1]])
+    with pytest.raises(ValueError, match=r"Data_Entry_2017_v2020.csv row 2: Finding Labels 'Cardiomegaly\|Pneumothrax'"):
+        data.scan("nih", root, opt())
+    (root / data.NIH_TABLE).rename(root / data.NIH_TABLE_2017)  # the 2017 release's table, alone: read
+    with pytest.raises(ValueError, match=r"Data_Entry_2017.csv row 2: Finding Labels"):
+        data.scan("nih", root, opt())
+    (root / data.NIH_TABLE_2017).unlink()
+    with pytest.raises(FileNotFoundError, match=r"Data_Entry_2017_v2020.csv: table not found"):
+        data.scan("nih", root, opt())
+
+
+def test_nih_real_sample_counts_labels_and_patient_disjoint_split():
+    root = real("nih-cxr14-sample")
+    sources = data.scan("nih", root, opt())
+    assert len(sources) == 1000 and not any(s.problem for s in sources)
+    labels = np.stack([s.labels for s in sources])
+    assert np.nansum(labels, 0)[[0, 1, 2, 4]].tolist() == [95, 83, 42, 170]  # the sample's README counts
+    assert np.isnan(labels[:, 3]).all()
+    with open(root / data.NIH_TABLE, newline="") as f:  # a direct reading of the table
+        rows = {r[0]: r for r in csv.reader(f)}
+    for src in sources[::97]:
+        findings = rows[src.id.split("/")[1]][1].split("|")
+        assert same(src.labels, [float(c in findings) for c in ("Atelectasis", "Cardiomegaly", "Consolidation")]
+                    + [NAN, float("Effusion" in findings)])
+        assert src.id.split("/")[0] == rows[src.id.split("/")[1]][3]
+    patients = {split: {s.id.split("/")[0] for s in sources if s.split == split} for split in ("train", "test")}
+    assert not patients["train"] & patients["test"] and len(patients["train"] | patients["test"]) == 264
+    assert 0.1 < sum(s.split == "test" for s in sources) / 1000 < 0.3
+    img = data.load_source(sources[0], data.Options())
+    assert img.shape == (1, 224, 224) and img.min() == -1 and img.max() == 1  # 64 x 64 RGB, grey -> 224, min-max
+
+
+def test_nih_cache_takes_mimic_roles_in_probe(tmp_path):
+    import probe
+    rows = [(f"{p:08d}_000.png", "Effusion" if p % 2 else "No Finding", str(p)) for p in range(1, 21)]
+    nih_tree(tmp_path / "nih", rows)
+    cache = prepared("nih", tmp_path / "nih", tmp_path)
+    sources = probe.resolve_sources([str(cache)], ["2D"])
+    assert sorted(sources) == ["mimic", "train_2d"]
+    assert sources["mimic"].split == "test" and sources["train_2d"].split == "train"
+    assert sources["mimic"].title == "NIH ChestX-ray14 (internal test set)" and sources["mimic"].spec == str(cache)
+
+
+# ---------------------------------------------------------------- DICOM
+
+def write_dicom(path: Path, pixels: np.ndarray, *, series="1.2.826.0.1.3680043.8.498.1", modality="CT",
+                position=(0.0, 0.0, 0.0), orientation=(1, 0, 0, 0, 1, 0), spacing=(0.5, 0.7), slope=1.0,
+                intercept=-1024.0, instance=1, photometric="MONOCHROME2", patient="P1", syntax=None):
+    """One synthetic DICOM file, written by pydicom with the geometry given (CT Image Storage or DX)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+    sop_class = CTImageStorage if modality in ("CT", "MR") else DigitalXRayImageStorageForPresentation
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID, series
+    ds.Modality, ds.PatientID, ds.InstanceNumber = modality, patient, instance
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = list(position), list(orientation)
+    ds.PixelSpacing, ds.RescaleSlope, ds.RescaleIntercept = list(spacing), slope, intercept
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if syntax is None:
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    else:
+        ds.PixelData = pydicom.encaps.encapsulate([b"\0" * 16])
+        ds["PixelData"].VR = "OB"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+# a volume in the project orientation: (Z, Y, X) superior->inferior, anterior->posterior, right->left, HU
+TRUE_HU = (np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7) * 7 - 1000)
+GAP, ROW_MM, COL_MM = 1.0, 0.9, 0.7  # slice gap, distance between rows, between columns
+
+
+def write_series(folder: Path, encoding: str, series: str, drop=(), skew_deg=0.0):
+    """TRUE_HU stored as a DICOM series in one of several encodings of the same patient geometry (LPS mm).
+
+    axial: IOP rows -> patient left, columns -> posterior (the usual); flipped: both reversed; feet-first: the
+    column direction reversed, so the slice normal points to the feet. Files are named against the slice order
+    and InstanceNumber is shuffled: neither may decide the order.
+    """
+    z_count, y_count, x_count = TRUE_HU.shape
+    instances = np.random.default_rng(0).permutation(z_count) + 1
+    for k in range(z_count):
+        if k in drop:
+            continue
+        z = 100.0 - k * GAP  # superior first: k = 0 is the highest z (LPS: +z is superior)
+        pixels = TRUE_HU[k]
+        if encoding == "axial":
+            iop, ipp = (1, 0, 0, 0, 1, 0), (-10.0, -20.0, z)
+        elif encoding == "flipped":
+            iop, ipp = (-1, 0, 0, 0, -1, 0), (-10.0 + (x_count - 1) * COL_MM, -20.0 + (y_count - 1) * ROW_MM, z)
+            pixels = pixels[::-1, ::-1]
+        elif encoding == "feet-first":
+            iop, ipp = (1, 0, 0, 0, -1, 0), (-10.0, -20.0 + (y_count - 1) * ROW_MM, z)
+            pixels = pixels[::-1]
+        elif encoding == "oblique":  # rotated a few degrees about the patient's z axis: closest axes as axial
+            c, s = np.cos(np.radians(skew_deg)), np.sin(np.radians(skew_deg))
+            iop, ipp = (c, s, 0, -s, c, 0), (-10.0, -20.0, z)
+        write_dicom(folder / f"IM{z_count - k:04d}", np.ascontiguousarray(pixels) + 1024, series=series,
+                    position=ipp, orientation=iop, spacing=(ROW_MM, COL_MM), instance=int(instances[k]))
+
+
+@pytest.mark.parametrize("encoding", ["axial", "flipped", "feet-first", "oblique"])
+def test_dicom_ct_series_ordered_by_position_reoriented_like_nifti(tmp_path, encoding):
+    write_series(tmp_path / "archive" / "study" / "series", encoding, "1.2.3.1", skew_deg=8.0)
+    (tmp_path / "archive" / "README.txt").write_text("not a DICOM file")
+    (src,) = data.scan("dicom", tmp_path / "archive", opt())
+    assert src.kind == "dicom-ct" and not src.problem and src.id == "P1/1.2.3.1" and len(src.files) == 5
+    hu, spacing = data.read_dicom_series(src.files)
+    assert np.array_equal(hu, TRUE_HU)  # same patient geometry, whatever the encoding
+    assert spacing == pytest.approx((GAP, ROW_MM, COL_MM))
+    img = data.load_source(src, opt())
+    assert img.shape == data.long_side_shape(TRUE_HU.shape, (GAP, ROW_MM, COL_MM), 28)
+    assert np.allclose(img, data.preprocess_ct(TRUE_HU, (GAP, ROW_MM, COL_MM), 28, "x"))
+
+
+def test_dicom_ct_series_in_a_nifti_file_gives_the_same_volume(tmp_path):
+    """The DICOM reader's affine, written as NIfTI, read back by the NIfTI reader: one orientation path."""
+    write_series(tmp_path / "dcm", "flipped", "1.2.3.2")
+    (src,) = data.scan("dicom", tmp_path / "dcm", opt())
+    pydicom = pytest.importorskip("pydicom")
+    slices = [pydicom.dcmread(p) for p in src.files]
+    order, affine = data.dicom_series_geometry(slices, "x")
+    stack = np.stack([slices[i].pixel_array.astype(np.float32) - 1024 for i in order])
+    nib.save(nib.Nifti1Image(stack, affine), tmp_path / "vol.nii.gz")
+    hu, spacing = data.read_nifti(str(tmp_path / "vol.nii.gz"))
+    assert np.array_equal(hu, TRUE_HU) and spacing == pytest.approx((GAP, ROW_MM, COL_MM))
+
+
+def test_dicom_series_that_are_no_volume_are_skipped_with_the_reason(tmp_path, capsys):
+    root = tmp_path / "archive"
+    write_series(root / "good", "axial", "1.2.3.10")
+    write_dicom(root / "good" / "scout", TRUE_HU[0] + 1024, series="1.2.3.10", orientation=(0, 1, 0, 0, 0, -1))
+    pydicom = pytest.importorskip("pydicom")
+    scout = pydicom.dcmread(root / "good" / "scout")
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]  # a scout filed in the series: left out, not fatal
+    scout.save_as(root / "good" / "scout")
+    write_series(root / "gap", "axial", "1.2.3.11", drop=(2,))
+    write_dicom(root / "single" / "a", TRUE_HU[0] + 1024, series="1.2.3.12")
+    write_dicom(root / "mr" / "a", TRUE_HU[0] + 1024, series="1.2.3.13", modality="MR")
+    write_dicom(root / "mr" / "b", TRUE_HU[0] + 1024, series="1.2.3.13", modality="MR", position=(0, 0, 2))
+    write_dicom(root / "sizes" / "a", TRUE_HU[0] + 1024, series="1.2.3.14")
+    write_dicom(root / "sizes" / "b", TRUE_HU[0, :4] + 1024, series="1.2.3.14", position=(0, 0, 2))
+    write_dicom(root / "xray" / "a", TRUE_HU[0] + 1024, series="1.2.3.15", modality="DX")
+    write_series(root / "cut", "axial", "1.2.3.17")
+    cut = sorted((root / "cut").iterdir())[2]
+    cut.write_bytes(cut.read_bytes()[:-10])  # a download cut short: found from headers, before any decoding
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
+    jpegls = not get_decoder(JPEGLSLossless).is_available
+    if jpegls:  # no JPEG-LS decoder here (pydicom alone): the series is refused by name
+        for k in range(2):
+            write_dicom(root / "jpegls" / f"{k}", TRUE_HU[0] + 1024, series="1.2.3.16", position=(0, 0, 2 * k),
+                        syntax=JPEGLSLossless)
+    reasons = {Path(s.path).name: s.problem for s in data.scan("dicom", root, opt())}
+    assert reasons["good"] == ""
+    assert "uneven slice positions, gaps 1 to 2 mm (a missing slice?)" in reasons["gap"]
+    assert "1 slice: not a volume" in reasons["single"]
+    assert "modality MR" in reasons["mr"] and "mixed sizes" in reasons["sizes"]
+    assert "DX radiograph: this run reads CT volumes" in reasons["a"]  # a radiograph is named by its file
+    assert f"{cut}: truncated: its pixel data needs 84 bytes" in reasons["cut"]
+    if jpegls:
+        assert "JPEG-LS Lossless" in reasons["jpegls"] and "not installed" in reasons["jpegls"]
+    out = tmp_path / "cache"
+    summary = data.prepare("dicom", root, out, opt())
+    assert summary["records"] == 1 and len(summary["failed"]) == len(reasons) - 1
+    assert len(data.scan("dicom", root / "good", opt())[0].files) == 5  # the scout is not a slice
+    report = dict(line.split("\t") for line in (out / "report.tsv").read_text().splitlines())
+    assert "uneven slice positions" in report[str(root / "gap")]
+    ds = data.open_dataset(str(out), "train")
+    assert ds.modality == "3d" and ds.ids == ["P1/1.2.3.10"] and np.isnan(ds.labels).all()
+
+
+def test_dicom_radiograph_monochrome1_is_inverted(tmp_path):
+    pixels = np.full((40, 30), 3000, np.uint16)  # MONOCHROME1: high values shown dark (air) ...
+    pixels[10:30, 5:25] = 200                    # ... low values bright: the dense body
+    write_dicom(tmp_path / "dx" / "m1", pixels, series="1.2.3.20", modality="DX", photometric="MONOCHROME1",
+                slope=1.0, intercept=0.0)
+    write_dicom(tmp_path / "dx" / "m2", 3200 - pixels, series="1.2.3.20", modality="DX", slope=1.0, intercept=0.0)
+    sources = data.scan("dicom", tmp_path / "dx", opt(dicom_modality="2d"))
+    assert [s.kind for s in sources] == ["dicom-xray"] * 2 and not any(s.problem for s in sources)
+    one, two = (data.load_source(s, opt(dicom_modality="2d")) for s in sources)
+    assert np.array_equal(one, two)  # MONOCHROME1 inverted == the same image stored MONOCHROME2
+    assert one.shape == (1, 28, 21) and one[0, 14, 10] == pytest.approx(1) and one[0, 0, 0] == pytest.approx(-1)
+    (ct,) = data.scan("dicom", tmp_path / "dx", opt())[:1]
+    assert "this run reads CT volumes" in ct.problem
+
+
+def test_dicom_real_series_equals_a_direct_reading_in_any_file_order(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    folder = real("ct-dicom/Lung_Dx-A0002-B40f")
+    files = sorted(folder.iterdir())
+    shuffled = tmp_path / "shuffled"  # links named against the slice order: a name says nothing
+    shuffled.mkdir()
+    for k, f in enumerate(files):
+        (shuffled / f"slice{len(files) - k:02d}").symlink_to(f)
+    (src,) = data.scan("dicom", shuffled, opt())
+    hu, spacing = data.read_dicom_series(src.files)
+    slices = [pydicom.dcmread(f) for f in files]
+    slices.sort(key=lambda d: -float(d.ImagePositionPatient[2]))  # axial, IOP (1,0,0,0,1,0): superior first
+    direct = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices])
+    assert hu.shape == (30, 512, 512) and np.array_equal(hu, direct.astype(np.float32))
+    assert spacing == pytest.approx((8.0, 0.646484375, 0.646484375))
+    assert hu.min() == -1024 and 1000 < hu.max() < 3000  # HU: air outside the body, bone
+    bone = np.argwhere(hu > 300)
+    assert bone[:, 1].mean() > 300  # the spine is posterior: high Y (anterior -> posterior)
+    body = hu > -300
+    inside = np.maximum.accumulate(body, axis=2) & np.maximum.accumulate(body[..., ::-1], axis=2)[..., ::-1]
+    lung = ((hu < -400) & inside).sum(axis=(1, 2))  # air between the body's walls, per slice
+    assert lung[:3].max() < 0.5 * lung.max()  # the apices first: superior -> inferior
+    liver = ((hu > 20) & (hu < 90))[-5:]  # the lowest slices: the liver dome, on the patient's right
+    assert liver[..., :256].sum() > 1.3 * liver[..., 256:].sum()  # right -> left: the right is at low X
+
+
+def test_dicom_without_pydicom_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as on a machine without the optional package
+    (tmp_path / "archive").mkdir()
+    with pytest.raises(ImportError, match="optional dependency: pip install pydicom"):
+        data.scan("dicom", tmp_path / "archive", opt())
+    assert data.main(["check", "--dataset", "dicom", "--root", str(tmp_path / "archive")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install pydicom" in err  # one line, no traceback
+
+
+def test_radchest_table_1_tests_on_every_split_and_table_2_on_the_test_split(tmp_path):
+    import probe
+    root = tmp_path / "radchest"
+    root.mkdir()
+    vol = np.full((20, 20, 20), -1000, np.int16)
+    for split, prefix in (("imgtrain", "trn"), ("imgvalid", "val"), ("imgtest", "tst")):
+        for k in range(2):
+            np.savez_compressed(root / f"{prefix}{k:05d}.npz", ct=vol)
+        write_csv(root / f"{split}_Abnormality_and_Location_Labels.csv",
+                  ["NoteAcc_DEID", *[f"{c}*lung" for c in data.RADCHEST_PREFIXES]],
+                  [[f"{prefix}{k:05d}", k, 0, 1, 0, k] for k in range(2)])
+    cache = str(prepared("radchest", root, tmp_path))
+    sources = probe.resolve_sources([cache], [])
+    assert sources["radchest"].split == data.ALL_SPLITS and sources["radchest_test"].split == "test"
+    sets = probe.open_datasets(sources, None)
+    assert sorted(sets["radchest"].ids) == sorted(f"{p}{k:05d}" for p in ("trn", "val", "tst") for k in range(2))
+    assert sets["radchest_test"].ids == ["tst00000", "tst00001"] and sets["radchest_train"].ids == ["trn00000", "trn00001"]
+    assert sets["radchest"].fingerprint != sets["radchest_test"].fingerprint  # features cached apart
+    assert "all splits" in sources["radchest"].title
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_prepare_on_a_bad_root_is_one_line_and_leaves_no_out(tmp_path, capsys, case):
+    root = tmp_path / "mimic"
+    if case == "empty":
+        root.mkdir()
+    out = tmp_path / "cache"
+    assert data.main(["prepare", "--dataset", "mimic", "--root", str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("data.py prepare: error: ")
+    assert (f"{root}: dataset root not found" if case == "missing" else
+            f"{root / 'mimic-cxr-2.0.0-metadata.csv.gz'}: table not found") in err
+    assert not out.exists()
+
+
+def test_probe_feature_cache_key_covers_phantom_py(monkeypatch):
+    """Cached features of phantom records must be recomputed when the generator changes, even at one PHANTOM_VERSION."""
+    import inspect
+    import probe
+    probe.feature_code_digest.cache_clear()
+    before = probe.feature_code_digest()
+    source = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: source(obj) + ("\n# edited" if obj is phantom else ""))
+    probe.feature_code_digest.cache_clear()
+    try:
+        assert probe.feature_code_digest() != before
+    finally:
+        probe.feature_code_digest.cache_clear()

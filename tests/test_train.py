@@ -115,13 +115,30 @@ def test_stage2_starts_from_stage1_weights(tmp_path):
 
 
 def test_stage2_errors(tmp_path):
-    with pytest.raises(ValueError, match="--init"):
+    with pytest.raises(SystemExit, match="^train.py: error: --stage 2 starts from a stage-1 checkpoint: pass --init"):
         run(tmp_path, "s2", "--stage", "2", "--steps", "1")
     s1, _ = run(tmp_path, "s1", "--stage", "1", "--batch-3d", "0", "--steps", "1")
-    with pytest.raises(ValueError, match="differs"):
+    with pytest.raises(SystemExit, match="differs"):
         run(tmp_path, "s2b", "--stage", "2", "--init", os.path.join(s1, "last.pt"), "--steps", "1", "--depth", "3")
-    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+    with pytest.raises(SystemExit, match="nowhere.pt: checkpoint not found"):
         run(tmp_path, "s2c", "--stage", "2", "--init", str(tmp_path / "nowhere.pt"), "--steps", "1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1"]  # no --out made for a run that could not start
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "not a cache"])
+def test_bad_data_is_one_line_naming_the_folder_and_leaves_no_out(tmp_path, case):
+    folder = tmp_path / "data"
+    if case != "missing":
+        folder.mkdir()
+    if case == "not a cache":
+        (folder / "notes.txt").write_text("x")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:  # what Python prints, alone, for SystemExit("..."): no traceback
+        train.main(["--data", str(folder), "--out", str(out)])
+    expected = {"missing": "no such folder", "empty": "empty folder, not a cache", "not a cache": "no index.json"}
+    message = str(exit_.value)
+    assert message.startswith(f"train.py: error: {folder}: {expected[case]}") and "\n" not in message
+    assert not out.exists()
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -144,9 +161,9 @@ def test_stop_at_zero_and_resume_of_another_model_are_handled(tmp_path):
     out, _ = run(tmp_path, "zero", "--steps", "3", "--stop-at", "0")
     assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 0  # --stop-at 0 is a number, not "unset"
     out, _ = run(tmp_path, "run", "--steps", "1")
-    with pytest.raises(ValueError, match=r"last\.pt.*differs"):  # names the checkpoint and what differs
+    with pytest.raises(SystemExit, match=r"last\.pt.*differs"):  # names the checkpoint and what differs
         run(tmp_path, "run", "--steps", "2", "--resume", "auto", "--depth", "3")
-    with pytest.raises(ValueError, match=r"last\.pt: cannot resume"):
+    with pytest.raises(SystemExit, match=r"last\.pt: cannot resume"):
         run(tmp_path, "run", "--steps", "2", "--resume", "auto", "--objective", "supervised")
 
 
@@ -277,7 +294,8 @@ def test_failure_on_one_rank_exits_cleanly(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0
-    assert "[rank 0] ValueError" in res.stderr and "--batch-2d 7" in res.stderr
+    assert "[rank 0] train.py: error: --batch-2d 7 must divide" in res.stderr
+    assert 'train.py", line' not in res.stderr  # no traceback through train.py (torchrun prints its own)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
