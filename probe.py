@@ -23,9 +23,11 @@ import inspect
 import io
 import json
 import os
+import pickle
 import re
 import sys
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -279,6 +281,96 @@ def cached_features(ck: Checkpoint, ds, device: torch.device, batch_tokens: int,
     return feats
 
 
+# ---------------------------------------------------------------- embeddings files (--features, embed)
+
+def write_embeddings(path: str, feats: dict, **extra):
+    """The embeddings file that --features reads and `probe.py embed` writes (format in README, "External
+    features"): ids (N,) str and x (N, D) float32, plus any extra arrays (ignored by --features)."""
+    arrays = {**extra, **feats, "ids": np.asarray(feats["ids"], dtype=str), "x": np.asarray(feats["x"], np.float32)}
+    data.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def read_embeddings(path: str) -> tuple:
+    """(ids (N,) str, x (N, D) float32) of an embeddings file; anything wrong is a ValueError naming the file."""
+    try:
+        f = np.load(path, allow_pickle=False)  # no pickle: reading a file never runs code
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive of named arrays")
+        with f:
+            arrays, found = {k: f[k] for k in ("ids", "x") if k in f.files}, f.files
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({str(e).splitlines()[0]})") from e
+    missing = [k for k in ("ids", "x") if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(repr(k) for k in missing)} array (found {found}); "
+                         "an embeddings file holds ids (N,) and x (N, D)")
+    ids, x = arrays["ids"], arrays["x"]
+    if ids.ndim != 1 or x.ndim != 2 or len(ids) != len(x) or x.shape[1] == 0:
+        raise ValueError(f"{path}: ids {ids.shape} and x {x.shape} should be (N,) and (N, D) with D > 0")
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: x holds {x.dtype}, not numbers")
+    x = x.astype(np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{path}: non-finite values in {int(bad.sum())} row(s), e.g. id {str(ids[bad][0])!r}")
+    ids = ids.astype(str)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{path}: id {str(uniq[counts > 1][0])!r} appears {counts.max()} times; ids must be unique")
+    return ids, x
+
+
+def features_path(folder: str, ds) -> str:
+    """--features DIR holds one file per (dataset, split), named by our dataset name and split: mimic_test.npz."""
+    return os.path.join(folder, f"{ds.name}_{ds.split}.npz")
+
+
+def external_features(path: str, ds) -> dict:
+    """The rows of an embeddings file for every sample of ds, in ds's order, with ds's labels and ids: the
+    probe sees exactly the samples, labels and patients a checkpoint's features would (paper Table 1, note 1)."""
+    ids, x = read_embeddings(path)
+    row = dict(zip(ids.tolist(), range(len(ids))))
+    missing = [i for i in ds.ids if i not in row]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of the {len(ds)} ids of {ds.name} {ds.split} are missing, "
+                         f"e.g. {missing[0]!r} (ids are our cache's record ids)")
+    return {"x": x[[row[i] for i in ds.ids]], "y": np.asarray(ds.labels, np.float32), "ids": np.array(ds.ids, dtype=str)}
+
+
+def load_external(items: list, datasets: dict, taken: set, lps: list) -> dict:
+    """`--features NAME=DIR` items -> {name: (DIR, {role: features})} for the roles whose file DIR holds.
+
+    One encoder, one width: every file of a DIR must have the same D.
+    """
+    out = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or os.path.isdir(item):
+            name, folder = os.path.basename(os.path.normpath(item)), item
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: --features folder not found")
+        if name in taken or name in out:
+            raise ValueError(f"--features {item}: the name {name!r} is already taken; give NAME=DIR")
+        feats, width = {}, None
+        for role, ds in datasets.items():
+            path = features_path(folder, ds)
+            if not os.path.exists(path):
+                continue
+            feats[role] = external_features(path, ds)
+            if width is not None and feats[role]["x"].shape[1] != width[1]:
+                raise ValueError(f"{path}: width {feats[role]['x'].shape[1]}, but {width[0]} has {width[1]}: "
+                                 "one encoder, one width")
+            width = width or (path, feats[role]["x"].shape[1])
+        if not any(all(r in feats for r in LP_TRAIN[lp]) for lp in lps):
+            wanted = sorted({os.path.basename(features_path(folder, datasets[r])) for lp in lps for r in LP_TRAIN[lp]})
+            raise ValueError(f"{folder}: no LP training features for --features {name} with --lp {','.join(lps)}: "
+                             f"expected {' and/or '.join(wanted)}")
+        out[name] = (folder, feats)
+    return out
+
+
 # ---------------------------------------------------------------- data roles
 
 @dataclass(frozen=True)
@@ -394,21 +486,31 @@ def result_data(r: Result, **where) -> dict:
 NA_NOTE = "n/a: only one class of that label in the test set (or in the LP training data); excluded from Macro."
 
 
-def table_1(results: dict, names: list, lp: str, titles: dict) -> Table:
-    """Per test set, one row per checkpoint: per-label AUROC and macro (95% CI)."""
+def end_notes(rows: list, names: list, external: dict) -> list:
+    """The notes every table ends with: which rows are external features, and n/a where a cell is n/a."""
+    notes = [f"{name}: external features read from {external[name]} (another encoder's frozen embeddings, "
+             "through the same probes, splits and bootstrap)" for name in names if name in external]
+    return notes + ([NA_NOTE] if any("n/a" in cell for row in rows for cell in row) else [])
+
+
+def table_1(results: dict, names: list, lp_of: dict, titles: dict, external: dict) -> Table:
+    """Per test set, one row per model: per-label AUROC and macro (95% CI), LP lp_of[name]."""
     rows, rdata = [], []
     for t in [t for t in TEST_SETS if t in titles]:
         for name in names:
+            lp = lp_of[name]
+            if t not in results[name][lp]:  # external features without this test set
+                continue
             r = results[name][lp][t]
             rows.append([titles[t], name, lp, *result_cells(r)])
             rdata.append(result_data(r, test_set=titles[t], model=name, lp=lp))
     notes = ["LP=Linear Probing, ATEL=Atelectasis, CARD=Cardiomegaly, CONS=Consolidation, LO=Lung Opacity, "
-             "EFF=Pleural Effusion. 95% CI: bootstrap over patients.", NA_NOTE]
+             "EFF=Pleural Effusion. 95% CI: bootstrap over patients.", *end_notes(rows, names, external)]
     return Table("Table 1: linear-probe AUROC on frozen features", ["Test set", "Model", "LP Training Data",
                  *SHORT, "Macro (95% CI)"], rows, notes, rdata)
 
 
-def table_2(adapted: dict, before: dict, train: str, test: str) -> Table:
+def table_2(adapted: dict, before: dict, train: str, test: str, external: dict) -> Table:
     """Domain adaptation: probe retrained on the external set's train split, improvement over the un-adapted probe."""
     rows, rdata = [], []
     for name, r in adapted.items():
@@ -420,26 +522,28 @@ def table_2(adapted: dict, before: dict, train: str, test: str) -> Table:
         rdata.append({"model": name, "adapted": result_data(r), "before": result_data(b)})
     notes = [f"Probe retrained on {train}, tested on {test}; Improvement (%) and 'AUROC before adaptation' "
              "refer to the probe trained on the pre-training data (Table 1). Improvement (%) is the AUROC "
-             "difference x 100, as in the paper (0.66 -> 0.75: 9.12).", NA_NOTE]
+             "difference x 100, as in the paper (0.66 -> 0.75: 9.12).", *end_notes(rows, list(adapted), external)]
     return Table(f"Table 2: domain adaptation on {test}", ["Model", "Label", "AUROC (95% CI)", "Improvement (%)",
                  "AUROC before adaptation"], rows, notes, rdata)
 
 
-def table_3(results: dict, names: list, main: str, lps: list, titles: dict) -> list:
-    """Left: each checkpoint with LP ALL (training strategy); right: one checkpoint with LP 2D/3D/ALL."""
+def table_3(results: dict, names: list, main: str, lps: list, titles: dict, external: dict) -> list:
+    """Left: each model with LP ALL (training strategy); right: one model with LP 2D/3D/ALL."""
     cols = ["Test set", "Model", "LP Training Data", "Macro (95% CI)"]
     halves = []
-    for title, pairs in (("Table 3 (left): training strategy", [(n, "ALL") for n in names if "ALL" in lps]),
-                         ("Table 3 (right): modality robustness", [(main, lp) for lp in lps])):
+    for title, pairs in (("Table 3 (left): training strategy", [(n, "ALL") for n in names if "ALL" in results[n]]),
+                         ("Table 3 (right): modality robustness", [(main, lp) for lp in lps if lp in results[main]])):
         if not pairs:
             continue
         rows, rdata = [], []
         for t in [t for t in TEST_SETS if t in titles]:
             for name, lp in pairs:
+                if t not in results[name][lp]:
+                    continue
                 r = results[name][lp][t]
                 rows.append([titles[t], name, lp, fmt_ci(r.macro, r.macro_ci)])
                 rdata.append(result_data(r, test_set=titles[t], model=name, lp=lp))
-        halves.append(Table(title, cols, rows, [NA_NOTE], rdata))
+        halves.append(Table(title, cols, rows, end_notes(rows, [n for n, _ in pairs], external), rdata))
     return halves
 
 
@@ -538,14 +642,18 @@ def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device:
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Linear probes on frozen features: the paper's Tables 1-3 and Figure 2.")
-    p.add_argument("--ckpt", nargs="+", required=True,
+    p.add_argument("--ckpt", nargs="+", default=[],
                    help="checkpoint(s), PATH or NAME=PATH (e.g. S1=... S2=... S3=... Supervised=...); unnamed ones "
                         "are named from their training args (S<stage> or Supervised)")
+    p.add_argument("--features", nargs="+", default=[], metavar="NAME=DIR",
+                   help="another encoder's embeddings, one DATASET_SPLIT.npz per dataset and split in DIR (format: "
+                        "README, 'External features'), probed like the checkpoints")
     p.add_argument("--data", nargs="+", default=["phantom"],
                    help="'phantom' (built-in stand-ins) or cache dirs from `python data.py prepare` "
                         "(mimic, chexpert, ctrate, radchest)")
     p.add_argument("--lp", default="2D,3D,ALL", help="LP training data, comma-separated subset of 2D,3D,ALL")
-    p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint)")
+    p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint, else the "
+                                                "first --features folder)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per packed feature batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -559,6 +667,8 @@ def get_args(argv=None):
     p.add_argument("--n-train", type=int, default=None, help="phantom samples per train split (default: data.py's)")
     p.add_argument("--n-test", type=int, default=None, help="phantom samples per test split (default: data.py's)")
     args = p.parse_args(argv)
+    if not args.ckpt and not args.features:
+        p.error("give --ckpt and/or --features")
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
     args.lp = [m.strip().upper() for m in args.lp.split(",") if m.strip()]
@@ -568,9 +678,10 @@ def get_args(argv=None):
 
 
 def probe_results(f: dict, lps: list, n_boot: int, seed: int) -> tuple:
-    """One checkpoint's features by role -> ({lp: {test set: Result}}, Table 2 Result or None)."""
+    """One model's features by role -> ({lp: {test set: Result}}, Table 2 Result or None); LPs and test sets
+    without features (external features of one modality) are left out."""
     results = {}
-    for lp in lps:
+    for lp in [lp for lp in lps if all(r in f for r in LP_TRAIN[lp])]:
         probes = fit_probes(**stack([f[r] for r in LP_TRAIN[lp]]), seed=seed)
         results[lp] = {t: evaluate(f[t]["y"], probe_scores(probes, f[t]["x"]), f[t]["ids"], n_boot, seed)
                        for t in TEST_SETS if t in f}
@@ -581,55 +692,63 @@ def probe_results(f: dict, lps: list, n_boot: int, seed: int) -> tuple:
     return results, evaluate(t["y"], probe_scores(probes, t["x"]), t["ids"], n_boot, seed)
 
 
-def run(args, checkpoints: list, sources: dict, datasets: dict) -> dict:
-    """Features -> probes -> metrics -> tables and figures; returns the printed Markdown by file stem."""
+def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) -> dict:
+    """Features -> probes -> metrics -> tables and figures; returns the printed Markdown by file stem.
+
+    external: {name: (folder, {role: features})} from --features, probed exactly like the checkpoints."""
     out, device = args.out, torch.device(args.device)
     os.makedirs(out, exist_ok=True)
     titles = {role: src.title for role, src in sources.items()}
-    names = [c.name for c in checkpoints]
+    names = [c.name for c in checkpoints] + list(external)
     main = "S3" if "S3" in names else names[0]
-    feats = {}
+    feats = {name: f for name, (_, f) in external.items()}
     for c in checkpoints:
         feats[c.name] = {role: cached_features(c, ds, device, args.batch_tokens, args.workers,
                                                  os.path.join(out, "cache"))
                          for role, ds in datasets.items()}
         c.model.cpu()  # one backbone on the device at a time
-    main_lp = "ALL" if "ALL" in args.lp else args.lp[0]  # paper Table 1: LP on ALL
-    results, adapted, before = {}, {}, {}
+    results, adapted, before, lp_of = {}, {}, {}, {}
     for name in names:
         results[name], adapted_result = probe_results(feats[name], args.lp, args.bootstrap, args.seed)
-        if adapted_result is not None:
-            adapted[name], before[name] = adapted_result, results[name][main_lp]["radchest"]
-    written = {"table1": write_tables(out, "table1", [table_1(results, names, main_lp, titles)])}
+        # paper Table 1: LP on ALL; external features of one modality: that modality's LP (its "2D" rows)
+        lp_of[name] = next(lp for lp in ("ALL", *args.lp) if lp in results[name])
+        if adapted_result is not None and "radchest" in results[name][lp_of[name]]:
+            adapted[name], before[name] = adapted_result, results[name][lp_of[name]]["radchest"]
+    folders = {name: folder for name, (folder, _) in external.items()}
+    written = {"table1": write_tables(out, "table1", [table_1(results, names, lp_of, titles, folders)])}
     if adapted:
-        t2 = table_2(adapted, before, titles["radchest_train"], titles["radchest"])
+        t2 = table_2(adapted, before, titles["radchest_train"], titles["radchest"], folders)
         written["table2"] = write_tables(out, "table2", [t2])
-    written["table3"] = write_tables(out, "table3", table_3(results, names, main, args.lp, titles))
+    written["table3"] = write_tables(out, "table3", table_3(results, names, main, args.lp, titles, folders))
     if all(r in feats[main] for r in ("train_2d", "train_3d", "mimic", "ctrate")):
         figure_2a(feats[main], titles, out, args.seed)
     maps = {m: datasets[r] for m, r in (("2d", "mimic"), ("3d", "ctrate")) if r in datasets}
-    if maps and args.maps > 0:
-        figure_2b(next(c for c in checkpoints if c.name == main).model, maps, args.maps, out, device)
+    # Figure 2b needs patch tokens: the main model if it is a checkpoint, else the first checkpoint
+    mapped = next((c for c in checkpoints if c.name == main), checkpoints[0] if checkpoints else None)
+    if maps and args.maps > 0 and mapped is not None:
+        figure_2b(mapped.model, maps, args.maps, out, device)
     return written
 
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    try:  # user errors (bad checkpoint, bad --data) print one clear line, no traceback
+    try:  # user errors (bad checkpoint, bad --data, bad --features) print one clear line, no traceback
         checkpoints = load_checkpoints(args.ckpt, args.attn)
         for key in ("size_2d", "size_3d"):  # phantoms at the size the (first) model was trained on
-            if getattr(args, key) is None and args.data == ["phantom"]:
+            if getattr(args, key) is None and args.data == ["phantom"] and checkpoints:
                 setattr(args, key, checkpoints[0].train_args.get(key))
         sources = resolve_sources(args.data, args.lp)
         datasets = open_datasets(sources, args)
+        external = load_external(args.features, datasets, {c.name for c in checkpoints}, args.lp)
     except (FileNotFoundError, ValueError) as e:
         print(f"probe.py: error: {e}", file=sys.stderr)
         return 2
-    args.out = args.out or os.path.dirname(os.path.abspath(checkpoints[0].path))
-    written = run(args, checkpoints, sources, datasets)
+    first = os.path.dirname(os.path.abspath(checkpoints[0].path)) if checkpoints else next(iter(external.values()))[0]
+    args.out = args.out or first
+    written = run(args, checkpoints, external, sources, datasets)
     for md in written.values():
         print(md)
-    print(f"wrote tables, figures and the feature cache to {args.out}")
+    print(f"wrote tables, figures{' and the feature cache' if checkpoints else ''} to {args.out}")
     return 0
 
 

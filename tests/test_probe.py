@@ -1,6 +1,11 @@
 import csv
 import json
+import os
+import re
 import shutil
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +132,15 @@ def test_single_class_label_is_na_not_a_crash():
     assert np.isnan(probe.auroc(np.zeros(0), np.zeros(0)))
 
 
+def test_na_footnote_only_under_a_table_with_an_na_cell():
+    r = probe.evaluate(*[np.array(v) for v in ([[0.0] * 5, [1.0] * 5], [[0.1] * 5, [0.9] * 5], ["a", "b"])], n_boot=0)
+    na = probe.Result([np.nan, *r.auroc[1:]], r.ci, r.macro, r.macro_ci, r.n)
+    tables = {key: probe.table_1({"S3": {"ALL": {"mimic": res}}}, ["S3"], {"S3": "ALL"}, {"mimic": "MIMIC"}, {})
+              for key, res in (("clean", r), ("na", na))}
+    assert probe.NA_NOTE not in tables["clean"].notes and probe.NA_NOTE in tables["na"].notes
+    assert "n/a" not in probe.to_markdown(tables["clean"]) and "| n/a |" in probe.to_markdown(tables["na"])
+
+
 def test_bootstrap_ci_contains_estimate_and_narrows_as_n_grows():
     rng = np.random.default_rng(3)
     widths = []
@@ -212,7 +226,8 @@ def test_tables_have_the_papers_rows_and_columns(run):
     assert all(r[-1].count("(") == 1 and r[-1].endswith(")") for r in t1[1:])  # "0.812 (0.754-0.866)"
     md = (out / "table1.md").read_text()
     assert "| Model | LP Training Data | ATEL | CARD | CONS | LO | EFF | Macro (95% CI) |" in md
-    assert all(f"| **{t}** |" in md for t in TEST_SETS) and "excluded from Macro" in md
+    assert all(f"| **{t}** |" in md for t in TEST_SETS)
+    assert ("excluded from Macro" in md) == any("n/a" in cell for r in t1[1:] for cell in r)  # footnote iff n/a
 
     with open(out / "table2.csv") as f:
         t2 = list(csv.reader(f))
@@ -287,3 +302,128 @@ def test_checkpoint_names(run):
     named, unnamed = probe.load_checkpoints([f"Stage one={run['random']}", run["trained"]], "sdpa")
     assert (named.name, unnamed.name) == ("Stage one", "Supervised")
     assert named.key != unnamed.key
+
+
+# ---------------------------------------------------------------- external features (--features)
+
+def role_datasets(argv):
+    """The datasets a probe.py run with these phantom arguments opens, by role."""
+    args = probe.get_args(argv)
+    return probe.open_datasets(probe.resolve_sources(args.data, args.lp), args)
+
+
+def write_features_dir(folder, model, datasets, roles=None, seed=0):
+    """Our features in the --features layout, rows shuffled and with an id the probe must ignore."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(exist_ok=True)
+    for role, ds in datasets.items():
+        if roles is None or role in roles:
+            f = probe.extract_features(model, ds, torch.device("cpu"), batch_tokens=32768)
+            order = rng.permutation(len(f["ids"]))
+            extra = {"ids": np.r_[f["ids"][order], ["not-in-the-split"]], "x": np.r_[f["x"][order], f["x"][:1]]}
+            probe.write_embeddings(probe.features_path(str(folder), ds), extra)
+    return str(folder)
+
+
+def macro_rows(out, table="table1"):
+    return {(r["test_set"], r["model"], r["lp"]): (r["auroc"], r["ci"], r["macro"], r["macro_ci"])
+            for t in read_json(out / f"{table}.json") for r in t["data"]}
+
+
+def test_features_of_a_checkpoint_give_its_table_1(run, tmp_path):
+    """A checkpoint's features written to DIR (shuffled, one extra id) and read back through --features give the
+    same Table 1, 2 and 3 numbers as --ckpt, and the rows say they are external features."""
+    model, _ = probe.backbone_from_checkpoint(run["trained"], attn="sdpa")
+    folder = write_features_dir(tmp_path / "feats", model, role_datasets(run["argv"]))
+    out = tmp_path / "out"
+    shutil.copytree(run["out"] / "cache", out / "cache")  # S3's own features: from the cache, as in the run
+    assert probe.main(["--ckpt", f"S3={run['trained']}", "--features", f"Ext={folder}", "--out", str(out),
+                       "--bootstrap", "200", "--maps", "0", "--device", "cpu", *PHANTOM]) == 0
+    rows = macro_rows(out)
+    assert len(rows) == 8
+    for (test_set, model_name, lp), numbers in rows.items():
+        if model_name == "Ext":
+            assert numbers == rows[(test_set, "S3", lp)] == macro_rows(run["out"])[(test_set, "S3", lp)]
+    t2 = read_json(out / "table2.json")[0]["data"]
+    assert t2[0]["adapted"] == t2[1]["adapted"] and t2[1]["model"] == "Ext"
+    assert all(r[3:] == s[3:] for r, s in zip(*[[r for r in read_json(out / "table3.json")[0]["rows"]
+                                                 if r[1] == m] for m in ("S3", "Ext")]))
+    md = (out / "table1.md").read_text()
+    assert f"Ext: external features read from {folder}" in md and "S3: external" not in md
+
+
+def test_features_of_one_modality_give_its_rows_with_its_lp(run, tmp_path):
+    """A 2D-only encoder (the paper's BiomedCLIP rows): LP 2D, the 2D test sets only."""
+    model, _ = probe.backbone_from_checkpoint(run["trained"], attn="sdpa")
+    folder = write_features_dir(tmp_path / "feats", model, role_datasets(run["argv"]), roles=("train_2d", "mimic", "chexpert"))
+    out = tmp_path / "out"
+    assert probe.main(["--features", f"Ext2D={folder}", "--out", str(out), "--bootstrap", "50", "--device", "cpu",
+                       *PHANTOM]) == 0
+    assert sorted(macro_rows(out)) == [(t, "Ext2D", "2D") for t in sorted(TEST_SETS[:2])]
+    assert not (out / "table2.md").exists() and not list(out.glob("fig2b*"))
+
+
+def test_bad_features_files_give_one_clear_line(run, tmp_path, capsys):
+    datasets = role_datasets(run["argv"])
+    ds = datasets["mimic"]
+    n, good_ids = len(ds), np.array(ds.ids)
+    x = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    nan_x = x.copy()
+    nan_x[3, 2] = np.nan
+    cases = {  # what mimic's file holds -> what the error says
+        "missing id": (dict(ids=good_ids[1:], x=x[1:]), f"1 of the {n} ids"),
+        "duplicate": (dict(ids=np.r_[good_ids, good_ids[:1]], x=np.r_[x, x[:1]]), "appears 2 times"),
+        "non-finite": (dict(ids=good_ids, x=nan_x), f"non-finite values in 1 row(s), e.g. id '{good_ids[3]}'"),
+        "wrong width": (dict(ids=good_ids, x=x[:, :5]), "width 5, but"),
+        "no x": (dict(ids=good_ids), "no 'x' array"),
+        "shapes": (dict(ids=good_ids, x=x[:-1]), "should be (N,) and (N, D)"),
+    }
+    for case, (content, says) in cases.items():
+        folder = tmp_path / case.replace(" ", "_")
+        folder.mkdir()
+        for role, d in datasets.items():
+            if role != "mimic":
+                probe.write_embeddings(probe.features_path(str(folder), d),
+                                       {"ids": np.array(d.ids), "x": np.zeros((len(d), 8), np.float32)})
+        path = probe.features_path(str(folder), ds)
+        data.atomic_write(path, lambda f: np.savez(f, **content))
+        assert probe.main(["--features", f"E={folder}", "--device", "cpu", *PHANTOM]) == 2, case
+        err = capsys.readouterr().err
+        assert says in err and path in err and err.count("\n") == 1 and "Traceback" not in err, (case, err)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "phantom2d_train.npz").write_text("not an archive")
+    assert probe.main(["--features", f"E={tmp_path / 'text'}", "--device", "cpu", *PHANTOM]) == 2
+    assert "phantom2d_train.npz: not a readable .npz file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert probe.main(["--features", f"E={tmp_path / 'empty'}", "--device", "cpu", *PHANTOM]) == 2
+    assert "no LP training features for --features E" in capsys.readouterr().err
+
+
+class StubResNet(torch.nn.Module):
+    """Stands in for torchvision.models.resnet50 in the README recipe: a body and an .fc head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.ReLU(),
+                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(8, 1000)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_readme_recipe_writes_files_that_features_reads(tmp_path, monkeypatch):
+    """The README's recipe, run as written with a stand-in for torchvision, on a prepared phantom cache."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    recipe = re.search(r"```python\n(# python embed_resnet.py.*?)```", readme, re.S).group(1)
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=types.SimpleNamespace(resnet50=StubResNet)))
+    torch.save(StubResNet().state_dict(), tmp_path / "resnet50.pth")
+    data.prepare("phantom", "", tmp_path / "cache", data.Options(phantom="phantom2d", n=64, size=56))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["embed_resnet.py", "resnet50.pth", "feats", "cache"])
+    exec(compile(recipe, "README recipe", "exec"), {"__name__": "__main__"})
+    assert sorted(os.listdir(tmp_path / "feats")) == ["phantom2d_test.npz", "phantom2d_train.npz"]
+    out = tmp_path / "out"
+    assert probe.main(["--features", f"ResNet={tmp_path / 'feats'}", "--lp", "2D", "--n-train", "64", "--n-test",
+                       "16", "--bootstrap", "20", "--out", str(out), "--device", "cpu"]) == 0
+    assert list(macro_rows(out)) == [("MIMIC (phantom2d test)", "ResNet", "2D")]
