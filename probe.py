@@ -29,6 +29,7 @@ import sys
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -236,17 +237,15 @@ def whole_views(ds, patch: int, batch_tokens: int, workers: int = 0):
         yield views, records
 
 
-@torch.inference_mode()
-def extract_features(model: SparseMedicalViT, ds, device: torch.device, batch_tokens: int, workers: int = 0) -> dict:
-    """Frozen backbone embeddings (N, dim) of every sample, with labels (N, L) and ids (N,)."""
+def extract_features(model: SparseMedicalViT, ds, batch_tokens: int, workers: int = 0) -> dict:
+    """Frozen backbone embeddings (N, dim) of every sample, on the model's device, with labels (N, L) and ids (N,)."""
     if len(ds) == 0:
         raise ValueError(f"{ds.name} {ds.split}: no samples")
     feats, labels, ids = [], [], []
-    with tqdm(total=len(ds), desc=f"features {ds.name}/{ds.split}", unit="img", leave=False) as bar:
+    with tqdm(total=len(ds), desc=f"features {ds.name}" + (f"/{ds.split}" if ds.split else ""), unit="img",
+              leave=False) as bar:
         for views, records in whole_views(ds, model.patch, batch_tokens, workers):
-            packed = pack(views, model.patch).to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                feats.append(model(packed).float().cpu().numpy())
+            feats.append(model.encode(views).numpy())
             labels += [r.labels for r in records]
             ids += [r.id for r in records]
             bar.update(len(views))
@@ -275,7 +274,7 @@ def cached_features(ck: Checkpoint, ds, device: torch.device, batch_tokens: int,
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
     ck.model.to(device)
-    feats = extract_features(ck.model, ds, device, batch_tokens, workers)
+    feats = extract_features(ck.model, ds, batch_tokens, workers)
     os.makedirs(cache_dir, exist_ok=True)
     data.atomic_write(path, lambda f: np.savez(f, **feats))
     return feats
@@ -638,6 +637,123 @@ def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device:
     return written
 
 
+# ---------------------------------------------------------------- embed: one's own images and volumes
+
+FILE_KINDS = {".png": "xray", ".jpg": "xray", ".jpeg": "xray", ".nii": "nifti", ".nii.gz": "nifti"}
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Radiographs (PNG/JPG) and CT volumes (NIfTI) as Records, decoded and preprocessed by data.load_source,
+    the function `python data.py prepare` uses, at the long sides given (paper 2.4)."""
+
+    def __init__(self, sources: list, size_2d: int, size_3d: int, patch: int):
+        self.sources, self.name, self.split = sources, "files", ""
+        self.ids = [s.id for s in sources]
+        self.options = {kind: data.Options(size=size or 0, min_side=patch)
+                        for kind, size in (("xray", size_2d), ("nifti", size_3d))}
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> data.Record:
+        src = self.sources[i]
+        try:
+            image = data.load_source(src, self.options[src.kind])
+        except Exception as e:  # any decoder's error on a user's file: one line that names the file
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(message if src.path in message else f"{src.path}: {message}") from e
+        return data.Record(image, src.labels, "2d" if src.kind == "xray" else "3d", src.id)
+
+
+def file_source(path: str) -> data.Source:
+    """One image or volume named on the command line; its id is the path as given, without the extension."""
+    ext = next((e for e in sorted(FILE_KINDS, key=len, reverse=True) if path.lower().endswith(e)), None)
+    if ext is None:
+        raise ValueError(f"{path}: not a PNG/JPG image or a NIfTI volume (.nii, .nii.gz)")
+    rid = path[: -len(ext)]
+    return data.Source(rid, rid, "", np.full(len(data.LABELS), np.nan, np.float32), path, FILE_KINDS[ext])
+
+
+def embed_inputs(inputs: list, args, patch: int) -> list:
+    """INPUT arguments -> [(input, dataset)]: phantom names and caches by split, loose files and folders in one
+    ImageFiles per run of consecutive ones."""
+    out, files = [], []
+    for spec in inputs:
+        if spec in data.PHANTOMS or os.path.isfile(os.path.join(spec, "index.json")):
+            splits = [args.split] if args.split else data.list_splits(spec)
+            options = {}
+            if spec in data.PHANTOMS:  # the probe's phantoms: same ids, labels and images
+                options = {k: v for k, v in (("n", args.n), ("size", args.size_3d if "3d" in spec else args.size_2d),
+                                             ("seed", args.seed)) if v is not None}
+            if files:
+                out.append(("files", ImageFiles(files, args.size_2d, args.size_3d, patch)))
+                files = []
+            out += [(f"{spec}:{s}", data.open_dataset(spec, s, **options)) for s in splits]
+        elif os.path.isdir(spec):
+            found = data.scan_folder(Path(spec), "2d") + data.scan_folder(Path(spec), "3d")
+            if not found:
+                raise FileNotFoundError(f"{spec}: no PNG/JPG images or NIfTI volumes in this folder")
+            files += sorted(found, key=lambda s: s.id)
+        elif os.path.isfile(spec):
+            files.append(file_source(spec))
+        else:
+            raise FileNotFoundError(f"{spec}: not found (an image, a NIfTI volume, a folder of them, a cache "
+                                    f"from `python data.py prepare` or a phantom name {data.PHANTOMS})")
+    if files:
+        out.append(("files", ImageFiles(files, args.size_2d, args.size_3d, patch)))
+    return out
+
+
+def embed(args) -> dict:
+    """`probe.py embed`: the checkpoint's frozen embeddings of every input, in the file format --features reads."""
+    model, ckpt = backbone_from_checkpoint(args.ckpt, "cpu", attn=args.attn)
+    train_args = ckpt.get("args") or {}
+    for key in ("size_2d", "size_3d"):  # preprocess at the sizes the model was trained on
+        if getattr(args, key) is None:
+            setattr(args, key, train_args.get(key))
+    inputs = embed_inputs(args.inputs, args, model.patch)
+    sources, seen = [], {}
+    for name, ds in inputs:  # before any work: every id once, or --features could not key the rows
+        sources += [s.path for s in ds.sources] if isinstance(ds, ImageFiles) else [name] * len(ds)
+        for rid, source in zip(ds.ids, sources[-len(ds):]):
+            if rid in seen:
+                raise ValueError(f"{args.out}: id {rid!r} comes from {seen[rid]} and {source}: embed them into "
+                                 "separate files")
+            seen[rid] = source
+    model.to(args.device)
+    feats = stack([extract_features(model, ds, args.batch_tokens, args.workers) for _, ds in inputs])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_embeddings(args.out, feats, source=np.array(sources, dtype=str))
+    print(f"wrote {len(feats['ids'])} embeddings ({feats['x'].shape[1]}-d) to {args.out}")
+    return feats
+
+
+def embed_args(argv):
+    p = argparse.ArgumentParser(
+        prog="probe.py embed", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Frozen embeddings of your own radiographs and CT volumes, preprocessed as `python data.py "
+                    "prepare` does at the checkpoint's sizes, written as FILE.npz (ids, x, y, source) in the "
+                    "format `probe.py --features` reads.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="PNG/JPG images and NIfTI volumes (.nii, .nii.gz), folders of them (searched recursively), "
+                        "caches from `python data.py prepare`, or phantom names")
+    p.add_argument("--ckpt", required=True, help="checkpoint of train.py")
+    p.add_argument("--out", required=True, help="embeddings file to write (.npz)")
+    p.add_argument("--split", default=None, help="caches and phantoms: this split only (default: all of them)")
+    p.add_argument("--size-2d", type=int, default=None,
+                   help="long side of radiographs (default: the checkpoint's training size, else 224, paper 2.4)")
+    p.add_argument("--size-3d", type=int, default=None,
+                   help="long side of CT volumes (default: the checkpoint's training size, else 112, paper 2.4)")
+    p.add_argument("--n", type=int, default=None, help="phantoms: samples per split (default: data.py's, 1024 train "
+                                                       "and 256 test)")
+    p.add_argument("--seed", type=int, default=0, help="phantoms: seed (as probe.py --seed)")
+    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per packed batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--workers", type=int, default=0, help="processes reading and preprocessing the inputs")
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"), help="attention backend")
+    return p.parse_args(argv)
+
+
 # ---------------------------------------------------------------- main
 
 def get_args(argv=None):
@@ -731,6 +847,15 @@ def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) 
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["embed"]:
+        args = embed_args(argv[1:])
+        try:
+            embed(args)
+        except (FileNotFoundError, ValueError) as e:  # the last line: a reader worker's error comes with its traceback
+            print(f"probe.py embed: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+            return 2
+        return 0
     args = get_args(argv)
     try:  # user errors (bad checkpoint, bad --data, bad --features) print one clear line, no traceback
         checkpoints = load_checkpoints(args.ckpt, args.attn)

@@ -180,8 +180,8 @@ def test_features_do_not_depend_on_token_budget():
     """Packed batches under any token budget, read by worker processes or not, equal one view at a time."""
     model = tiny().eval()
     ds = data.open_dataset("phantom3d", "test", n=6, size=28)
-    small = probe.extract_features(model, ds, torch.device("cpu"), batch_tokens=10)
-    big = probe.extract_features(model, ds, torch.device("cpu"), batch_tokens=10_000, workers=2)
+    small = probe.extract_features(model, ds, batch_tokens=10)
+    big = probe.extract_features(model, ds, batch_tokens=10_000, workers=2)
     with torch.no_grad():
         alone = np.concatenate([model(pack([data.whole_view(ds[i], P)], P)).numpy() for i in range(len(ds))])
     assert np.allclose(small["x"], alone, atol=1e-5) and np.allclose(big["x"], alone, atol=1e-5)
@@ -318,7 +318,7 @@ def write_features_dir(folder, model, datasets, roles=None, seed=0):
     folder.mkdir(exist_ok=True)
     for role, ds in datasets.items():
         if roles is None or role in roles:
-            f = probe.extract_features(model, ds, torch.device("cpu"), batch_tokens=32768)
+            f = probe.extract_features(model, ds, batch_tokens=32768)
             order = rng.permutation(len(f["ids"]))
             extra = {"ids": np.r_[f["ids"][order], ["not-in-the-split"]], "x": np.r_[f["x"][order], f["x"][:1]]}
             probe.write_embeddings(probe.features_path(str(folder), ds), extra)
@@ -427,3 +427,77 @@ def test_readme_recipe_writes_files_that_features_reads(tmp_path, monkeypatch):
     assert probe.main(["--features", f"ResNet={tmp_path / 'feats'}", "--lp", "2D", "--n-train", "64", "--n-test",
                        "16", "--bootstrap", "20", "--out", str(out), "--device", "cpu"]) == 0
     assert list(macro_rows(out)) == [("MIMIC (phantom2d test)", "ResNet", "2D")]
+
+
+# ---------------------------------------------------------------- probe.py embed
+
+def write_inputs(folder):
+    """A grayscale PNG, an RGB JPEG in a subfolder and an anisotropic NIfTI CT volume (HU)."""
+    import nibabel as nib
+    rng = np.random.default_rng(0)
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray((rng.random((90, 70)) * 255).astype(np.uint8)).save(folder / "a.png")
+    Image.fromarray((rng.random((64, 100, 3)) * 255).astype(np.uint8)).save(folder / "sub" / "b.jpg")
+    hu = rng.normal(-300, 400, (40, 50, 30)).astype(np.float32)
+    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.0, 1.0])), folder / "c.nii.gz")
+
+
+def test_embed_gives_the_feature_path_vectors(tmp_path):
+    """embed on files == the feature path on a cache that `data.py prepare` made of the same files at the
+    checkpoint's sizes (float16 in the cache: close, not equal); embed on a cache == the feature path, exactly."""
+    model = tiny(seed=3).eval()
+    ckpt = save(model, tmp_path / "m.pt", stage=3, size_2d=56, size_3d=28)
+    write_inputs(tmp_path / "in")
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "files.npz"), str(tmp_path / "in"),
+                       "--batch-tokens", "20"]) == 0
+    got = np.load(tmp_path / "files.npz")
+    assert list(got["ids"]) == ["a", "c", "sub/b"] and got["x"].shape == (3, 32)
+    ref = {}
+    for kind, size in (("folder2d", 56), ("folder3d", 28)):
+        data.prepare(kind, tmp_path / "in", tmp_path / kind, data.Options(size=size))
+        ref |= dict(zip(*[(f := probe.extract_features(model, data.open_dataset(tmp_path / kind, "train"), 32768))[k]
+                          for k in ("ids", "x")]))
+    assert np.allclose(got["x"], [ref[i] for i in got["ids"]], atol=2e-3)
+    assert np.abs(got["x"][0] - got["x"][2]).max() > 0.1  # the tolerance is far below what tells images apart
+
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "one.npz"), str(tmp_path / "in" / "a.png")]) == 0
+    one = np.load(tmp_path / "one.npz")
+    assert list(one["ids"]) == [str(tmp_path / "in" / "a")] and np.allclose(one["x"][0], got["x"][0], atol=1e-5)
+
+    cache = data.open_dataset(tmp_path / "folder2d", "train")
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "cache.npz"), str(tmp_path / "folder2d")]) == 0
+    emb, feat = np.load(tmp_path / "cache.npz"), probe.extract_features(model, cache, 32768)
+    assert np.array_equal(emb["ids"], feat["ids"]) and np.array_equal(emb["x"], feat["x"])
+
+
+def test_embed_writes_what_features_reads(run, tmp_path):
+    """Our own embeddings round-trip: `embed` of every (dataset, split) into DIR, then --features == --ckpt."""
+    folder = tmp_path / "feats"
+    for role, ds in role_datasets(run["argv"]).items():
+        n = "128" if ds.split == "train" else "64"
+        assert probe.main(["embed", "--ckpt", run["trained"], "--out", probe.features_path(str(folder), ds),
+                           ds.name, "--split", ds.split, "--n", n, "--size-2d", "56", "--size-3d", "28"]) == 0
+    out = tmp_path / "out"
+    assert probe.main(["--features", f"S3={folder}", "--out", str(out), "--bootstrap", "200", "--device", "cpu",
+                       *PHANTOM]) == 0
+    assert macro_rows(out) == {k: v for k, v in macro_rows(run["out"]).items() if k[1] == "S3"}
+
+
+def test_embed_bad_inputs_give_one_clear_line(run, tmp_path, capsys):
+    write_inputs(tmp_path / "one")
+    write_inputs(tmp_path / "two")
+    (tmp_path / "broken.png").write_text("not an image")
+    Image.fromarray(np.full((30, 30), 7, np.uint8)).save(tmp_path / "flat.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    cases = {"broken.png": "cannot identify image file", "flat.png": "constant image", "missing.png": "not found",
+             "notes.txt": "not a PNG/JPG image or a NIfTI volume"}
+    for name, says in cases.items():
+        argv = ["embed", "--ckpt", run["random"], "--out", str(tmp_path / "e.npz"), str(tmp_path / name)]
+        assert probe.main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and name in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert probe.main(["embed", "--ckpt", run["random"], "--out", str(tmp_path / "e.npz"), str(tmp_path / "one"),
+                       str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err
+    assert "id 'a' comes from" in err and str(tmp_path / "two" / "a.png") in err
+    assert not (tmp_path / "e.npz").exists()
