@@ -262,22 +262,77 @@ def test_figure_2a_reports_each_fit_on_each_modality(run):
     assert "| Cardiomegaly | joint |" in (run["out"] / "fig2a.md").read_text()
 
 
-def test_figure_2b_pngs_are_input_and_pca_map_side_by_side(run):
-    entries = read_json(run["out"] / "fig2b.json")
+def no_matplotlib(monkeypatch):
+    """Make `import matplotlib` fail, as on a machine without it (it is optional)."""
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.fixture(scope="module")
+def map_sets():
+    return {"2d": data.open_dataset("phantom2d", "test", n=8, size=56), "3d": data.open_dataset("phantom3d", "test", n=8, size=28)}
+
+
+def test_figure_2b_without_matplotlib_is_input_and_pca_map_side_by_side(tmp_path, monkeypatch, map_sets):
+    no_matplotlib(monkeypatch)
+    entries = probe.figure_2b(tiny(seed=2).eval(), map_sets, 2, str(tmp_path), torch.device("cpu"))
+    assert entries == read_json(tmp_path / "fig2b.json")
     assert sorted(e["file"] for e in entries) == ["fig2b_2d_0.png", "fig2b_2d_1.png", "fig2b_3d_0.png", "fig2b_3d_1.png"]
     for e in entries:
-        size = 28 if e["dataset"] == "phantom3d" else 56
-        view = data.whole_view(data.open_dataset(e["dataset"], e["split"], n=64, size=size)[e["index"]], P)[0]
+        view = data.whole_view(map_sets[e["dataset"][-2:]][e["index"]], P)[0]
         z, h, w = view.shape
-        with Image.open(run["out"] / e["file"]) as im:
+        with Image.open(tmp_path / e["file"]) as im:
             im.verify()
-        img = np.asarray(Image.open(run["out"] / e["file"]))
+        img = np.asarray(Image.open(tmp_path / e["file"]))
         assert img.shape == (h, 2 * w, 3)  # input | PCA map, each at the input size
         gray = np.clip((view[z // 2].numpy() + 1) * 127.5, 0, 255).astype(np.uint8)  # the (middle) slice
         assert np.array_equal(img[:, :w, 0], gray)
+        assert ("slice" in e) == (z > 1) and (z == 1 or e["slice"]["index"] == z // 2 and e["slice"]["of"] == z)
         fmap = img[:, w:].reshape(h // P, P, w // P, P, 3)
         assert (fmap == fmap[:, :1, :, :1]).all()  # constant within each patch: nearest upsampling
-        assert len(np.unique(fmap.reshape(-1, 3), axis=0)) > 1
+        assert (fmap.min((0, 1, 2, 3)) == 0).all() and (fmap.max((0, 1, 2, 3)) == 255).all()  # each channel's range
+
+
+def test_figures_with_matplotlib_are_titled_panels(tmp_path, map_sets):
+    pytest.importorskip("matplotlib")
+    entries = probe.figure_2b(tiny(seed=2).eval(), map_sets, 1, str(tmp_path), torch.device("cpu"), "S3")
+    for e in entries:
+        with Image.open(tmp_path / e["file"]) as im:
+            assert im.size == (1300, 540)  # three panels, not the input's 56 x 42
+    fits = {f: {"auroc": {"mimic": 0.7, "ctrate": None if f == "2D" else 0.6}, "coef": [0.5, -1.0, 0.2]}
+            for f in ("2D", "3D", "joint")}  # None: a fit without a probe (one class), drawn as a gap
+    report = {"n_components": 3, "explained_variance_ratio": [0.9, 0.08, 0.02], "labels": {"Cardiomegaly": fits},
+              "test_sets": {"mimic": "MIMIC (phantom2d test)", "ctrate": "CT-RATE (phantom3d test)"}}
+    assert probe.plot_figure_2a(report, str(tmp_path / "fig2a.png"))
+    with Image.open(tmp_path / "fig2a.png") as im:
+        assert im.size == (1600, 500)
+
+
+def write_metrics(path, keys, steps=5):
+    rows = [{"step": s, **{k: 1.0 / s for k in keys}} for s in range(1, steps + 1)]
+    rows.insert(2, {"step": 3, "skipped": "non-finite"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')  # a line cut short by a crash
+    return str(path)
+
+
+def test_training_curves_plot_the_keys_a_log_has(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    old = write_metrics(tmp_path / "old.jsonl", ["loss", "pred", "sigreg", "lr"])
+    new = write_metrics(tmp_path / "new.jsonl", ["loss", "pred", "sigreg", "rank_emb", "rank_proj", "std_emb",
+                                                 "probe_auroc"])
+    assert len(probe.read_metrics(old)) == 5
+    assert probe.figure_curves({"S1": old}, str(tmp_path / "a.png")) == [t for t, _ in probe.CURVES[:3]]
+    assert probe.figure_curves({"S1": old, "S3": new}, str(tmp_path / "b.png")) == [
+        t for t, _ in probe.CURVES[:5]] + [probe.CURVES[6][0]]
+    assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()
+    assert probe.main(["curves", f"S1={old}", str(tmp_path), "--out", str(tmp_path / "cli.png")]) == 2  # no metrics.jsonl
+    (tmp_path / "metrics.jsonl").write_text(Path(new).read_text())
+    assert probe.curves([f"S1={old}", str(tmp_path), "--out", str(tmp_path / "cli.png")]) == probe.figure_curves(
+        {"S1": old, "S3": new}, str(tmp_path / "b.png"))  # a run folder: its metrics.jsonl
+    assert (tmp_path / "cli.png").exists()
+    no_matplotlib(monkeypatch)
+    assert probe.figure_curves({"S1": old}, str(tmp_path / "c.png")) == [] and not (tmp_path / "c.png").exists()
+    assert not probe.plot_figure_2a({}, str(tmp_path / "d.png")) and not (tmp_path / "d.png").exists()
 
 
 # ---------------------------------------------------------------- bad input
