@@ -243,7 +243,7 @@ def extract_features(model: SparseMedicalViT, ds, batch_tokens: int, workers: in
         raise ValueError(f"{ds.name} {ds.split}: no samples")
     feats, labels, ids = [], [], []
     with tqdm(total=len(ds), desc=f"features {ds.name}" + (f"/{ds.split}" if ds.split else ""), unit="img",
-              leave=False) as bar:
+              leave=False, disable=None) as bar:  # None: no bar when stderr is not a terminal (a log file)
         for views, records in whole_views(ds, model.patch, batch_tokens, workers):
             feats.append(model.encode(views).numpy())
             labels += [r.labels for r in records]
@@ -335,7 +335,8 @@ def external_features(path: str, ds) -> dict:
     if missing:
         raise ValueError(f"{path}: {len(missing)} of the {len(ds)} ids of {ds.name} {ds.split} are missing, "
                          f"e.g. {missing[0]!r} (ids are our cache's record ids)")
-    return {"x": x[[row[i] for i in ds.ids]], "y": np.asarray(ds.labels, np.float32), "ids": np.array(ds.ids, dtype=str)}
+    return {"x": x[[row[i] for i in ds.ids]], "y": np.asarray(ds.labels, np.float32),
+            "ids": np.array(ds.ids, dtype=str)}
 
 
 def load_external(items: list, datasets: dict, taken: set, lps: list) -> dict:
@@ -519,11 +520,12 @@ def table_2(adapted: dict, before: dict, train: str, test: str, external: dict) 
             gain = 100 * (a - p) if not (np.isnan(a) or np.isnan(p)) else np.nan
             rows.append([name, label, fmt_ci(a, c), fmt(gain, 2), fmt(p)])
         rdata.append({"model": name, "adapted": result_data(r), "before": result_data(b)})
-    notes = [f"Probe retrained on {train}, tested on {test}; Improvement (%) and 'AUROC before adaptation' "
-             "refer to the probe trained on the pre-training data (Table 1). Improvement (%) is the AUROC "
-             "difference x 100, as in the paper (0.66 -> 0.75: 9.12).", *end_notes(rows, list(adapted), external)]
-    return Table(f"Table 2: domain adaptation on {test}", ["Model", "Label", "AUROC (95% CI)", "Improvement (%)",
-                 "AUROC before adaptation"], rows, notes, rdata)
+    notes = [f"Probe retrained on {train}, tested on {test}; the improvement and 'AUROC before adaptation' "
+             "refer to the probe trained on the pre-training data (Table 1). The improvement is the AUROC "
+             "difference x 100, the paper's 'Improvement (%)' (0.66 -> 0.75: 9.12).",
+             *end_notes(rows, list(adapted), external)]
+    columns = ["Model", "Label", "AUROC (95% CI)", "Improvement (AUROC points x 100)", "AUROC before adaptation"]
+    return Table(f"Table 2: domain adaptation on {test}", columns, rows, notes, rdata)
 
 
 def table_3(results: dict, names: list, main: str, lps: list, titles: dict, external: dict) -> list:
@@ -695,8 +697,8 @@ def draw_map(gray: np.ndarray, fmap: np.ndarray, entry: dict, name: str, patch: 
     fig.suptitle(f"Figure 2b: PCA feature map ({model}{entry['dataset']} {entry['split']} #{entry['index']}, "
                  f"id {entry['id']}, Cardiomegaly {entry['cardiomegaly']})", fontsize=15)
     fig.supxlabel("colour key: red = PC1, green = PC2, blue = PC3 of the patch features (one PCA over the 2D and 3D "
-                  f"examples),\neach stretched to its 2-98th percentile in this map; one colour per {patch}-pixel patch "
-                  "(nearest-neighbour upsampling)", fontsize=11)
+                  "examples),\neach stretched to its 2-98th percentile in this map; one colour per "
+                  f"{patch}-pixel patch (nearest-neighbour upsampling)", fontsize=11)
     return fig
 
 
@@ -711,7 +713,8 @@ def plot_figure_2a(report: dict, path: str, label: str = "Cardiomegaly") -> bool
     x = np.arange(len(fits))
     for k, (t, title) in enumerate(tests.items()):
         aurocs = np.array([np.nan if f["auroc"][t] is None else f["auroc"][t] for f in fits.values()])
-        bars = ax_auc.bar(x + (k - (len(tests) - 1) / 2) * 0.38, np.nan_to_num(aurocs), 0.38, label=f"tested on {title}")
+        bars = ax_auc.bar(x + (k - (len(tests) - 1) / 2) * 0.38, np.nan_to_num(aurocs), 0.38,
+                          label=f"tested on {title}")
         ax_auc.bar_label(bars, [fmt(a, 2) for a in aurocs], fontsize=10)  # n/a: no probe (one class)
     ax_auc.axhline(0.5, color="gray", lw=1, ls="--")
     ax_auc.set_xticks(x, [f"fit on {f}" for f in fits])
@@ -781,9 +784,10 @@ def figure_curves(runs: dict, path: str) -> list:
             for j, (key, label) in enumerate(series):
                 pts = np.array([(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))], float)
                 pts = pts[np.isfinite(pts).all(1)] if len(pts) else pts
-                if len(pts):
-                    ax.plot(pts[:, 0], pts[:, 1], color=f"C{i}", ls=("-", "--")[j % 2], marker="." if len(pts) < 30 else None,
-                            label=" ".join(s for s in (name if len(logs) > 1 else "", label) if s) or None)
+                legend = " ".join(s for s in (name if len(logs) > 1 else "", label) if s) or None
+                if len(pts):  # a colour per run, a line style per series (backbone, projector)
+                    ax.plot(pts[:, 0], pts[:, 1], color=f"C{i}", ls=("-", "--")[j % 2],
+                            marker="." if len(pts) < 30 else None, label=legend)
                     values += pts[:, 1].tolist()
         if values and min(values) > 0 and max(values) > 20 * min(values):  # losses spanning decades
             ax.set_yscale("log")
@@ -891,7 +895,7 @@ def embed(args) -> dict:
 
 def embed_args(argv):
     p = argparse.ArgumentParser(
-        prog="probe.py embed", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="probe.py embed",
         description="Frozen embeddings of your own radiographs and CT volumes, preprocessed as `python data.py "
                     "prepare` does at the checkpoint's sizes, written as FILE.npz (ids, x, y, source) in the "
                     "format `probe.py --features` reads.")
@@ -907,18 +911,24 @@ def embed_args(argv):
                    help="long side of CT volumes (default: the checkpoint's training size, else 112, paper 2.4)")
     p.add_argument("--n", type=int, default=None, help="phantoms: samples per split (default: data.py's, 1024 train "
                                                        "and 256 test)")
-    p.add_argument("--seed", type=int, default=0, help="phantoms: seed (as probe.py --seed)")
-    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per packed batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--workers", type=int, default=0, help="processes reading and preprocessing the inputs")
-    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"), help="attention backend")
+    p.add_argument("--seed", type=int, default=0, help="phantoms: seed (as probe.py --seed; default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per packed batch (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes reading and preprocessing the inputs (default: %(default)s)")
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"),
+                   help="attention backend (default: %(default)s)")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Linear probes on frozen features: the paper's Tables 1-3 and Figure 2.")
+    p = argparse.ArgumentParser(
+        description="Linear probes on frozen features: the paper's Tables 1-3 and Figure 2. Two more commands: "
+                    "`probe.py embed --ckpt CKPT --out FILE.npz INPUT...` embeds your own images and volumes "
+                    "(`probe.py embed --help`); `probe.py curves RUN...` draws training curves from metrics.jsonl.")
     p.add_argument("--ckpt", nargs="+", default=[],
                    help="checkpoint(s), PATH or NAME=PATH (e.g. S1=... S2=... S3=... Supervised=...); unnamed ones "
                         "are named from their training args (S<stage> or Supervised)")
@@ -927,18 +937,22 @@ def get_args(argv=None):
                         "README, 'External features'), probed like the checkpoints")
     p.add_argument("--data", nargs="+", default=["phantom"],
                    help="'phantom' (built-in stand-ins) or cache dirs from `python data.py prepare` "
-                        "(mimic, chexpert, ctrate, radchest)")
-    p.add_argument("--lp", default="2D,3D,ALL", help="LP training data, comma-separated subset of 2D,3D,ALL")
+                        "(mimic, chexpert, ctrate, radchest; default: phantom)")
+    p.add_argument("--lp", default="2D,3D,ALL",
+                   help="LP training data, comma-separated subset of 2D,3D,ALL (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint, else the "
                                                 "first --features folder)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per packed feature batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% CIs (default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=32768,
+                   help="tokens per packed feature batch (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device for the features (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="processes reading samples (default: 8 on GPU, 0 on CPU)")
     p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"),
-                   help="attention backend for feature extraction")
-    p.add_argument("--maps", type=int, default=4, help="Figure 2b: PCA maps per modality")
-    p.add_argument("--seed", type=int, default=0, help="seed of the phantom data, the held-out split and the bootstrap")
+                   help="attention backend for feature extraction (default: %(default)s)")
+    p.add_argument("--maps", type=int, default=4, help="Figure 2b: PCA maps per modality (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantom data, the held-out split and the bootstrap (default: %(default)s)")
     p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default: the first checkpoint's, else 224, paper 2.4)")
     p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default: the first checkpoint's, else 112, paper 2.4)")
     p.add_argument("--n-train", type=int, default=None, help="phantom samples per train split (default: data.py's)")
@@ -1016,12 +1030,12 @@ def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) 
 def curves(argv) -> list:
     """`probe.py curves`: the training-curves figure of runs named on the command line."""
     p = argparse.ArgumentParser(
-        prog="probe.py curves", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="probe.py curves",
         description="Training curves of one or more runs from their metrics.jsonl (needs matplotlib): loss, "
                     "prediction loss, SIGReg and the embedding-health figures the run logged.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (train.py --out) or metrics.jsonl files, "
                                                           "PATH or NAME=PATH")
-    p.add_argument("--out", default="curves.png", help="figure to write")
+    p.add_argument("--out", default="curves.png", help="figure to write (default: %(default)s)")
     args = p.parse_args(argv)
     runs = {}
     for item in args.runs:

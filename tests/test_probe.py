@@ -231,7 +231,7 @@ def test_tables_have_the_papers_rows_and_columns(run):
 
     with open(out / "table2.csv") as f:
         t2 = list(csv.reader(f))
-    assert t2[0] == ["Model", "Label", "AUROC (95% CI)", "Improvement (%)", "AUROC before adaptation"]
+    assert t2[0] == ["Model", "Label", "AUROC (95% CI)", "Improvement (AUROC points x 100)", "AUROC before adaptation"]
     assert [r[1] for r in t2[1:7]] == ["ATEL", "CARD", "CONS", "LO", "EFF", "Macro"]
     before = read_json(out / "table1.json")[0]["data"]
     s3_rad = next(r for r in before if r["model"] == "S3" and r["test_set"].startswith("RAD-ChestCT"))
