@@ -192,13 +192,26 @@ def checkpoint_name(args: dict, path: str) -> str:
     return f"S{args['stage']}" if args.get("stage") else os.path.splitext(os.path.basename(path))[0]
 
 
+def named(item: str) -> tuple:
+    """A command-line item `NAME=PATH` -> (NAME, PATH); a plain PATH (even one with '=' in it) -> (None, PATH)."""
+    name, sep, path = item.partition("=")
+    if not sep or os.path.exists(item) or os.sep in name:
+        return None, item
+    return name, path
+
+
+def train_sizes(args, train_args: dict):
+    """--size-2d/--size-3d left unset: the long sides the model was trained on (paper 2.4), if it says."""
+    for key in ("size_2d", "size_3d"):
+        if getattr(args, key) is None:
+            setattr(args, key, train_args.get(key))
+
+
 def load_checkpoints(items: list, attn: str) -> list:
     """`--ckpt PATH` or `NAME=PATH` items -> Checkpoints; clear errors from model.load_checkpoint."""
     out = []
     for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or os.path.exists(item) or os.sep in name:
-            name, path = None, item
+        name, path = named(item)
         model, ckpt = backbone_from_checkpoint(path, "cpu", attn=attn)
         name = name or checkpoint_name(ckpt.get("args") or {}, path)
         if name in {c.name for c in out}:
@@ -346,9 +359,8 @@ def load_external(items: list, datasets: dict, taken: set, lps: list) -> dict:
     """
     out = {}
     for item in items:
-        name, sep, folder = item.partition("=")
-        if not sep or os.path.isdir(item):
-            name, folder = os.path.basename(os.path.normpath(item)), item
+        name, folder = named(item)
+        name = name or os.path.basename(os.path.normpath(folder))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder}: --features folder not found")
         if name in taken or name in out:
@@ -872,10 +884,7 @@ def embed_inputs(inputs: list, args, patch: int) -> list:
 def embed(args) -> dict:
     """`probe.py embed`: the checkpoint's frozen embeddings of every input, in the file format --features reads."""
     model, ckpt = backbone_from_checkpoint(args.ckpt, "cpu", attn=args.attn)
-    train_args = ckpt.get("args") or {}
-    for key in ("size_2d", "size_3d"):  # preprocess at the sizes the model was trained on
-        if getattr(args, key) is None:
-            setattr(args, key, train_args.get(key))
+    train_sizes(args, ckpt.get("args") or {})  # preprocess at the sizes the model was trained on
     inputs = embed_inputs(args.inputs, args, model.patch)
     sources, seen = [], {}
     for name, ds in inputs:  # before any work: every id once, or --features could not key the rows
@@ -1039,9 +1048,8 @@ def curves(argv) -> list:
     args = p.parse_args(argv)
     runs = {}
     for item in args.runs:
-        name, sep, path = item.partition("=")
-        if not sep or os.path.exists(item):
-            name, path = os.path.basename(os.path.normpath(item)), item
+        name, path = named(item)
+        name = name or os.path.basename(os.path.normpath(path))
         path = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no metrics.jsonl (train.py writes one into its --out)")
@@ -1067,9 +1075,8 @@ def main(argv=None) -> int:
     args = get_args(argv)
     try:  # user errors (bad checkpoint, bad --data, bad --features) print one clear line, no traceback
         checkpoints = load_checkpoints(args.ckpt, args.attn)
-        for key in ("size_2d", "size_3d"):  # phantoms at the size the (first) model was trained on
-            if getattr(args, key) is None and args.data == ["phantom"] and checkpoints:
-                setattr(args, key, checkpoints[0].train_args.get(key))
+        if args.data == ["phantom"] and checkpoints:  # phantoms at the size the (first) model was trained on
+            train_sizes(args, checkpoints[0].train_args)
         sources = resolve_sources(args.data, args.lp)
         datasets = open_datasets(sources, args)
         external = load_external(args.features, datasets, {c.name for c in checkpoints}, args.lp)
