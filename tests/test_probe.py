@@ -385,28 +385,6 @@ def macro_rows(out, table="table1"):
             for t in read_json(out / f"{table}.json") for r in t["data"]}
 
 
-def test_features_of_a_checkpoint_give_its_table_1(run, tmp_path):
-    """A checkpoint's features written to DIR (shuffled, one extra id) and read back through --features give the
-    same Table 1, 2 and 3 numbers as --ckpt, and the rows say they are external features."""
-    model, _ = probe.backbone_from_checkpoint(run["trained"], attn="sdpa")
-    folder = write_features_dir(tmp_path / "feats", model, role_datasets(run["argv"]))
-    out = tmp_path / "out"
-    shutil.copytree(run["out"] / "cache", out / "cache")  # S3's own features: from the cache, as in the run
-    assert probe.main(["--ckpt", f"S3={run['trained']}", "--features", f"Ext={folder}", "--out", str(out),
-                       "--bootstrap", "200", "--maps", "0", "--device", "cpu", *PHANTOM]) == 0
-    rows = macro_rows(out)
-    assert len(rows) == 8
-    for (test_set, model_name, lp), numbers in rows.items():
-        if model_name == "Ext":
-            assert numbers == rows[(test_set, "S3", lp)] == macro_rows(run["out"])[(test_set, "S3", lp)]
-    t2 = read_json(out / "table2.json")[0]["data"]
-    assert t2[0]["adapted"] == t2[1]["adapted"] and t2[1]["model"] == "Ext"
-    assert all(r[3:] == s[3:] for r, s in zip(*[[r for r in read_json(out / "table3.json")[0]["rows"]
-                                                 if r[1] == m] for m in ("S3", "Ext")]))
-    md = (out / "table1.md").read_text()
-    assert f"Ext: external features read from {folder}" in md and "S3: external" not in md
-
-
 def test_features_of_one_modality_give_its_rows_with_its_lp(run, tmp_path):
     """A 2D-only encoder (the paper's BiomedCLIP rows): LP 2D, the 2D test sets only."""
     model, _ = probe.backbone_from_checkpoint(run["trained"], attn="sdpa")
@@ -525,17 +503,34 @@ def test_embed_gives_the_feature_path_vectors(tmp_path):
     assert np.array_equal(emb["ids"], feat["ids"]) and np.array_equal(emb["x"], feat["x"])
 
 
-def test_embed_writes_what_features_reads(run, tmp_path):
-    """Our own embeddings round-trip: `embed` of every (dataset, split) into DIR, then --features == --ckpt."""
+def test_embed_of_a_checkpoint_through_features_gives_its_tables(run, tmp_path):
+    """Issue 17's round trip: `embed` of every (dataset, split) into DIR (one file's rows then shuffled, with an id
+    the probe must ignore), read back through --features: the same Table 1, 2 and 3 numbers as --ckpt, the rows
+    marked as external features."""
     folder = tmp_path / "feats"
-    for role, ds in role_datasets(run["argv"]).items():
+    datasets = role_datasets(run["argv"])
+    for role, ds in datasets.items():
         n = "128" if ds.split == "train" else "64"
         assert probe.main(["embed", "--ckpt", run["trained"], "--out", probe.features_path(str(folder), ds),
                            ds.name, "--split", ds.split, "--n", n, "--size-2d", "56", "--size-3d", "28"]) == 0
+    path = probe.features_path(str(folder), datasets["mimic"])
+    f = dict(np.load(path))
+    order = np.random.default_rng(0).permutation(len(f["ids"]))
+    probe.write_embeddings(path, {"ids": np.r_[f["ids"][order], ["not-in-the-split"]], "x": np.r_[f["x"][order], f["x"][:1]]})
     out = tmp_path / "out"
-    assert probe.main(["--features", f"S3={folder}", "--out", str(out), "--bootstrap", "200", "--device", "cpu",
-                       *PHANTOM]) == 0
-    assert macro_rows(out) == {k: v for k, v in macro_rows(run["out"]).items() if k[1] == "S3"}
+    shutil.copytree(run["out"] / "cache", out / "cache")  # S3's own features: from the cache, as in the run
+    assert probe.main(["--ckpt", f"S3={run['trained']}", "--features", f"Ext={folder}", "--out", str(out),
+                       "--bootstrap", "200", "--maps", "0", "--device", "cpu", *PHANTOM]) == 0
+    rows, before = macro_rows(out), macro_rows(run["out"])
+    assert len(rows) == 8
+    for (test_set, model_name, lp), numbers in rows.items():
+        assert numbers == rows[(test_set, "S3", lp)] == before[(test_set, "S3", lp)]
+    t2 = read_json(out / "table2.json")[0]["data"]
+    assert t2[0]["adapted"] == t2[1]["adapted"] and t2[1]["model"] == "Ext"
+    t3 = read_json(out / "table3.json")[0]["rows"]
+    assert [r[3:] for r in t3 if r[1] == "S3"] == [r[3:] for r in t3 if r[1] == "Ext"]
+    md = (out / "table1.md").read_text()
+    assert f"Ext: external features read from {folder}" in md and "S3: external" not in md
 
 
 def test_embed_bad_inputs_give_one_clear_line(run, tmp_path, capsys):
