@@ -1030,9 +1030,6 @@ def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) 
     # training curves of the checkpoints whose run folder holds its metrics.jsonl
     logs = {c.name: os.path.join(os.path.dirname(c.path), "metrics.jsonl") for c in checkpoints}
     figure_curves({n: p for n, p in logs.items() if os.path.exists(p)}, os.path.join(out, "curves.png"))
-    if matplotlib_figure() is None:
-        print("matplotlib is not installed (optional): fig2a.png and curves.png not drawn, fig2b_*.png without "
-              "titles (pip install matplotlib)")
     return written
 
 
@@ -1089,6 +1086,9 @@ def main(argv=None) -> int:
     for md in written.values():
         print(md)
     print(f"wrote tables, figures{' and the feature cache' if checkpoints else ''} to {args.out}")
+    if matplotlib_figure() is None:
+        print("matplotlib is not installed (optional): fig2a.png and curves.png not drawn, fig2b_*.png without "
+              "titles and labels (pip install matplotlib)")
     return 0
 
 
