@@ -1,4 +1,4 @@
-"""Benchmarks (issue 7): does sequence packing pay off, and how close does the GPU get to its peak?
+"""Benchmarks: does sequence packing pay off, and how close does the GPU get to its peak?
 
     python bench.py                                  # CPU: tiny model, 6 2D + 2 3D samples (1/32 of the paper's)
     python bench.py --device cuda --model base --scale 1.0 --compile --json bench_h100.json
@@ -90,12 +90,13 @@ def get_args(argv=None):
     p.add_argument("--scale", type=float, help="fraction of the paper's 192 2D + 64 3D samples (default: 1 on CUDA, 1/32 on CPU)")
     p.add_argument("--model", choices=sorted(PRESETS), help="model size (default: base on CUDA, tiny on CPU)")
     p.add_argument("--depth", type=int, help="override the preset's depth")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--size-2d", type=int, default=data.XRAY_SIZE, help="2D long side (paper: 224)")
-    p.add_argument("--size-3d", type=int, default=data.CT_SIZE, help="3D long side (paper: 112)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to benchmark (default: %(default)s)")
+    p.add_argument("--size-2d", type=int, default=data.XRAY_SIZE, help="2D long side (default: %(default)s, the paper's)")
+    p.add_argument("--size-3d", type=int, default=data.CT_SIZE, help="3D long side (default: %(default)s, the paper's)")
     p.add_argument("--warmup", type=int, help="untimed steps before timing (default: 3 on CUDA, 1 on CPU)")
     p.add_argument("--repeats", type=int, help="timed steps, the median is reported (default: 10 on CUDA, 3 on CPU)")
-    p.add_argument("--max-scale", type=float, default=4.0, help="CUDA: largest --scale tried in the largest-batch search")
+    p.add_argument("--max-scale", type=float, default=4.0, help="CUDA: largest --scale tried in the largest-batch search (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="CUDA: also time the packed step under torch.compile (section 5)")
     p.add_argument("--json", help="write every table's rows to this JSON file")
     p.add_argument("--traffic", nargs="?", const="", metavar="GPU",
@@ -104,7 +105,7 @@ def get_args(argv=None):
     p.add_argument("--profile", nargs="?", const="", metavar="TRACE",
                    help="torch.profiler on one packed step: time by kind of operation (section 6); "
                         "TRACE: also write the Chrome trace (chrome://tracing, perfetto.dev) there")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms, crops and weights (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="tiny model and images, 2 2D + 1 3D samples: seconds")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -1368,34 +1368,40 @@ def check(name: str, root, opt: Options, full: bool = False) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Prepare (convert once into a cache) or check a dataset.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{prepare,check}")
+    helps = {"prepare": "convert a raw dataset once into a cache of preprocessed arrays that training and probing "
+                        "read (parallel, resumable; failures listed in OUT/report.tsv)",
+             "check": "what a raw dataset holds, before a long run: counts, label prevalence per split, and every "
+                      "unreadable file with its path"}
     for command in ("prepare", "check"):
-        p = sub.add_parser(command)
-        p.add_argument("--dataset", required=True, choices=[*MODALITY, "phantom"])
+        p = sub.add_parser(command, help=helps[command], description=helps[command][0].upper() + helps[command][1:] + ".")
+        p.add_argument("--dataset", required=True, choices=[*MODALITY, "phantom"], help="which reader (phantom: the built-in phantom chests)")
         p.add_argument("--root", default="", help="raw dataset folder (not needed for phantom)")
         p.add_argument("--size", type=int, default=0, help="long side; default 224 (2D) / 112 (3D), paper 2.4")
-        p.add_argument("--min-side", type=int, default=14, help="reject images with a side shorter than this (one patch)")
-        p.add_argument("--uncertain", choices=["nan", "zero", "one"], default="nan", help="MIMIC/CheXpert label -1.0")
-        p.add_argument("--blank", choices=["nan", "zero"], default="nan", help="MIMIC/CheXpert blank label")
-        p.add_argument("--mimic-views", default="PA,AP", help="MIMIC frontal views in order of preference")
+        p.add_argument("--min-side", type=int, default=14, help="reject images with a side shorter than this (one patch; default: %(default)s)")
+        p.add_argument("--uncertain", choices=["nan", "zero", "one"], default="nan", help="MIMIC/CheXpert label -1.0 (default: %(default)s)")
+        p.add_argument("--blank", choices=["nan", "zero"], default="nan", help="MIMIC/CheXpert blank label (default: %(default)s)")
+        p.add_argument("--mimic-views", default="PA,AP", help="MIMIC frontal views in order of preference (default: %(default)s)")
         p.add_argument("--mimic-split", choices=["paper", "official"], default="paper",
                        help="MIMIC split: the paper's patient-wise 80/20 (2.4.1, seeded by --seed) or the official "
-                            "split.csv.gz (test ~2%%)")
+                            "split.csv.gz (test ~2%%; default: %(default)s)")
         p.add_argument("--frontal-only", action="store_true", help="CheXpert: drop lateral views")
         p.add_argument("--chexpert-table", default="", help="CheXpert label CSV (default: groundtruth.csv, ...)")
-        p.add_argument("--ctrate-version", choices=["auto", "1", "2"], default="auto")
+        p.add_argument("--ctrate-version", choices=["auto", "1", "2"], default="auto",
+                       help="CT-RATE: 1 (train/, valid/: raw values, metadata rescale), 2 (train_fixed/, valid_fixed/: HU) "
+                            "or auto from the folder names (default: %(default)s)")
         p.add_argument("--one-per-scan", action="store_true", help="CT-RATE: first reconstruction of each scan only")
         p.add_argument("--v1-flip", default="", help="CT-RATE v1: axes of (Z, Y, X) to flip after reading the "
-                       "stored axes as Left, Posterior, Superior (the default, see CTRATE_V1_AXES), e.g. 'z'")
-        p.add_argument("--phantom", choices=PHANTOMS, default="phantom2d")
-        p.add_argument("--n", type=int, default=1024, help="phantom: train samples (test: n // 4)")
+                       "stored axes as Left, Posterior, Superior (see CTRATE_V1_AXES), e.g. 'z' (default: none)")
+        p.add_argument("--phantom", choices=PHANTOMS, default="phantom2d", help="phantom: which one (default: %(default)s)")
+        p.add_argument("--n", type=int, default=1024, help="phantom: train samples (test: n // 4; default: %(default)s)")
         p.add_argument("--seed", type=int, default=0, help="phantom: seed; patient splits made here (MIMIC paper, "
-                       "NIH without lists): their seed")
+                       "NIH without lists): their seed (default: %(default)s)")
         p.add_argument("--dicom-modality", choices=["3d", "2d"], default="3d",
-                       help="DICOM: 3d reads CT series as volumes, 2d reads CR/DX/DR radiographs")
+                       help="DICOM: 3d reads CT series as volumes, 2d reads CR/DX/DR radiographs (default: %(default)s)")
         if command == "prepare":
             p.add_argument("--out", required=True, help="cache folder")
-            p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+            p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="conversion processes (default: %(default)s, the CPUs)")
         else:
             p.add_argument("--full", action="store_true", help="decode every file, not only headers")
     args = ap.parse_args(argv)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from pack import Packed, from_rows, row_mask, segment_mean, to_rows
+from pack import Packed, from_rows, pack, row_mask, segment_mean, to_rows
 from rope3d import normalize_coords, rope_angles, rope_tables, rotate
 
 CKPT_FORMAT = 1  # version of the checkpoint dict that train.py writes; bump on incompatible change
@@ -219,6 +219,22 @@ class SparseMedicalViT(nn.Module):
     def forward(self, packed: Packed) -> torch.Tensor:
         """One embedding per view (N, dim), in the order the views were given."""
         return segment_mean(self.forward_features(packed), packed)
+
+    @torch.inference_mode()
+    def encode(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Frozen embeddings of whole images and volumes -> (N, dim) float32 on the CPU, in the order given.
+
+        For use in other code: views are float tensors (1, Z, H, W), Z == 1 for a radiograph, preprocessed as
+        the model was trained (paper 2.4, data.py: X-ray long side 224, min-max to [-1, 1]; CT in HU,
+        isotropic voxels, long side 112, window L=250 W=2500 to [-1, 1]) and cut to whole patches on every
+        patched axis (data.whole_view centre-crops). Any mix of sizes and modalities goes through one packed
+        forward on the model's device (bf16 autocast on CUDA): pass as many as fit in memory at a time
+        (probe.py batches under a token budget). Call it on a model in eval mode (backbone_from_checkpoint's).
+        """
+        device = self.patch_embed.weight.device
+        packed = pack(views, self.patch).to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return self(packed).float().cpu()
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

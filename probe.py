@@ -23,10 +23,13 @@ import inspect
 import io
 import json
 import os
+import pickle
 import re
 import sys
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -195,13 +198,26 @@ def checkpoint_name(args: dict, path: str) -> str:
     return f"S{args['stage']}" if args.get("stage") else os.path.splitext(os.path.basename(path))[0]
 
 
+def named(item: str) -> tuple:
+    """A command-line item `NAME=PATH` -> (NAME, PATH); a plain PATH (even one with '=' in it) -> (None, PATH)."""
+    name, sep, path = item.partition("=")
+    if not sep or os.path.exists(item) or os.sep in name:
+        return None, item
+    return name, path
+
+
+def train_sizes(args, train_args: dict):
+    """--size-2d/--size-3d left unset: the long sides the model was trained on (paper 2.4), if it says."""
+    for key in ("size_2d", "size_3d"):
+        if getattr(args, key) is None:
+            setattr(args, key, train_args.get(key))
+
+
 def load_checkpoints(items: list, attn: str) -> list:
     """`--ckpt PATH` or `NAME=PATH` items -> Checkpoints; clear errors from model.load_checkpoint."""
     out = []
     for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or os.path.exists(item) or os.sep in name:
-            name, path = None, item
+        name, path = named(item)
         model, ckpt = backbone_from_checkpoint(path, "cpu", attn=attn)
         name = name or checkpoint_name(ckpt.get("args") or {}, path)
         if name in {c.name for c in out}:
@@ -240,17 +256,15 @@ def whole_views(ds, patch: int, batch_tokens: int, workers: int = 0):
         yield views, records
 
 
-@torch.inference_mode()
-def extract_features(model: SparseMedicalViT, ds, device: torch.device, batch_tokens: int, workers: int = 0) -> dict:
-    """Frozen backbone embeddings (N, dim) of every sample, with labels (N, L) and ids (N,)."""
+def extract_features(model: SparseMedicalViT, ds, batch_tokens: int, workers: int = 0) -> dict:
+    """Frozen backbone embeddings (N, dim) of every sample, on the model's device, with labels (N, L) and ids (N,)."""
     if len(ds) == 0:
         raise ValueError(f"{ds.name} {ds.split}: no samples")
     feats, labels, ids = [], [], []
-    with tqdm(total=len(ds), desc=f"features {ds.name}/{ds.split}", unit="img", leave=False) as bar:
+    with tqdm(total=len(ds), desc=f"features {ds.name}" + (f"/{ds.split}" if ds.split else ""), unit="img",
+              leave=False, disable=None) as bar:  # None: no bar when stderr is not a terminal (a log file)
         for views, records in whole_views(ds, model.patch, batch_tokens, workers):
-            packed = pack(views, model.patch).to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                feats.append(model(packed).float().cpu().numpy())
+            feats.append(model.encode(views).numpy())
             labels += [r.labels for r in records]
             ids += [r.id for r in records]
             bar.update(len(views))
@@ -280,10 +294,100 @@ def cached_features(ck: Checkpoint, ds, device: torch.device, batch_tokens: int,
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
     ck.model.to(device)
-    feats = extract_features(ck.model, ds, device, batch_tokens, workers)
+    feats = extract_features(ck.model, ds, batch_tokens, workers)
     os.makedirs(cache_dir, exist_ok=True)
     data.atomic_write(path, lambda f: np.savez(f, **feats))
     return feats
+
+
+# ---------------------------------------------------------------- embeddings files (--features, embed)
+
+def write_embeddings(path: str, feats: dict, **extra):
+    """The embeddings file that --features reads and `probe.py embed` writes (format in README, "External
+    features"): ids (N,) str and x (N, D) float32, plus any extra arrays (ignored by --features)."""
+    arrays = {**extra, **feats, "ids": np.asarray(feats["ids"], dtype=str), "x": np.asarray(feats["x"], np.float32)}
+    data.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def read_embeddings(path: str) -> tuple:
+    """(ids (N,) str, x (N, D) float32) of an embeddings file; anything wrong is a ValueError naming the file."""
+    try:
+        f = np.load(path, allow_pickle=False)  # no pickle: reading a file never runs code
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive of named arrays")
+        with f:
+            arrays, found = {k: f[k] for k in ("ids", "x") if k in f.files}, f.files
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({str(e).splitlines()[0]})") from e
+    missing = [k for k in ("ids", "x") if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(repr(k) for k in missing)} array (found {found}); "
+                         "an embeddings file holds ids (N,) and x (N, D)")
+    ids, x = arrays["ids"], arrays["x"]
+    if ids.ndim != 1 or x.ndim != 2 or len(ids) != len(x) or x.shape[1] == 0:
+        raise ValueError(f"{path}: ids {ids.shape} and x {x.shape} should be (N,) and (N, D) with D > 0")
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: x holds {x.dtype}, not numbers")
+    x = x.astype(np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{path}: non-finite values in {int(bad.sum())} row(s), e.g. id {str(ids[bad][0])!r}")
+    ids = ids.astype(str)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{path}: id {str(uniq[counts > 1][0])!r} appears {counts.max()} times; ids must be unique")
+    return ids, x
+
+
+def features_path(folder: str, ds) -> str:
+    """--features DIR holds one file per (dataset, split), named by our dataset name and split: mimic_test.npz."""
+    return os.path.join(folder, f"{ds.name}_{ds.split}.npz")
+
+
+def external_features(path: str, ds) -> dict:
+    """The rows of an embeddings file for every sample of ds, in ds's order, with ds's labels and ids: the
+    probe sees exactly the samples, labels and patients a checkpoint's features would (paper Table 1, note 1)."""
+    ids, x = read_embeddings(path)
+    row = dict(zip(ids.tolist(), range(len(ids))))
+    missing = [i for i in ds.ids if i not in row]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of the {len(ds)} ids of {ds.name} {ds.split} are missing, "
+                         f"e.g. {missing[0]!r} (ids are our cache's record ids)")
+    return {"x": x[[row[i] for i in ds.ids]], "y": np.asarray(ds.labels, np.float32),
+            "ids": np.array(ds.ids, dtype=str)}
+
+
+def load_external(items: list, datasets: dict, taken: set, lps: list) -> dict:
+    """`--features NAME=DIR` items -> {name: (DIR, {role: features})} for the roles whose file DIR holds.
+
+    One encoder, one width: every file of a DIR must have the same D.
+    """
+    out = {}
+    for item in items:
+        name, folder = named(item)
+        name = name or os.path.basename(os.path.normpath(folder))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: --features folder not found")
+        if name in taken or name in out:
+            raise ValueError(f"--features {item}: the name {name!r} is already taken; give NAME=DIR")
+        feats, width = {}, None
+        for role, ds in datasets.items():
+            path = features_path(folder, ds)
+            if not os.path.exists(path):
+                continue
+            feats[role] = external_features(path, ds)
+            if width is not None and feats[role]["x"].shape[1] != width[1]:
+                raise ValueError(f"{path}: width {feats[role]['x'].shape[1]}, but {width[0]} has {width[1]}: "
+                                 "one encoder, one width")
+            width = width or (path, feats[role]["x"].shape[1])
+        if not any(all(r in feats for r in LP_TRAIN[lp]) for lp in lps):
+            wanted = sorted({os.path.basename(features_path(folder, datasets[r])) for lp in lps for r in LP_TRAIN[lp]})
+            raise ValueError(f"{folder}: no LP training features for --features {name} with --lp {','.join(lps)}: "
+                             f"expected {' and/or '.join(wanted)}")
+        out[name] = (folder, feats)
+    return out
 
 
 # ---------------------------------------------------------------- data roles
@@ -405,16 +509,26 @@ def result_data(r: Result, **where) -> dict:
 NA_NOTE = "n/a: only one class of that label in the test set (or in the LP training data); excluded from Macro."
 
 
-def table_1(results: dict, names: list, lp: str, titles: dict) -> Table:
-    """Per test set, one row per checkpoint: per-label AUROC and macro (95% CI)."""
+def end_notes(rows: list, names: list, external: dict) -> list:
+    """The notes every table ends with: which rows are external features, and n/a where a cell is n/a."""
+    notes = [f"{name}: external features read from {external[name]} (another encoder's frozen embeddings, "
+             "through the same probes, splits and bootstrap)" for name in names if name in external]
+    return notes + ([NA_NOTE] if any("n/a" in cell for row in rows for cell in row) else [])
+
+
+def table_1(results: dict, names: list, lp_of: dict, titles: dict, external: dict) -> Table:
+    """Per test set, one row per model: per-label AUROC and macro (95% CI), LP lp_of[name]."""
     rows, rdata = [], []
     for t in [t for t in TEST_SETS if t in titles]:
         for name in names:
+            lp = lp_of[name]
+            if t not in results[name][lp]:  # external features without this test set
+                continue
             r = results[name][lp][t]
             rows.append([titles[t], name, lp, *result_cells(r)])
             rdata.append(result_data(r, test_set=titles[t], model=name, lp=lp))
     notes = ["LP=Linear Probing, ATEL=Atelectasis, CARD=Cardiomegaly, CONS=Consolidation, LO=Lung Opacity, "
-             "EFF=Pleural Effusion. 95% CI: bootstrap over patients.", NA_NOTE]
+             "EFF=Pleural Effusion. 95% CI: bootstrap over patients.", *end_notes(rows, names, external)]
     if "radchest" in titles:
         notes.append("RAD-ChestCT: every split of the release (trn + val + tst, n=3,630 in the paper, 2.4.1); "
                      "Table 2 tests on its test split only. The phantom stand-in is phantom3d-ext test.")
@@ -422,7 +536,7 @@ def table_1(results: dict, names: list, lp: str, titles: dict) -> Table:
                  *SHORT, "Macro (95% CI)"], rows, notes, rdata)
 
 
-def table_2(adapted: dict, before: dict, train: str, test: str) -> Table:
+def table_2(adapted: dict, before: dict, train: str, test: str, external: dict) -> Table:
     """Domain adaptation: probe retrained on the external set's train split, improvement over the un-adapted probe."""
     rows, rdata = [], []
     for name, r in adapted.items():
@@ -432,29 +546,32 @@ def table_2(adapted: dict, before: dict, train: str, test: str) -> Table:
             gain = 100 * (a - p) if not (np.isnan(a) or np.isnan(p)) else np.nan
             rows.append([name, label, fmt_ci(a, c), fmt(gain, 2), fmt(p)])
         rdata.append({"model": name, "adapted": result_data(r), "before": result_data(b)})
-    notes = [f"Probe retrained on {train}, tested on {test}; Improvement (%) and 'AUROC before adaptation' "
+    notes = [f"Probe retrained on {train}, tested on {test}; the improvement and 'AUROC before adaptation' "
              "refer to the probe trained on the pre-training data (Table 1's probe) scored on the same test split "
-             "(the paper's 0.66 before is its Table 1 figure, on every split). Improvement (%) is the AUROC "
-             "difference x 100, as in the paper (0.66 -> 0.75: 9.12).", NA_NOTE]
-    return Table(f"Table 2: domain adaptation on {test}", ["Model", "Label", "AUROC (95% CI)", "Improvement (%)",
-                 "AUROC before adaptation"], rows, notes, rdata)
+             "(the paper's 0.66 before is its Table 1 figure, on every split). The improvement is the AUROC "
+             "difference x 100, the paper's 'Improvement (%)' (0.66 -> 0.75: 9.12).",
+             *end_notes(rows, list(adapted), external)]
+    columns = ["Model", "Label", "AUROC (95% CI)", "Improvement (AUROC points x 100)", "AUROC before adaptation"]
+    return Table(f"Table 2: domain adaptation on {test}", columns, rows, notes, rdata)
 
 
-def table_3(results: dict, names: list, main: str, lps: list, titles: dict) -> list:
-    """Left: each checkpoint with LP ALL (training strategy); right: one checkpoint with LP 2D/3D/ALL."""
+def table_3(results: dict, names: list, main: str, lps: list, titles: dict, external: dict) -> list:
+    """Left: each model with LP ALL (training strategy); right: one model with LP 2D/3D/ALL."""
     cols = ["Test set", "Model", "LP Training Data", "Macro (95% CI)"]
     halves = []
-    for title, pairs in (("Table 3 (left): training strategy", [(n, "ALL") for n in names if "ALL" in lps]),
-                         ("Table 3 (right): modality robustness", [(main, lp) for lp in lps])):
+    for title, pairs in (("Table 3 (left): training strategy", [(n, "ALL") for n in names if "ALL" in results[n]]),
+                         ("Table 3 (right): modality robustness", [(main, lp) for lp in lps if lp in results[main]])):
         if not pairs:
             continue
         rows, rdata = [], []
         for t in [t for t in TEST_SETS if t in titles]:
             for name, lp in pairs:
+                if t not in results[name][lp]:
+                    continue
                 r = results[name][lp][t]
                 rows.append([titles[t], name, lp, fmt_ci(r.macro, r.macro_ci)])
                 rdata.append(result_data(r, test_set=titles[t], model=name, lp=lp))
-        halves.append(Table(title, cols, rows, [NA_NOTE], rdata))
+        halves.append(Table(title, cols, rows, end_notes(rows, [n for n, _ in pairs], external), rdata))
     return halves
 
 
@@ -483,6 +600,7 @@ def figure_2a(feats: dict, titles: dict, out: str, seed: int = 0) -> dict:
                                  "top_pcs": [f"PC{i + 1}" for i in top], "coef": coef.tolist()}
     write_text(os.path.join(out, "fig2a.json"), json.dumps(report, indent=1))
     write_text(os.path.join(out, "fig2a.md"), fig2a_markdown(report))
+    plot_figure_2a(report, os.path.join(out, "fig2a.png"))
     return report
 
 
@@ -516,11 +634,23 @@ def to_gray(img: np.ndarray) -> np.ndarray:
     return np.repeat(g[..., None], 3, axis=2)
 
 
+def stretch(pcs: np.ndarray, lo: float = 2, hi: float = 98) -> np.ndarray:
+    """PC values (..., 3) -> RGB in [0, 1], each channel stretched to its lo-hi percentile range over the map:
+    the colours use the whole range however little the map's tokens spread."""
+    a, b = np.percentile(pcs.reshape(-1, 3), [lo, hi], axis=0)
+    return np.clip((pcs - a) / np.maximum(b - a, 1e-12), 0, 1)
+
+
+CARD_STATE = {1.0: "positive", 0.0: "negative"}
+
+
 @torch.inference_mode()
-def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device: torch.device) -> list:
-    """Fig. 2b: DINO-style maps. First 3 PCs of the patch tokens of a few 2D images and CT volumes (one PCA
-    over both, so colours compare across modalities) -> min-max RGB on the patch grid, next to the input.
-    Writes fig2b_{2d,3d}_{k}.png and fig2b.json (which sample each file shows)."""
+def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device: torch.device,
+              name: str = "") -> list:
+    """Fig. 2b: DINO-style maps (paper 3.4). First 3 PCs of the patch tokens of a few 2D images and CT volumes
+    (one PCA over both, so a colour means the same components in both) -> RGB on the patch grid, stretched
+    per map, nearest-upsampled to the input. Writes fig2b_{2d,3d}_{k}.png (input | PCA map | overlay, titled,
+    with matplotlib; input | map side by side without it) and fig2b.json (which sample and slice each shows)."""
     p = model.patch
     items = [(mod, ds, i) for mod, ds in sets.items() for i in pick_examples(ds, count)]
     records = [ds[i] for _, ds, i in items]
@@ -532,48 +662,328 @@ def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device:
     for mod in sets:  # centre each modality, so the shared components show anatomy, not the 2D/3D offset
         own = np.isin(packed.token_view.numpy(), [v for v, (m, _, _) in enumerate(items) if m == mod])
         tokens[own] -= tokens[own].mean(0)
-    rgb = PCA(n_components=3).fit_transform(tokens)
-    rgb = (rgb - rgb.min(0)) / np.maximum(rgb.max(0) - rgb.min(0), 1e-12)
+    pcs = PCA(n_components=3).fit_transform(tokens)  # (T, 3)
     written = []
     for v, ((mod, ds, i), record, view) in enumerate(zip(items, records, views)):
         gz, gy, gx = packed.view_grid[v].tolist()
-        grid = rgb[packed.cu_seqlens[v]:packed.cu_seqlens[v + 1]].reshape(gz, gy, gx, 3)
-        z = view.shape[1] // 2  # CT: the middle slice and the token slice that contains it
-        fmap = grid[z // p].repeat(p, axis=0).repeat(p, axis=1)  # nearest upsampling to the input size
-        img = np.concatenate([to_gray(view[0, z].numpy()), (fmap * 255).astype(np.uint8)], axis=1)
-        name = f"fig2b_{mod}_{sum(m == mod for m, _, _ in items[:v])}.png"
-        data.atomic_write(os.path.join(out, name), lambda f: Image.fromarray(img).save(f, format="PNG"))
-        written.append({"file": name, "dataset": ds.name, "split": ds.split, "id": record.id, "index": i,
-                        "input_shape": list(view.shape[1:])})
+        grid = pcs[packed.cu_seqlens[v]:packed.cu_seqlens[v + 1]].reshape(gz, gy, gx, 3)
+        z = view.shape[1] // 2  # CT: the middle axial slice and the token slice that contains it
+        fmap = stretch(grid[z // p]).repeat(p, axis=0).repeat(p, axis=1)  # nearest upsampling to the input size
+        gray = view[0, z].numpy()
+        entry = {"file": f"fig2b_{mod}_{sum(m == mod for m, _, _ in items[:v])}.png", "dataset": ds.name,
+                 "split": ds.split, "id": record.id, "index": i, "input_shape": list(view.shape[1:]),
+                 "cardiomegaly": CARD_STATE.get(float(record.labels[data.LABELS.index("Cardiomegaly")]), "unknown")}
+        if mod == "3d":
+            entry["slice"] = {"axis": "axial (Z: superior -> inferior)", "index": z, "of": int(view.shape[1]),
+                              "token_slice": z // p}
+        fig = draw_map(gray, fmap, entry, name, p)
+        path = os.path.join(out, entry["file"])
+        if fig is None:  # no matplotlib: input | map, side by side at the input size
+            img = np.concatenate([to_gray(gray), (fmap * 255).astype(np.uint8)], axis=1)
+            data.atomic_write(path, lambda f: Image.fromarray(img).save(f, format="PNG"))
+        else:
+            save_figure(fig, path)
+        written.append(entry)
     write_text(os.path.join(out, "fig2b.json"), json.dumps(written, indent=1))
     return written
+
+
+# ---------------------------------------------------------------- figures drawn with matplotlib (optional)
+
+def matplotlib_figure(**kwargs):
+    """A matplotlib Figure (no pyplot: no global state, no display), or None without matplotlib: it is an
+    optional dependency, and every figure has a fallback (a Pillow PNG, or the Markdown and JSON it plots)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure(**kwargs)
+
+
+def save_figure(fig, path: str):
+    data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def draw_map(gray: np.ndarray, fmap: np.ndarray, entry: dict, name: str, patch: int):
+    """Fig. 2b, one sample: input | PCA map | overlay, titled; None without matplotlib."""
+    fig = matplotlib_figure(figsize=(13, 5.4), layout="constrained")
+    if fig is None:
+        return None
+    where = (f"CT, axial slice {entry['slice']['index']} of {entry['slice']['of']} (from the top)" if "slice" in entry
+             else "radiograph")
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(gray, cmap="gray", vmin=-1, vmax=1)
+    axes[1].imshow(fmap, interpolation="nearest")
+    axes[2].imshow(gray, cmap="gray", vmin=-1, vmax=1)
+    axes[2].imshow(fmap, alpha=0.45, interpolation="nearest")
+    for ax, title in zip(axes, (f"input: {where}", "PCA map of the patch features", "overlay")):
+        ax.set_title(title, fontsize=13)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    model = f"{name}, " if name else ""
+    fig.suptitle(f"Figure 2b: PCA feature map ({model}{entry['dataset']} {entry['split']} #{entry['index']}, "
+                 f"id {entry['id']}, Cardiomegaly {entry['cardiomegaly']})", fontsize=15)
+    fig.supxlabel("colour key: red = PC1, green = PC2, blue = PC3 of the patch features (one PCA over the 2D and 3D "
+                  "examples),\neach stretched to its 2-98th percentile in this map; one colour per "
+                  f"{patch}-pixel patch (nearest-neighbour upsampling)", fontsize=11)
+    return fig
+
+
+def plot_figure_2a(report: dict, path: str, label: str = "Cardiomegaly") -> bool:
+    """Fig. 2a as the paper draws it (paper 3.4): AUROC of the fits on 2D, 3D and joint PCs on each modality's
+    test set, the |coefficient| of each PC in each fit, and the variance each PC explains."""
+    fig = matplotlib_figure(figsize=(16, 5), layout="constrained")
+    if fig is None:
+        return False
+    fits, tests, n = report["labels"][label], report["test_sets"], report["n_components"]
+    ax_auc, ax_coef, ax_var = fig.subplots(1, 3, width_ratios=[1.1, 1.6, 1])
+    x = np.arange(len(fits))
+    for k, (t, title) in enumerate(tests.items()):
+        aurocs = np.array([np.nan if f["auroc"][t] is None else f["auroc"][t] for f in fits.values()])
+        bars = ax_auc.bar(x + (k - (len(tests) - 1) / 2) * 0.38, np.nan_to_num(aurocs), 0.38,
+                          label=f"tested on {title}")
+        ax_auc.bar_label(bars, [fmt(a, 2) for a in aurocs], fontsize=10)  # n/a: no probe (one class)
+    ax_auc.axhline(0.5, color="gray", lw=1, ls="--")
+    ax_auc.set_xticks(x, [f"fit on {f}" for f in fits])
+    ax_auc.set(ylim=(0, 1.18), ylabel="AUROC", title=f"(i) {label}: AUROC of each fit (dashed: chance)")
+    ax_auc.legend(loc="upper left", fontsize=9)
+    width = 0.8 / len(fits)
+    for k, (fit, f) in enumerate(fits.items()):
+        ax_coef.bar(np.arange(n) + (k - (len(fits) - 1) / 2) * width, np.abs(f["coef"]), width, label=f"fit on {fit}")
+    ax_coef.set_xticks(range(n), [f"PC{i + 1}" for i in range(n)])
+    ax_coef.set(ylabel="|coefficient| (standardized PCs)", title="(ii) which components each fit relies on")
+    ax_coef.legend(fontsize=9)
+    ax_var.bar(range(n), report["explained_variance_ratio"], color="gray")
+    ax_var.set_xticks(range(n), [f"PC{i + 1}" for i in range(n)])
+    ax_var.set(yscale="log", ylabel="explained variance ratio", title="(iii) variance of each component")
+    for ax in (ax_auc, ax_coef, ax_var):
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=9)
+    fig.suptitle(f"Figure 2a: logistic regression on the top {n} principal components of the joint 2D + 3D "
+                 "training embeddings", fontsize=14)
+    save_figure(fig, path)
+    return True
+
+
+# metrics.jsonl keys drawn by figure_curves, one panel per entry: (title, [(key, legend label)]); a panel is
+# drawn when some run logged one of its keys (older logs lack the embedding-health ones)
+CURVES = (
+    ("loss", [("loss", "")]),
+    ("prediction loss (paper 2.2)", [("pred", "")]),
+    ("SIGReg (paper 2.2)", [("sigreg", "")]),
+    ("effective rank of the embeddings", [("rank_emb", "backbone"), ("rank_proj", "projector")]),
+    ("mean per-dimension std", [("std_emb", "backbone"), ("std_proj", "projector")]),
+    ("online linear probe: BCE", [("probe_bce", "")]),
+    ("online linear probe: AUROC", [("probe_auroc", "")]),
+)
+
+
+def read_metrics(path: str) -> list:
+    """The logged steps of a metrics.jsonl (skipped-step records and a line cut short by a crash left out)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "step" in row and "skipped" not in row:
+                rows.append(row)
+    return rows
+
+
+def figure_curves(runs: dict, path: str) -> list:
+    """Training curves of one or more runs ({name: metrics.jsonl}) in one figure: loss, prediction, SIGReg and
+    the embedding-health figures that were logged. Returns the panels drawn: none without matplotlib or a curve."""
+    logs = {name: read_metrics(p) for name, p in runs.items()}
+    has = lambda key: any(key in r for rows in logs.values() for r in rows)  # noqa: E731
+    panels = [(title, [(k, label) for k, label in series if has(k)]) for title, series in CURVES]
+    panels = [(title, series) for title, series in panels if series]
+    cols = min(4, len(panels))
+    fig = matplotlib_figure(figsize=(4.4 * cols, 3.6 * -(-len(panels) // cols) + 0.6), layout="constrained") \
+        if panels else None
+    if fig is None:
+        return []
+    axes = fig.subplots(-(-len(panels) // cols), cols, squeeze=False).ravel()
+    for ax, (title, series) in zip(axes, panels):
+        values = []
+        for i, (name, rows) in enumerate(logs.items()):
+            for j, (key, label) in enumerate(series):
+                pts = np.array([(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))], float)
+                pts = pts[np.isfinite(pts).all(1)] if len(pts) else pts
+                legend = " ".join(s for s in (name if len(logs) > 1 else "", label) if s) or None
+                if len(pts):  # a colour per run, a line style per series (backbone, projector)
+                    ax.plot(pts[:, 0], pts[:, 1], color=f"C{i}", ls=("-", "--")[j % 2],
+                            marker="." if len(pts) < 30 else None, label=legend)
+                    values += pts[:, 1].tolist()
+        if values and min(values) > 0 and max(values) > 20 * min(values):  # losses spanning decades
+            ax.set_yscale("log")
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=9)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Training curves (metrics.jsonl): " + ", ".join(f"{n} ({runs[n]})" for n in runs), fontsize=12)
+    save_figure(fig, path)
+    return [title for title, _ in panels]
+
+
+# ---------------------------------------------------------------- embed: one's own images and volumes
+
+FILE_KINDS = {".png": "xray", ".jpg": "xray", ".jpeg": "xray", ".nii": "nifti", ".nii.gz": "nifti"}
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Radiographs (PNG/JPG) and CT volumes (NIfTI) as Records, decoded and preprocessed by data.load_source,
+    the function `python data.py prepare` uses, at the long sides given (paper 2.4)."""
+
+    def __init__(self, sources: list, size_2d: int, size_3d: int, patch: int):
+        self.sources, self.name, self.split = sources, "files", ""
+        self.ids = [s.id for s in sources]
+        self.options = {kind: data.Options(size=size or 0, min_side=patch)
+                        for kind, size in (("xray", size_2d), ("nifti", size_3d))}
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> data.Record:
+        src = self.sources[i]
+        try:
+            image = data.load_source(src, self.options[src.kind])
+        except Exception as e:  # any decoder's error on a user's file: one line that names the file
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(message if src.path in message else f"{src.path}: {message}") from e
+        return data.Record(image, src.labels, "2d" if src.kind == "xray" else "3d", src.id)
+
+
+def file_source(path: str) -> data.Source:
+    """One image or volume named on the command line; its id is the path as given, without the extension."""
+    ext = next((e for e in sorted(FILE_KINDS, key=len, reverse=True) if path.lower().endswith(e)), None)
+    if ext is None:
+        raise ValueError(f"{path}: not a PNG/JPG image or a NIfTI volume (.nii, .nii.gz)")
+    rid = path[: -len(ext)]
+    return data.Source(rid, rid, "", np.full(len(data.LABELS), np.nan, np.float32), path, FILE_KINDS[ext])
+
+
+def embed_inputs(inputs: list, args, patch: int) -> list:
+    """INPUT arguments -> [(input, dataset)]: phantom names and caches by split, loose files and folders in one
+    ImageFiles per run of consecutive ones."""
+    out, files = [], []
+    for spec in inputs:
+        if spec in data.PHANTOMS or os.path.isfile(os.path.join(spec, "index.json")):
+            splits = [args.split] if args.split else data.list_splits(spec)
+            options = {}
+            if spec in data.PHANTOMS:  # the probe's phantoms: same ids, labels and images
+                options = {k: v for k, v in (("n", args.n), ("size", args.size_3d if "3d" in spec else args.size_2d),
+                                             ("seed", args.seed)) if v is not None}
+            if files:
+                out.append(("files", ImageFiles(files, args.size_2d, args.size_3d, patch)))
+                files = []
+            out += [(f"{spec}:{s}", data.open_dataset(spec, s, **options)) for s in splits]
+        elif os.path.isdir(spec):
+            found = data.scan_folder(Path(spec), "2d") + data.scan_folder(Path(spec), "3d")
+            if not found:
+                raise FileNotFoundError(f"{spec}: no PNG/JPG images or NIfTI volumes in this folder")
+            files += sorted(found, key=lambda s: s.id)
+        elif os.path.isfile(spec):
+            files.append(file_source(spec))
+        else:
+            raise FileNotFoundError(f"{spec}: not found (an image, a NIfTI volume, a folder of them, a cache "
+                                    f"from `python data.py prepare` or a phantom name {data.PHANTOMS})")
+    if files:
+        out.append(("files", ImageFiles(files, args.size_2d, args.size_3d, patch)))
+    return out
+
+
+def embed(args) -> dict:
+    """`probe.py embed`: the checkpoint's frozen embeddings of every input, in the file format --features reads."""
+    model, ckpt = backbone_from_checkpoint(args.ckpt, "cpu", attn=args.attn)
+    train_sizes(args, ckpt.get("args") or {})  # preprocess at the sizes the model was trained on
+    inputs = embed_inputs(args.inputs, args, model.patch)
+    sources, seen = [], {}
+    for name, ds in inputs:  # before any work: every id once, or --features could not key the rows
+        sources += [s.path for s in ds.sources] if isinstance(ds, ImageFiles) else [name] * len(ds)
+        for rid, source in zip(ds.ids, sources[-len(ds):]):
+            if rid in seen:
+                raise ValueError(f"{args.out}: id {rid!r} comes from {seen[rid]} and {source}: embed them into "
+                                 "separate files")
+            seen[rid] = source
+    model.to(args.device)
+    feats = stack([extract_features(model, ds, args.batch_tokens, args.workers) for _, ds in inputs])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_embeddings(args.out, feats, source=np.array(sources, dtype=str))
+    print(f"wrote {len(feats['ids'])} embeddings ({feats['x'].shape[1]}-d) to {args.out}")
+    return feats
+
+
+def embed_args(argv):
+    p = argparse.ArgumentParser(
+        prog="probe.py embed",
+        description="Frozen embeddings of your own radiographs and CT volumes, preprocessed as `python data.py "
+                    "prepare` does at the checkpoint's sizes, written as FILE.npz (ids, x, y, source) in the "
+                    "format `probe.py --features` reads.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="PNG/JPG images and NIfTI volumes (.nii, .nii.gz), folders of them (searched recursively), "
+                        "caches from `python data.py prepare`, or phantom names")
+    p.add_argument("--ckpt", required=True, help="checkpoint of train.py")
+    p.add_argument("--out", required=True, help="embeddings file to write (.npz)")
+    p.add_argument("--split", default=None, help="caches and phantoms: this split only (default: all of them)")
+    p.add_argument("--size-2d", type=int, default=None,
+                   help="long side of radiographs (default: the checkpoint's training size, else 224, paper 2.4)")
+    p.add_argument("--size-3d", type=int, default=None,
+                   help="long side of CT volumes (default: the checkpoint's training size, else 112, paper 2.4)")
+    p.add_argument("--n", type=int, default=None, help="phantoms: samples per split (default: data.py's, 1024 train "
+                                                       "and 256 test)")
+    p.add_argument("--seed", type=int, default=0, help="phantoms: seed (as probe.py --seed; default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per packed batch (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes reading and preprocessing the inputs (default: %(default)s)")
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"),
+                   help="attention backend (default: %(default)s)")
+    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Linear probes on frozen features: the paper's Tables 1-3 and Figure 2.")
-    p.add_argument("--ckpt", nargs="+", required=True,
+    p = argparse.ArgumentParser(
+        description="Linear probes on frozen features: the paper's Tables 1-3 and Figure 2. Two more commands: "
+                    "`probe.py embed --ckpt CKPT --out FILE.npz INPUT...` embeds your own images and volumes "
+                    "(`probe.py embed --help`); `probe.py curves RUN...` draws training curves from metrics.jsonl.")
+    p.add_argument("--ckpt", nargs="+", default=[],
                    help="checkpoint(s), PATH or NAME=PATH (e.g. S1=... S2=... S3=... Supervised=...); unnamed ones "
                         "are named from their training args (S<stage> or Supervised)")
+    p.add_argument("--features", nargs="+", default=[], metavar="NAME=DIR",
+                   help="another encoder's embeddings, one DATASET_SPLIT.npz per dataset and split in DIR (format: "
+                        "README, 'External features'), probed like the checkpoints")
     p.add_argument("--data", nargs="+", default=["phantom"],
                    help="'phantom' (built-in stand-ins) or cache dirs from `python data.py prepare` "
-                        "(mimic, chexpert, ctrate, radchest; nih stands in for mimic)")
-    p.add_argument("--lp", default="2D,3D,ALL", help="LP training data, comma-separated subset of 2D,3D,ALL")
-    p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per packed feature batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        "(mimic, chexpert, ctrate, radchest; nih stands in for mimic; default: phantom)")
+    p.add_argument("--lp", default="2D,3D,ALL",
+                   help="LP training data, comma-separated subset of 2D,3D,ALL (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint, else the "
+                                                "first --features folder)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% CIs (default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=32768,
+                   help="tokens per packed feature batch (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device for the features (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="processes reading samples (default: 8 on GPU, 0 on CPU)")
     p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"),
-                   help="attention backend for feature extraction")
-    p.add_argument("--maps", type=int, default=4, help="Figure 2b: PCA maps per modality")
-    p.add_argument("--seed", type=int, default=0, help="seed of the phantom data, the held-out split and the bootstrap")
+                   help="attention backend for feature extraction (default: %(default)s)")
+    p.add_argument("--maps", type=int, default=4, help="Figure 2b: PCA maps per modality (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantom data, the held-out split and the bootstrap (default: %(default)s)")
     p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default: the first checkpoint's, else 224, paper 2.4)")
     p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default: the first checkpoint's, else 112, paper 2.4)")
     p.add_argument("--n-train", type=int, default=None, help="phantom samples per train split (default: data.py's)")
     p.add_argument("--n-test", type=int, default=None, help="phantom samples per test split (default: data.py's)")
     args = p.parse_args(argv)
+    if not args.ckpt and not args.features:
+        p.error("give --ckpt and/or --features")
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
     args.lp = [m.strip().upper() for m in args.lp.split(",") if m.strip()]
@@ -583,9 +993,10 @@ def get_args(argv=None):
 
 
 def probe_results(f: dict, lps: list, n_boot: int, seed: int) -> tuple:
-    """One checkpoint's features by role -> ({lp: {test set: Result}}, Table 2 Result or None)."""
+    """One model's features by role -> ({lp: {test set: Result}}, Table 2 Result or None); LPs and test sets
+    without features (external features of one modality) are left out."""
     results = {}
-    for lp in lps:
+    for lp in [lp for lp in lps if all(r in f for r in LP_TRAIN[lp])]:
         probes = fit_probes(**stack([f[r] for r in LP_TRAIN[lp]]), seed=seed)
         results[lp] = {t: evaluate(f[t]["y"], probe_scores(probes, f[t]["x"]), f[t]["ids"], n_boot, seed)
                        for t in (*TEST_SETS, "radchest_test") if t in f}
@@ -596,55 +1007,103 @@ def probe_results(f: dict, lps: list, n_boot: int, seed: int) -> tuple:
     return results, evaluate(t["y"], probe_scores(probes, t["x"]), t["ids"], n_boot, seed)
 
 
-def run(args, checkpoints: list, sources: dict, datasets: dict) -> dict:
-    """Features -> probes -> metrics -> tables and figures; returns the printed Markdown by file stem."""
+def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) -> dict:
+    """Features -> probes -> metrics -> tables and figures; returns the printed Markdown by file stem.
+
+    external: {name: (folder, {role: features})} from --features, probed exactly like the checkpoints."""
     out, device = args.out, torch.device(args.device)
     os.makedirs(out, exist_ok=True)
     titles = {role: src.title for role, src in sources.items()}
-    names = [c.name for c in checkpoints]
+    names = [c.name for c in checkpoints] + list(external)
     main = "S3" if "S3" in names else names[0]
-    feats = {}
+    feats = {name: f for name, (_, f) in external.items()}
     for c in checkpoints:
         feats[c.name] = {role: cached_features(c, ds, device, args.batch_tokens, args.workers,
                                                  os.path.join(out, "cache"))
                          for role, ds in datasets.items()}
         c.model.cpu()  # one backbone on the device at a time
-    main_lp = "ALL" if "ALL" in args.lp else args.lp[0]  # paper Table 1: LP on ALL
-    results, adapted, before = {}, {}, {}
+    results, adapted, before, lp_of = {}, {}, {}, {}
     for name in names:
         results[name], adapted_result = probe_results(feats[name], args.lp, args.bootstrap, args.seed)
-        if adapted_result is not None:
-            adapted[name], before[name] = adapted_result, results[name][main_lp]["radchest_test"]  # same test split
-    written = {"table1": write_tables(out, "table1", [table_1(results, names, main_lp, titles)])}
+        # paper Table 1: LP on ALL; external features of one modality: that modality's LP (its "2D" rows)
+        lp_of[name] = next(lp for lp in ("ALL", *args.lp) if lp in results[name])
+        if adapted_result is not None and "radchest_test" in results[name][lp_of[name]]:  # same test split
+            adapted[name], before[name] = adapted_result, results[name][lp_of[name]]["radchest_test"]
+    folders = {name: folder for name, (folder, _) in external.items()}
+    written = {"table1": write_tables(out, "table1", [table_1(results, names, lp_of, titles, folders)])}
     if adapted:
-        t2 = table_2(adapted, before, titles["radchest_train"], titles["radchest_test"])
+        t2 = table_2(adapted, before, titles["radchest_train"], titles["radchest_test"], folders)
         written["table2"] = write_tables(out, "table2", [t2])
-    written["table3"] = write_tables(out, "table3", table_3(results, names, main, args.lp, titles))
+    written["table3"] = write_tables(out, "table3", table_3(results, names, main, args.lp, titles, folders))
     if all(r in feats[main] for r in ("train_2d", "train_3d", "mimic", "ctrate")):
         figure_2a(feats[main], titles, out, args.seed)
     maps = {m: datasets[r] for m, r in (("2d", "mimic"), ("3d", "ctrate")) if r in datasets}
-    if maps and args.maps > 0:
-        figure_2b(next(c for c in checkpoints if c.name == main).model, maps, args.maps, out, device)
+    # Figure 2b needs patch tokens: the main model if it is a checkpoint, else the first checkpoint
+    mapped = next((c for c in checkpoints if c.name == main), checkpoints[0] if checkpoints else None)
+    if maps and args.maps > 0 and mapped is not None:
+        figure_2b(mapped.model, maps, args.maps, out, device, mapped.name)
+    # training curves of the checkpoints whose run folder holds its metrics.jsonl
+    logs = {c.name: os.path.join(os.path.dirname(c.path), "metrics.jsonl") for c in checkpoints}
+    figure_curves({n: p for n, p in logs.items() if os.path.exists(p)}, os.path.join(out, "curves.png"))
     return written
 
 
+def curves(argv) -> list:
+    """`probe.py curves`: the training-curves figure of runs named on the command line."""
+    p = argparse.ArgumentParser(
+        prog="probe.py curves",
+        description="Training curves of one or more runs from their metrics.jsonl (needs matplotlib): loss, "
+                    "prediction loss, SIGReg and the embedding-health figures the run logged.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (train.py --out) or metrics.jsonl files, "
+                                                          "PATH or NAME=PATH")
+    p.add_argument("--out", default="curves.png", help="figure to write (default: %(default)s)")
+    args = p.parse_args(argv)
+    runs = {}
+    for item in args.runs:
+        name, path = named(item)
+        name = name or os.path.basename(os.path.normpath(path))
+        path = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no metrics.jsonl (train.py writes one into its --out)")
+        runs[name] = path
+    if matplotlib_figure() is None:
+        raise ValueError("matplotlib is not installed (optional): pip install matplotlib")
+    drawn = figure_curves(runs, args.out)
+    if not drawn:
+        raise ValueError(f"{', '.join(runs.values())}: no logged step to draw")
+    print(f"wrote {args.out}: {', '.join(drawn)}")
+    return drawn
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["embed"], ["curves"]):
+        try:
+            embed(embed_args(argv[1:])) if argv[0] == "embed" else curves(argv[1:])
+        except (FileNotFoundError, ValueError) as e:  # the last line: a reader worker's error comes with its traceback
+            print(f"probe.py {argv[0]}: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+            return 2
+        return 0
     args = get_args(argv)
-    try:  # user errors (bad checkpoint, bad --data) print one clear line, no traceback
+    try:  # user errors (bad checkpoint, bad --data, bad --features) print one clear line, no traceback
         checkpoints = load_checkpoints(args.ckpt, args.attn)
-        for key in ("size_2d", "size_3d"):  # phantoms at the size the (first) model was trained on
-            if getattr(args, key) is None and args.data == ["phantom"]:
-                setattr(args, key, checkpoints[0].train_args.get(key))
+        if args.data == ["phantom"] and checkpoints:  # phantoms at the size the (first) model was trained on
+            train_sizes(args, checkpoints[0].train_args)
         sources = resolve_sources(args.data, args.lp)
         datasets = open_datasets(sources, args)
+        external = load_external(args.features, datasets, {c.name for c in checkpoints}, args.lp)
     except (FileNotFoundError, ValueError) as e:
         print(f"probe.py: error: {e}", file=sys.stderr)
         return 2
-    args.out = args.out or os.path.dirname(os.path.abspath(checkpoints[0].path))
-    written = run(args, checkpoints, sources, datasets)
+    first = os.path.dirname(os.path.abspath(checkpoints[0].path)) if checkpoints else next(iter(external.values()))[0]
+    args.out = args.out or first
+    written = run(args, checkpoints, external, sources, datasets)
     for md in written.values():
         print(md)
-    print(f"wrote tables, figures and the feature cache to {args.out}")
+    print(f"wrote tables, figures{' and the feature cache' if checkpoints else ''} to {args.out}")
+    if matplotlib_figure() is None:
+        print("matplotlib is not installed (optional): fig2a.png and curves.png not drawn, fig2b_*.png without "
+              "titles and labels (pip install matplotlib)")
     return 0
 
 

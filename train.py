@@ -45,13 +45,13 @@ COLLAPSE_RANK, COLLAPSE_LOGS = 1.5, 3  # projector rank below this for this many
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=3, help="1: 2D only; 2: mixed from --init; 3: mixed from scratch")
-    p.add_argument("--objective", choices=("lejepa", "supervised"), default="lejepa", help="LeJEPA (paper 2.2) or the supervised baseline")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=3, help="1: 2D only; 2: mixed from --init; 3: mixed from scratch (default: %(default)s)")
+    p.add_argument("--objective", choices=("lejepa", "supervised"), default="lejepa", help="LeJEPA (paper 2.2) or the supervised baseline (default: %(default)s)")
     p.add_argument("--model", choices=sorted(PRESETS), default=None, help="model size (default: small; tiny on a CPU demo)")
     p.add_argument("--depth", type=int, default=None, help="override the preset's depth")
-    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (paper 2.2 head)")
-    p.add_argument("--proj-out", type=int, default=128, help="projector output size K, where the LeJEPA loss is computed")
-    p.add_argument("--data", nargs="+", default=["phantom"], help="'phantom' or cache dirs from `python data.py prepare` (2D and/or 3D)")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (paper 2.2 head; default: %(default)s)")
+    p.add_argument("--proj-out", type=int, default=128, help="projector output size K, where the LeJEPA loss is computed (default: %(default)s)")
+    p.add_argument("--data", nargs="+", default=["phantom"], help="'phantom' or cache dirs from `python data.py prepare` (2D and/or 3D; default: phantom)")
     p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default 224; 112 on a CPU demo)")
     p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default 112; 56 on a CPU demo)")
     p.add_argument("--n-2d", type=int, default=None, help="phantom 2D training images (default 20000; 512 on a CPU demo)")
@@ -59,34 +59,37 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100000; 300 on a CPU demo)")
     p.add_argument("--batch-2d", type=int, default=None, help="global 2D samples per step (paper: 256 stage 1, 192 stages 2-3)")
     p.add_argument("--batch-3d", type=int, default=None, help="global 3D samples per step (paper: 0 stage 1, 64 stages 2-3)")
-    p.add_argument("--n-global", type=int, default=2, help="global views per sample, V_g (paper 2.4.1)")
-    p.add_argument("--n-local", type=int, default=8, help="local views per sample, V_l (paper 2.4.1)")
+    p.add_argument("--n-global", type=int, default=2, help="global views per sample, V_g (paper 2.4.1; default: %(default)s)")
+    p.add_argument("--n-local", type=int, default=8, help="local views per sample, V_l (paper 2.4.1; default: %(default)s)")
     p.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
                    help="brightness/contrast jitter, blur and solarization of every view, as the official LeJEPA "
-                        "example (the paper names only the crops; data.photometric)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (paper 2.4)")
-    p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine decay")
+                        "example (the paper names only the crops; data.photometric; default: on)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (paper 2.4; default: %(default)s)")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine decay (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 5%% of --steps)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms and biases (paper 2.4)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms and biases (paper 2.4; default: %(default)s)")
     p.add_argument("--lambd", type=float, default=None,
                    help="SIGReg weight lambda (paper 2.2, 2.4: 0.025 at 256 samples per step). Default: the paper's "
                         "balance at this run's batch, lejepa.balanced_lambd (0.025 at 256, 0.17 at the CPU demo's 32)")
-    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (per view)")
-    p.add_argument("--clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
-    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per optimizer step")
-    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"), help="attention backend")
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (per view; default: %(default)s)")
+    p.add_argument("--clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off; default: %(default)s)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per optimizer step (default: %(default)s)")
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"), help="attention backend (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block: less memory, ~30%% more compute")
-    p.add_argument("--out", default="runs/stage3", help="folder for checkpoints and logs")
+    p.add_argument("--out", default=None, help="folder for checkpoints and logs (default: runs/stage<--stage>, runs/stage<--stage>-supervised for --objective supervised)")
     p.add_argument("--init", default=None, help="stage-1 checkpoint to start stage 2 from")
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint path")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many steps (and at the end)")
+    p.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many steps, and at the end (default: %(default)s)")
     p.add_argument("--stop-at", type=int, default=None, help="checkpoint and exit after this step (job time limits); resume with --resume auto")
     p.add_argument("--log-every", type=int, default=None, help="log metrics every this many steps (default 20; 10 on a CPU demo)")
-    p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data order, the crops and the phantoms (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="data-loader workers per process (default: 0 on CPU, 8 on GPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:  # one folder per stage: a stage-1 run never resumes into a stage-3 run's checkpoint
+        args.out = f"runs/stage{args.stage}" + ("-supervised" if args.objective == "supervised" else "")
+    return args
 
 
 def resolve_defaults(args, cuda: bool) -> list[str]:
@@ -310,7 +313,7 @@ def train(args) -> dict:
     rank, world, local_rank = setup_distributed()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = tqdm.write if rank == 0 else (lambda *a, **k: None)  # tqdm.write: a line of its own, never glued to the bar
     try:  # the user's inputs (flags, --data, --init, --resume) first: a one-line error, and no --out made for nothing
         notes = resolve_defaults(args, cuda)
         for b, name in ((args.batch_2d, "--batch-2d"), (args.batch_3d, "--batch-3d")):
@@ -539,11 +542,15 @@ def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, counts, n_steps, elap
     logger.log(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", rank=f"{record['rank_proj']:.2f}",
                     auroc=f"{record.get('probe_auroc', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    if bar.disable and logger.path:  # rank 0 without a bar (stderr is not a terminal: a log file): one plain line
+        print(f"step {step}/{bar.total}: loss {record['loss']:.4f}, projector rank {record['rank_proj']:.2f}, "
+              f"probe AUROC {record.get('probe_auroc', float('nan')):.3f}, {record['tokens_per_s']:.0f} tokens/s", flush=True)
     return record
 
 
 def _progress(start, end, rank):
-    return tqdm(total=end, initial=start, disable=rank != 0, dynamic_ncols=True, desc="train")
+    # disable=None: no bar when stderr is not a terminal, so a log file gets no line of carriage returns
+    return tqdm(total=end, initial=start, disable=True if rank != 0 else None, dynamic_ncols=True, desc="train")
 
 
 def main(argv=None):

@@ -1,6 +1,11 @@
 import csv
 import json
+import os
+import re
 import shutil
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +132,15 @@ def test_single_class_label_is_na_not_a_crash():
     assert np.isnan(probe.auroc(np.zeros(0), np.zeros(0)))
 
 
+def test_na_footnote_only_under_a_table_with_an_na_cell():
+    r = probe.evaluate(*[np.array(v) for v in ([[0.0] * 5, [1.0] * 5], [[0.1] * 5, [0.9] * 5], ["a", "b"])], n_boot=0)
+    na = probe.Result([np.nan, *r.auroc[1:]], r.ci, r.macro, r.macro_ci, r.n)
+    tables = {key: probe.table_1({"S3": {"ALL": {"mimic": res}}}, ["S3"], {"S3": "ALL"}, {"mimic": "MIMIC"}, {})
+              for key, res in (("clean", r), ("na", na))}
+    assert probe.NA_NOTE not in tables["clean"].notes and probe.NA_NOTE in tables["na"].notes
+    assert "n/a" not in probe.to_markdown(tables["clean"]) and "| n/a |" in probe.to_markdown(tables["na"])
+
+
 def test_bootstrap_ci_contains_estimate_and_narrows_as_n_grows():
     rng = np.random.default_rng(3)
     widths = []
@@ -166,8 +180,8 @@ def test_features_do_not_depend_on_token_budget():
     """Packed batches under any token budget, read by worker processes or not, equal one view at a time."""
     model = tiny().eval()
     ds = data.open_dataset("phantom3d", "test", n=6, size=28)
-    small = probe.extract_features(model, ds, torch.device("cpu"), batch_tokens=10)
-    big = probe.extract_features(model, ds, torch.device("cpu"), batch_tokens=10_000, workers=2)
+    small = probe.extract_features(model, ds, batch_tokens=10)
+    big = probe.extract_features(model, ds, batch_tokens=10_000, workers=2)
     with torch.no_grad():
         alone = np.concatenate([model(pack([data.whole_view(ds[i], P)], P)).numpy() for i in range(len(ds))])
     assert np.allclose(small["x"], alone, atol=1e-5) and np.allclose(big["x"], alone, atol=1e-5)
@@ -212,11 +226,12 @@ def test_tables_have_the_papers_rows_and_columns(run):
     assert all(r[-1].count("(") == 1 and r[-1].endswith(")") for r in t1[1:])  # "0.812 (0.754-0.866)"
     md = (out / "table1.md").read_text()
     assert "| Model | LP Training Data | ATEL | CARD | CONS | LO | EFF | Macro (95% CI) |" in md
-    assert all(f"| **{t}** |" in md for t in TEST_SETS) and "excluded from Macro" in md
+    assert all(f"| **{t}** |" in md for t in TEST_SETS)
+    assert ("excluded from Macro" in md) == any("n/a" in cell for r in t1[1:] for cell in r)  # footnote iff n/a
 
     with open(out / "table2.csv") as f:
         t2 = list(csv.reader(f))
-    assert t2[0] == ["Model", "Label", "AUROC (95% CI)", "Improvement (%)", "AUROC before adaptation"]
+    assert t2[0] == ["Model", "Label", "AUROC (95% CI)", "Improvement (AUROC points x 100)", "AUROC before adaptation"]
     assert [r[1] for r in t2[1:7]] == ["ATEL", "CARD", "CONS", "LO", "EFF", "Macro"]
     before = read_json(out / "table1.json")[0]["data"]
     s3_rad = next(r for r in before if r["model"] == "S3" and r["test_set"].startswith("RAD-ChestCT"))
@@ -247,22 +262,77 @@ def test_figure_2a_reports_each_fit_on_each_modality(run):
     assert "| Cardiomegaly | joint |" in (run["out"] / "fig2a.md").read_text()
 
 
-def test_figure_2b_pngs_are_input_and_pca_map_side_by_side(run):
-    entries = read_json(run["out"] / "fig2b.json")
+def no_matplotlib(monkeypatch):
+    """Make `import matplotlib` fail, as on a machine without it (it is optional)."""
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.fixture(scope="module")
+def map_sets():
+    return {"2d": data.open_dataset("phantom2d", "test", n=8, size=56), "3d": data.open_dataset("phantom3d", "test", n=8, size=28)}
+
+
+def test_figure_2b_without_matplotlib_is_input_and_pca_map_side_by_side(tmp_path, monkeypatch, map_sets):
+    no_matplotlib(monkeypatch)
+    entries = probe.figure_2b(tiny(seed=2).eval(), map_sets, 2, str(tmp_path), torch.device("cpu"))
+    assert entries == read_json(tmp_path / "fig2b.json")
     assert sorted(e["file"] for e in entries) == ["fig2b_2d_0.png", "fig2b_2d_1.png", "fig2b_3d_0.png", "fig2b_3d_1.png"]
     for e in entries:
-        size = 28 if e["dataset"] == "phantom3d" else 56
-        view = data.whole_view(data.open_dataset(e["dataset"], e["split"], n=64, size=size)[e["index"]], P)[0]
+        view = data.whole_view(map_sets[e["dataset"][-2:]][e["index"]], P)[0]
         z, h, w = view.shape
-        with Image.open(run["out"] / e["file"]) as im:
+        with Image.open(tmp_path / e["file"]) as im:
             im.verify()
-        img = np.asarray(Image.open(run["out"] / e["file"]))
+        img = np.asarray(Image.open(tmp_path / e["file"]))
         assert img.shape == (h, 2 * w, 3)  # input | PCA map, each at the input size
         gray = np.clip((view[z // 2].numpy() + 1) * 127.5, 0, 255).astype(np.uint8)  # the (middle) slice
         assert np.array_equal(img[:, :w, 0], gray)
+        assert ("slice" in e) == (z > 1) and (z == 1 or e["slice"]["index"] == z // 2 and e["slice"]["of"] == z)
         fmap = img[:, w:].reshape(h // P, P, w // P, P, 3)
         assert (fmap == fmap[:, :1, :, :1]).all()  # constant within each patch: nearest upsampling
-        assert len(np.unique(fmap.reshape(-1, 3), axis=0)) > 1
+        assert (fmap.min((0, 1, 2, 3)) == 0).all() and (fmap.max((0, 1, 2, 3)) == 255).all()  # each channel's range
+
+
+def test_figures_with_matplotlib_are_titled_panels(tmp_path, map_sets):
+    pytest.importorskip("matplotlib")
+    entries = probe.figure_2b(tiny(seed=2).eval(), map_sets, 1, str(tmp_path), torch.device("cpu"), "S3")
+    for e in entries:
+        with Image.open(tmp_path / e["file"]) as im:
+            assert im.size == (1300, 540)  # three panels, not the input's 56 x 42
+    fits = {f: {"auroc": {"mimic": 0.7, "ctrate": None if f == "2D" else 0.6}, "coef": [0.5, -1.0, 0.2]}
+            for f in ("2D", "3D", "joint")}  # None: a fit without a probe (one class), drawn as a gap
+    report = {"n_components": 3, "explained_variance_ratio": [0.9, 0.08, 0.02], "labels": {"Cardiomegaly": fits},
+              "test_sets": {"mimic": "MIMIC (phantom2d test)", "ctrate": "CT-RATE (phantom3d test)"}}
+    assert probe.plot_figure_2a(report, str(tmp_path / "fig2a.png"))
+    with Image.open(tmp_path / "fig2a.png") as im:
+        assert im.size == (1600, 500)
+
+
+def write_metrics(path, keys, steps=5):
+    rows = [{"step": s, **{k: 1.0 / s for k in keys}} for s in range(1, steps + 1)]
+    rows.insert(2, {"step": 3, "skipped": "non-finite"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')  # a line cut short by a crash
+    return str(path)
+
+
+def test_training_curves_plot_the_keys_a_log_has(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    old = write_metrics(tmp_path / "old.jsonl", ["loss", "pred", "sigreg", "lr"])
+    new = write_metrics(tmp_path / "new.jsonl", ["loss", "pred", "sigreg", "rank_emb", "rank_proj", "std_emb",
+                                                 "probe_auroc"])
+    assert len(probe.read_metrics(old)) == 5
+    assert probe.figure_curves({"S1": old}, str(tmp_path / "a.png")) == [t for t, _ in probe.CURVES[:3]]
+    assert probe.figure_curves({"S1": old, "S3": new}, str(tmp_path / "b.png")) == [
+        t for t, _ in probe.CURVES[:5]] + [probe.CURVES[6][0]]
+    assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()
+    assert probe.main(["curves", f"S1={old}", str(tmp_path), "--out", str(tmp_path / "cli.png")]) == 2  # no metrics.jsonl
+    (tmp_path / "metrics.jsonl").write_text(Path(new).read_text())
+    assert probe.curves([f"S1={old}", str(tmp_path), "--out", str(tmp_path / "cli.png")]) == probe.figure_curves(
+        {"S1": old, "S3": new}, str(tmp_path / "b.png"))  # a run folder: its metrics.jsonl
+    assert (tmp_path / "cli.png").exists()
+    no_matplotlib(monkeypatch)
+    assert probe.figure_curves({"S1": old}, str(tmp_path / "c.png")) == [] and not (tmp_path / "c.png").exists()
+    assert not probe.plot_figure_2a({}, str(tmp_path / "d.png")) and not (tmp_path / "d.png").exists()
 
 
 # ---------------------------------------------------------------- bad input
@@ -288,3 +358,197 @@ def test_checkpoint_names(run):
     named, unnamed = probe.load_checkpoints([f"Stage one={run['random']}", run["trained"]], "sdpa")
     assert (named.name, unnamed.name) == ("Stage one", "Supervised")
     assert named.key != unnamed.key
+
+
+# ---------------------------------------------------------------- external features (--features)
+
+def role_datasets(argv):
+    """The datasets a probe.py run with these phantom arguments opens, by role."""
+    args = probe.get_args(argv)
+    return probe.open_datasets(probe.resolve_sources(args.data, args.lp), args)
+
+
+def write_features_dir(folder, model, datasets, roles=None, seed=0):
+    """Our features in the --features layout, rows shuffled and with an id the probe must ignore."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(exist_ok=True)
+    for role, ds in datasets.items():
+        if roles is None or role in roles:
+            f = probe.extract_features(model, ds, batch_tokens=32768)
+            order = rng.permutation(len(f["ids"]))
+            extra = {"ids": np.r_[f["ids"][order], ["not-in-the-split"]], "x": np.r_[f["x"][order], f["x"][:1]]}
+            probe.write_embeddings(probe.features_path(str(folder), ds), extra)
+    return str(folder)
+
+
+def macro_rows(out, table="table1"):
+    return {(r["test_set"], r["model"], r["lp"]): (r["auroc"], r["ci"], r["macro"], r["macro_ci"])
+            for t in read_json(out / f"{table}.json") for r in t["data"]}
+
+
+def test_features_of_one_modality_give_its_rows_with_its_lp(run, tmp_path):
+    """A 2D-only encoder (the paper's BiomedCLIP rows): LP 2D, the 2D test sets only."""
+    model, _ = probe.backbone_from_checkpoint(run["trained"], attn="sdpa")
+    folder = write_features_dir(tmp_path / "feats", model, role_datasets(run["argv"]), roles=("train_2d", "mimic", "chexpert"))
+    out = tmp_path / "out"
+    assert probe.main(["--features", f"Ext2D={folder}", "--out", str(out), "--bootstrap", "50", "--device", "cpu",
+                       *PHANTOM]) == 0
+    assert sorted(macro_rows(out)) == [(t, "Ext2D", "2D") for t in sorted(TEST_SETS[:2])]
+    assert not (out / "table2.md").exists() and not list(out.glob("fig2b*"))
+
+
+def test_bad_features_files_give_one_clear_line(run, tmp_path, capsys):
+    datasets = role_datasets(run["argv"])
+    ds = datasets["mimic"]
+    n, good_ids = len(ds), np.array(ds.ids)
+    x = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    nan_x = x.copy()
+    nan_x[3, 2] = np.nan
+    cases = {  # what mimic's file holds -> what the error says
+        "missing id": (dict(ids=good_ids[1:], x=x[1:]), f"1 of the {n} ids"),
+        "duplicate": (dict(ids=np.r_[good_ids, good_ids[:1]], x=np.r_[x, x[:1]]), "appears 2 times"),
+        "non-finite": (dict(ids=good_ids, x=nan_x), f"non-finite values in 1 row(s), e.g. id '{good_ids[3]}'"),
+        "wrong width": (dict(ids=good_ids, x=x[:, :5]), "width 5, but"),
+        "no x": (dict(ids=good_ids), "no 'x' array"),
+        "shapes": (dict(ids=good_ids, x=x[:-1]), "should be (N,) and (N, D)"),
+    }
+    for case, (content, says) in cases.items():
+        folder = tmp_path / case.replace(" ", "_")
+        folder.mkdir()
+        for role, d in datasets.items():
+            if role != "mimic":
+                probe.write_embeddings(probe.features_path(str(folder), d),
+                                       {"ids": np.array(d.ids), "x": np.zeros((len(d), 8), np.float32)})
+        path = probe.features_path(str(folder), ds)
+        data.atomic_write(path, lambda f: np.savez(f, **content))
+        assert probe.main(["--features", f"E={folder}", "--device", "cpu", *PHANTOM]) == 2, case
+        err = capsys.readouterr().err
+        assert says in err and path in err and err.count("\n") == 1 and "Traceback" not in err, (case, err)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "phantom2d_train.npz").write_text("not an archive")
+    assert probe.main(["--features", f"E={tmp_path / 'text'}", "--device", "cpu", *PHANTOM]) == 2
+    assert "phantom2d_train.npz: not a readable .npz file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert probe.main(["--features", f"E={tmp_path / 'empty'}", "--device", "cpu", *PHANTOM]) == 2
+    assert "no LP training features for --features E" in capsys.readouterr().err
+
+
+class StubResNet(torch.nn.Module):
+    """Stands in for torchvision.models.resnet50 in the README recipe: a body and an .fc head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.ReLU(),
+                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(8, 1000)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_readme_recipe_writes_files_that_features_reads(tmp_path, monkeypatch):
+    """The README's recipe, run as written with a stand-in for torchvision, on a prepared phantom cache."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    recipe = re.search(r"```python\n(# python embed_resnet.py.*?)```", readme, re.S).group(1)
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=types.SimpleNamespace(resnet50=StubResNet)))
+    torch.save(StubResNet().state_dict(), tmp_path / "resnet50.pth")
+    data.prepare("phantom", "", tmp_path / "cache", data.Options(phantom="phantom2d", n=64, size=56))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["embed_resnet.py", "resnet50.pth", "feats", "cache"])
+    exec(compile(recipe, "README recipe", "exec"), {"__name__": "__main__"})
+    assert sorted(os.listdir(tmp_path / "feats")) == ["phantom2d_test.npz", "phantom2d_train.npz"]
+    out = tmp_path / "out"
+    assert probe.main(["--features", f"ResNet={tmp_path / 'feats'}", "--lp", "2D", "--n-train", "64", "--n-test",
+                       "16", "--bootstrap", "20", "--out", str(out), "--device", "cpu"]) == 0
+    assert list(macro_rows(out)) == [("MIMIC (phantom2d test)", "ResNet", "2D")]
+
+
+# ---------------------------------------------------------------- probe.py embed
+
+def write_inputs(folder):
+    """A grayscale PNG, an RGB JPEG in a subfolder and an anisotropic NIfTI CT volume (HU)."""
+    import nibabel as nib
+    rng = np.random.default_rng(0)
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray((rng.random((90, 70)) * 255).astype(np.uint8)).save(folder / "a.png")
+    Image.fromarray((rng.random((64, 100, 3)) * 255).astype(np.uint8)).save(folder / "sub" / "b.jpg")
+    hu = rng.normal(-300, 400, (40, 50, 30)).astype(np.float32)
+    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.0, 1.0])), folder / "c.nii.gz")
+
+
+def test_embed_gives_the_feature_path_vectors(tmp_path):
+    """embed on files == the feature path on a cache that `data.py prepare` made of the same files at the
+    checkpoint's sizes (float16 in the cache: close, not equal); embed on a cache == the feature path, exactly."""
+    model = tiny(seed=3).eval()
+    ckpt = save(model, tmp_path / "m.pt", stage=3, size_2d=56, size_3d=28)
+    write_inputs(tmp_path / "in")
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "files.npz"), str(tmp_path / "in"),
+                       "--batch-tokens", "20"]) == 0
+    got = np.load(tmp_path / "files.npz")
+    assert list(got["ids"]) == ["a", "c", "sub/b"] and got["x"].shape == (3, 32)
+    ref = {}
+    for kind, size in (("folder2d", 56), ("folder3d", 28)):
+        data.prepare(kind, tmp_path / "in", tmp_path / kind, data.Options(size=size))
+        ref |= dict(zip(*[(f := probe.extract_features(model, data.open_dataset(tmp_path / kind, "train"), 32768))[k]
+                          for k in ("ids", "x")]))
+    assert np.allclose(got["x"], [ref[i] for i in got["ids"]], atol=2e-3)
+    assert np.abs(got["x"][0] - got["x"][2]).max() > 0.1  # the tolerance is far below what tells images apart
+
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "one.npz"), str(tmp_path / "in" / "a.png")]) == 0
+    one = np.load(tmp_path / "one.npz")
+    assert list(one["ids"]) == [str(tmp_path / "in" / "a")] and np.allclose(one["x"][0], got["x"][0], atol=1e-5)
+
+    cache = data.open_dataset(tmp_path / "folder2d", "train")
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "cache.npz"), str(tmp_path / "folder2d")]) == 0
+    emb, feat = np.load(tmp_path / "cache.npz"), probe.extract_features(model, cache, 32768)
+    assert np.array_equal(emb["ids"], feat["ids"]) and np.array_equal(emb["x"], feat["x"])
+
+
+def test_embed_of_a_checkpoint_through_features_gives_its_tables(run, tmp_path):
+    """Issue 17's round trip: `embed` of every (dataset, split) into DIR (one file's rows then shuffled, with an id
+    the probe must ignore), read back through --features: the same Table 1, 2 and 3 numbers as --ckpt, the rows
+    marked as external features."""
+    folder = tmp_path / "feats"
+    datasets = role_datasets(run["argv"])
+    for role, ds in datasets.items():
+        n = "128" if ds.split == "train" else "64"
+        assert probe.main(["embed", "--ckpt", run["trained"], "--out", probe.features_path(str(folder), ds),
+                           ds.name, "--split", ds.split, "--n", n, "--size-2d", "56", "--size-3d", "28"]) == 0
+    path = probe.features_path(str(folder), datasets["mimic"])
+    f = dict(np.load(path))
+    order = np.random.default_rng(0).permutation(len(f["ids"]))
+    probe.write_embeddings(path, {"ids": np.r_[f["ids"][order], ["not-in-the-split"]], "x": np.r_[f["x"][order], f["x"][:1]]})
+    out = tmp_path / "out"
+    shutil.copytree(run["out"] / "cache", out / "cache")  # S3's own features: from the cache, as in the run
+    assert probe.main(["--ckpt", f"S3={run['trained']}", "--features", f"Ext={folder}", "--out", str(out),
+                       "--bootstrap", "200", "--maps", "0", "--device", "cpu", *PHANTOM]) == 0
+    rows, before = macro_rows(out), macro_rows(run["out"])
+    assert len(rows) == 8
+    for (test_set, model_name, lp), numbers in rows.items():
+        assert numbers == rows[(test_set, "S3", lp)] == before[(test_set, "S3", lp)]
+    t2 = read_json(out / "table2.json")[0]["data"]
+    assert t2[0]["adapted"] == t2[1]["adapted"] and t2[1]["model"] == "Ext"
+    t3 = read_json(out / "table3.json")[0]["rows"]
+    assert [r[3:] for r in t3 if r[1] == "S3"] == [r[3:] for r in t3 if r[1] == "Ext"]
+    md = (out / "table1.md").read_text()
+    assert f"Ext: external features read from {folder}" in md and "S3: external" not in md
+
+
+def test_embed_bad_inputs_give_one_clear_line(run, tmp_path, capsys):
+    write_inputs(tmp_path / "one")
+    write_inputs(tmp_path / "two")
+    (tmp_path / "broken.png").write_text("not an image")
+    Image.fromarray(np.full((30, 30), 7, np.uint8)).save(tmp_path / "flat.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    cases = {"broken.png": "cannot identify image file", "flat.png": "constant image", "missing.png": "not found",
+             "notes.txt": "not a PNG/JPG image or a NIfTI volume"}
+    for name, says in cases.items():
+        argv = ["embed", "--ckpt", run["random"], "--out", str(tmp_path / "e.npz"), str(tmp_path / name)]
+        assert probe.main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and name in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert probe.main(["embed", "--ckpt", run["random"], "--out", str(tmp_path / "e.npz"), str(tmp_path / "one"),
+                       str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err
+    assert "id 'a' comes from" in err and str(tmp_path / "two" / "a.png") in err
+    assert not (tmp_path / "e.npz").exists()
