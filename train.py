@@ -442,11 +442,11 @@ def train(args) -> dict:
             counts.zero_()
             flops_per_token, probe_seen, steps_since_log = [], [], 0
             low_rank_logs = low_rank_logs + 1 if last["rank_proj"] < COLLAPSE_RANK else 0
-            if low_rank_logs == COLLAPSE_LOGS:  # said once per run of low logs
-                say(f"warning: the embedding is collapsing: effective rank of the {'projector' if args.objective == 'lejepa' else 'head'} "
-                    f"output below {COLLAPSE_RANK} for {COLLAPSE_LOGS} logged steps ({last['rank_proj']:.2f} at step {step}); "
+            if low_rank_logs == COLLAPSE_LOGS and args.objective == "lejepa":  # said once per run of low logs
+                say(f"warning: the embedding is collapsing: effective rank of the projector output below "
+                    f"{COLLAPSE_RANK} for {COLLAPSE_LOGS} logged steps ({last['rank_proj']:.2f} at step {step}); "
                     f"SIGReg weighs {sigreg_weight(args.lambd, n_step):.2g} against the prediction loss here, the paper "
-                    f"{sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g} (README: Embedding health)")
+                    f"{sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g} (README: Embedding health and collapse)")
             t0 = time.perf_counter()
         if _any_rank(stop["signal"] is not None, device, world) and not done:  # every step: act within one step
             say(f"signal received: checkpoint at step {step} and exit")
@@ -494,7 +494,8 @@ def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
 def health(seen: dict, probe_seen: list, world: int) -> dict:
     """Embedding health at a logged step, over the global batch (all ranks).
 
-    rank_* / std_*: effective rank and mean per-dimension spread of the step's per-sample embeddings
+    rank_* / std_*: effective rank and mean per-dimension spread of the step's (with --accum: its last
+    micro-batch's) per-sample embeddings
     (centroids of the global views), backbone (emb) and head (proj, where the loss acts). A collapsed
     embedding has rank 1. The whole mixed batch counts the 2D/3D gap as one direction; rank_emb_2d /
     rank_emb_3d show the spread within each modality. probe_auroc: the online probe's macro AUROC on
