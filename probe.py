@@ -19,6 +19,7 @@ import argparse
 import csv
 import functools
 import hashlib
+import importlib.util
 import inspect
 import io
 import json
@@ -835,14 +836,15 @@ FILE_KINDS = {".png": "xray", ".jpg": "xray", ".jpeg": "xray", ".nii": "nifti", 
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Radiographs (PNG/JPG) and CT volumes (NIfTI) as Records, decoded and preprocessed by data.load_source,
-    the function `python data.py prepare` uses, at the long sides given (paper 2.4)."""
+    """Radiographs (PNG/JPG, DICOM) and CT volumes (NIfTI, DICOM series) as Records, decoded and preprocessed
+    by data.load_source, the function `python data.py prepare` uses, at the long sides given (paper 2.4)."""
 
     def __init__(self, sources: list, size_2d: int, size_3d: int, patch: int):
         self.sources, self.name, self.split = sources, "files", ""
         self.ids = [s.id for s in sources]
         self.options = {kind: data.Options(size=size or 0, min_side=patch)
-                        for kind, size in (("xray", size_2d), ("nifti", size_3d))}
+                        for kind, size in (("xray", size_2d), ("nifti", size_3d), ("dicom-xray", size_2d),
+                                           ("dicom-ct", size_3d))}
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -854,7 +856,7 @@ class ImageFiles(torch.utils.data.Dataset):
         except Exception as e:  # any decoder's error on a user's file: one line that names the file
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(message if src.path in message else f"{src.path}: {message}") from e
-        return data.Record(image, src.labels, "2d" if src.kind == "xray" else "3d", src.id)
+        return data.Record(image, src.labels, "2d" if src.kind in ("xray", "dicom-xray") else "3d", src.id)
 
 
 def file_source(path: str) -> data.Source:
@@ -882,9 +884,9 @@ def embed_inputs(inputs: list, args, patch: int) -> list:
                 files = []
             out += [(f"{spec}:{s}", data.open_dataset(spec, s, **options)) for s in splits]
         elif os.path.isdir(spec):
-            found = data.scan_folder(Path(spec), "2d") + data.scan_folder(Path(spec), "3d")
+            found = data.scan_folder(Path(spec), "2d") + data.scan_folder(Path(spec), "3d") or dicom_sources(spec)
             if not found:
-                raise FileNotFoundError(f"{spec}: no PNG/JPG images or NIfTI volumes in this folder")
+                raise FileNotFoundError(f"{spec}: no PNG/JPG images, NIfTI volumes or DICOM series in this folder")
             files += sorted(found, key=lambda s: s.id)
         elif os.path.isfile(spec):
             files.append(file_source(spec))
@@ -894,6 +896,21 @@ def embed_inputs(inputs: list, args, patch: int) -> list:
     if files:
         out.append(("files", ImageFiles(files, args.size_2d, args.size_3d, patch)))
     return out
+
+
+def dicom_sources(folder: str) -> list:
+    """CT series and CR/DX/DR radiographs under a folder of DICOM files (pydicom needed, as for data.py);
+    a series that is no regular volume is skipped with its reason, as `data.py prepare` does."""
+    if importlib.util.find_spec("pydicom") is None:
+        return []
+    found = []
+    for modality in ("3d", "2d"):
+        for src in data.scan_dicom(Path(folder), data.Options(dicom_modality=modality)):
+            if src.problem and "this run reads" not in src.problem:  # the other modality is read by the other pass
+                warnings.warn(f"skipping {src.path}: {src.problem}")
+            elif not src.problem:
+                found.append(src)
+    return found
 
 
 def embed(args) -> dict:

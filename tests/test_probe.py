@@ -504,6 +504,21 @@ def test_embed_gives_the_feature_path_vectors(tmp_path):
     assert np.array_equal(emb["ids"], feat["ids"]) and np.array_equal(emb["x"], feat["x"])
 
 
+def test_embed_reads_a_dicom_series_as_prepare_does(tmp_path):
+    """A folder of DICOM files (a CT series here) embeds like the cache `data.py prepare --dataset dicom` makes."""
+    pytest.importorskip("pydicom")
+    from test_data import write_series
+    model = tiny(seed=3).eval()
+    ckpt = save(model, tmp_path / "m.pt", stage=3, size_2d=56, size_3d=28)
+    write_series(tmp_path / "dicom" / "one", "axial", "1.2.826.0.1.3680043.8.498.7")
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "d.npz"), str(tmp_path / "dicom")]) == 0
+    got = np.load(tmp_path / "d.npz")
+    data.prepare("dicom", tmp_path / "dicom", tmp_path / "cache", data.Options(size=28))
+    ref = probe.extract_features(model, data.open_dataset(tmp_path / "cache", "train"), 32768)
+    assert list(got["ids"]) == list(ref["ids"]) and len(got["ids"]) == 1
+    assert np.allclose(got["x"], ref["x"], atol=2e-3)  # the cache stores float16
+
+
 def test_embed_of_a_checkpoint_through_features_gives_its_tables(run, tmp_path):
     """Issue 17's round trip: `embed` of every (dataset, split) into DIR (one file's rows then shuffled, with an id
     the probe must ignore), read back through --features: the same Table 1, 2 and 3 numbers as --ckpt, the rows
