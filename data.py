@@ -912,7 +912,7 @@ def prepare(name: str, root, out, opt: Options, workers: int = 1) -> dict:
     failed = []
     parallel = workers > 1 and len(todo) > 1
     with (multiprocessing.Pool(workers, initializer=_init_worker) if parallel else nullcontext()) as pool, \
-            tqdm(total=len(todo), desc=f"prepare {name}", unit="file", disable=not todo) as bar:
+            tqdm(total=len(todo), desc=f"prepare {name}", unit="file", disable=None if todo else True) as bar:  # None: no bar in a log file
         for i, shape, error in (pool.imap_unordered(_convert, todo) if parallel else map(_convert, todo)):
             shapes[i] = shape
             if error:
@@ -1337,7 +1337,7 @@ def check(name: str, root, opt: Options, full: bool = False) -> dict:
     """What a dataset holds before a long run: counts, label prevalence and every problem with its path."""
     sources = scan(name, root, opt)
     problems = []
-    for src in tqdm(sources, desc=f"check {name}", unit="file", disable=len(sources) < 100):
+    for src in tqdm(sources, desc=f"check {name}", unit="file", disable=None if len(sources) >= 100 else True):
         try:
             if src.problem:
                 raise ValueError(src.problem)
