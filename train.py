@@ -496,8 +496,8 @@ def health(seen: dict, probe_seen: list, world: int) -> dict:
     """Embedding health at a logged step, over the global batch (all ranks).
 
     rank_* / std_*: effective rank and mean per-dimension spread of the step's (with --accum: its last
-    micro-batch's) per-sample embeddings
-    (centroids of the global views), backbone (emb) and head (proj, where the loss acts). A collapsed
+    micro-batch's) per-sample embeddings (centroids of the global views), backbone (emb) and head
+    (proj, where the loss acts). A collapsed
     embedding has rank 1. The whole mixed batch counts the 2D/3D gap as one direction; rank_emb_2d /
     rank_emb_3d show the spread within each modality. probe_auroc: the online probe's macro AUROC on
     the global views since the last log, each scored before the probe learned from it.
