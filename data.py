@@ -217,7 +217,7 @@ class Options:
     phantom: str = "phantom2d"     # phantom cache: which phantom
     n: int = 1024                  # phantom cache: train samples (test: n // 4)
     seed: int = 0                  # phantom cache: seed; patient splits made here (MIMIC paper, NIH): their seed
-    dicom_modality: str = "3d"     # DICOM: 3d (CT series -> volumes) | 2d (CR/DX/DR files -> radiographs)
+    dicom_modality: str = "3d"     # DICOM: 3d (CT series -> volumes) | 2d (CR/DX/DR files -> radiographs) | any (both)
 
 
 @dataclass
@@ -662,8 +662,8 @@ def read_dicom_xray(path: str) -> np.ndarray:
 def scan_dicom(root: Path, opt: Options) -> list:
     """DICOM files anywhere under root (any name, with or without .dcm), grouped by SeriesInstanceUID.
 
-    --dicom-modality 3d: each CT series is one volume; 2d: each CR/DX/DR file is one radiograph. Series of
-    the other kind, other modalities and series that are no regular volume are Sources with a problem
+    --dicom-modality 3d: each CT series is one volume; 2d: each CR/DX/DR file is one radiograph; any (probe.py
+    embed): both. Series of the other kind, other modalities and series that are no regular volume are Sources with a problem
     (skipped and reported by check and prepare). Files that are not DICOM images are ignored.
     """
     pydicom = _pydicom()
@@ -690,7 +690,7 @@ def scan_dicom(root: Path, opt: Options) -> list:
             for path, ds in files:
                 sop = str(ds.get("SOPInstanceUID", path.name))
                 problem = (f"{modality} radiograph: this run reads CT volumes (--dicom-modality 2d reads it)"
-                           if opt.dicom_modality == "3d" else _truncation_problem(path, ds) or _decoder_problem(ds))
+                           if opt.dicom_modality == "3d" else _truncation_problem(path, ds) or _decoder_problem(ds))  # 2d, any
                 sources.append(Source(_key(sop), f"{patient}/{sop}", "train", _nan_labels(), str(path), "dicom-xray",
                                       problem=problem))
             continue

@@ -125,15 +125,21 @@ def lejepa_loss(z, n_global, lambd=0.025, step=0, micro_batches=1):
     return loss, {"pred": pred.detach(), "sigreg": reg.detach()}
 
 
+def sigreg_weight(lambd, n_samples):
+    """How much SIGReg weighs against the prediction loss at n_samples per step: lambd * N / (1 - lambd)
+    (module docstring). 6.56 for the paper (0.025 at 256)."""
+    return lambd * n_samples / max(1 - lambd, 1e-12)
+
+
 def balanced_lambd(n_samples, lambd=PAPER_LAMBD, at=PAPER_BATCH):
     """The SIGReg weight that balances the two terms at n_samples per step as lambd does at `at`.
 
-    The terms trade off as r = lambd * N / (1 - lambd) (see the module docstring); solving
-    r(n_samples) = r(at) gives r / (r + n_samples). 0.025 at 256 (the paper), 0.17 at 32.
+    Solving sigreg_weight(x, n_samples) = r = sigreg_weight(lambd, at) gives r / (r + n_samples):
+    0.025 at 256 (the paper), 0.17 at 32.
     """
     if n_samples < 1:
         raise ValueError(f"balanced_lambd: n_samples={n_samples} must be >= 1")
-    r = lambd * at / (1 - lambd)
+    r = sigreg_weight(lambd, at)
     return r / (r + n_samples)
 
 

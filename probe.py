@@ -904,12 +904,11 @@ def dicom_sources(folder: str) -> list:
     if importlib.util.find_spec("pydicom") is None:
         return []
     found = []
-    for modality in ("3d", "2d"):
-        for src in data.scan_dicom(Path(folder), data.Options(dicom_modality=modality)):
-            if src.problem and "this run reads" not in src.problem:  # the other modality is read by the other pass
-                warnings.warn(f"skipping {src.path}: {src.problem}")
-            elif not src.problem:
-                found.append(src)
+    for src in data.scan_dicom(Path(folder), data.Options(dicom_modality="any")):
+        if src.problem:
+            warnings.warn(f"skipping {src.path}: {src.problem}")
+        else:
+            found.append(src)
     return found
 
 

@@ -324,10 +324,10 @@ def train(args) -> dict:
         for note in notes:
             say(note)
         n_step = args.batch_2d + args.batch_3d
-        if args.objective == "lejepa" and sigreg_weight(args.lambd, n_step) < sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH) / 2:
+        if args.objective == "lejepa" and lejepa.sigreg_weight(args.lambd, n_step) < lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH) / 2:
             say(f"warning: lambda {args.lambd:g} at {n_step} samples per step weighs SIGReg "
-                f"{sigreg_weight(args.lambd, n_step):.2g} against the prediction loss, the paper "
-                f"{sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g}: expect collapse "
+                f"{lejepa.sigreg_weight(args.lambd, n_step):.2g} against the prediction loss, the paper "
+                f"{lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g}: expect collapse "
                 f"(--lambd {lejepa.balanced_lambd(n_step):.3g} keeps the paper's balance)")
 
         torch.manual_seed(args.seed)  # identical initialisation on every rank
@@ -446,8 +446,8 @@ def train(args) -> dict:
             if low_rank_logs == COLLAPSE_LOGS and args.objective == "lejepa":  # said once per run of low logs
                 say(f"warning: the embedding is collapsing: effective rank of the projector output below "
                     f"{COLLAPSE_RANK} for {COLLAPSE_LOGS} logged steps ({last['rank_proj']:.2f} at step {step}); "
-                    f"SIGReg weighs {sigreg_weight(args.lambd, n_step):.2g} against the prediction loss here, the paper "
-                    f"{sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g} (README: Embedding health and collapse)")
+                    f"SIGReg weighs {lejepa.sigreg_weight(args.lambd, n_step):.2g} against the prediction loss here, the paper "
+                    f"{lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g} (README: Embedding health and collapse)")
             t0 = time.perf_counter()
         if _any_rank(stop["signal"] is not None, device, world) and not done:  # every step: act within one step
             say(f"signal received: checkpoint at step {step} and exit")
@@ -476,11 +476,6 @@ def _any_rank(flag: bool, device, world: int) -> bool:
     t = torch.tensor(float(flag), device=device)
     dist.all_reduce(t)
     return t.item() > 0
-
-
-def sigreg_weight(lambd: float, n_samples: int) -> float:
-    """How much SIGReg weighs against the prediction loss: lambda * N / (1 - lambda) (lejepa.py docstring)."""
-    return lambd * n_samples / max(1 - lambd, 1e-12)
 
 
 def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
