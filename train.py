@@ -400,6 +400,7 @@ def train(args) -> dict:
     skipped_total, steps_since_log = 0, 0
     t0, last = time.perf_counter(), {}
     flops_per_token, probe_seen, low_rank_logs = [], [], 0
+    encoder = [p for group in opt.param_groups for p in group["params"]]  # clipped; the online probe is not
     while step < end:
         net.train()
         for group in opt.param_groups:
@@ -417,7 +418,6 @@ def train(args) -> dict:
             probe_seen.append((seen["probe"], seen["labels"]))  # scored before the probe learns from them
             counts += torch.tensor([batch.packed.n_tokens, batch.n_samples, batch.n_skipped], dtype=torch.float64)
             flops_per_token.append(model_flops_per_token(net.backbone.config, batch.packed.seqlens))
-        encoder = [p for group in opt.param_groups for p in group["params"]]
         gnorm = torch.nn.utils.clip_grad_norm_(encoder, args.clip if args.clip > 0 else float("inf"))
         # one host sync per step: skip a non-finite step honestly (gradients are all-reduced, so every rank agrees)
         if torch.isfinite(gnorm).item():
