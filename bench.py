@@ -53,7 +53,7 @@ from torch.utils.flop_counter import flop_registry
 import data
 import model as model_lib
 from model import PRESETS, available_backends, model_flops_per_token, resolve_backend
-from pack import Packed, pack_rows
+from pack import Packed, dense_layout, pack_rows
 from train import build_net, compute_loss
 from train import get_args as train_args
 
@@ -169,10 +169,12 @@ def pad_views(packed: Packed, keep: list[int]) -> tuple[Packed, torch.Tensor]:
         seqlens += [n] + [length - n] * (n < length)
         is_3d += [f] + [f] * (n < length)
         grids += [packed.view_grid[i].tolist()] + [[1, 1, length - n]] * (n < length)
+    order, groups = dense_layout(seqlens)  # unused: PaddedNet runs rows, the padded ViT's key-padding mask
     padded = Packed(patches_2d=p2, patches_3d=p3, index_2d=i2, index_3d=i3, patch_index=patch_index,
                     view_grid=torch.tensor(grids), cu_seqlens=torch.tensor([0] + seqlens).cumsum(0).int(),
                     token_view=token_view, row_index=torch.arange(rows * length),
-                    row_segment=token_view.int().view(rows, length), max_seqlen=length, seqlens=seqlens, is_3d=is_3d)
+                    row_segment=token_view.int().view(rows, length), dense_order=order, dense_groups=groups,
+                    max_seqlen=length, seqlens=seqlens, is_3d=is_3d)
     return padded, real_id
 
 
@@ -190,18 +192,23 @@ def padded_batch(batch: data.Batch, per_modality: bool) -> data.Batch:
 
 class PaddedNet(nn.Module):
     """train.Net over PaddedViews: one backbone call per padded group, the real views' embeddings back
-    in batch order, then the head. Run it with the sdpa backend: its row mask is the padding mask."""
+    in batch order, then the head. Run it with the sdpa backend: its rows (sdpa_rows) are the padded
+    batch and their mask is the key-padding mask."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
     def forward(self, padded: PaddedViews) -> torch.Tensor:
-        emb = None
-        for packed, keep, real in padded.groups:
-            e = self.net.backbone(packed)[real]  # (len(keep), dim)
-            emb = e.new_zeros(padded.n_views, e.shape[1]) if emb is None else emb
-            emb = emb.index_copy(0, keep, e)
+        emb, backbone = None, self.net.backbone
+        saved, backbone.sdpa_rows = backbone.sdpa_rows, True
+        try:
+            for packed, keep, real in padded.groups:
+                e = backbone(packed)[real]  # (len(keep), dim)
+                emb = e.new_zeros(padded.n_views, e.shape[1]) if emb is None else emb
+                emb = emb.index_copy(0, keep, e)
+        finally:
+            backbone.sdpa_rows = saved
         return self.net.heads(emb)
 
 
@@ -210,7 +217,7 @@ def scheme_work(seqlens: list[int], is_3d: list[bool]) -> list[dict]:
     real, longest, useful = sum(seqlens), max(seqlens), sum(n * n for n in seqlens)
     rows = pack_rows(seqlens)[2]
     mods = [g for g in ([n for n, f in zip(seqlens, is_3d) if f == flag] for flag in (False, True)) if g]
-    schemes = [("packed (varlen, flash)", real, useful), ("packed (sdpa rows)", real, rows * longest**2),
+    schemes = [("packed (varlen, flash, sdpa)", real, useful), ("packed (compiled sdpa rows)", real, rows * longest**2),
                ("padded", len(seqlens) * longest, len(seqlens) * longest**2),
                ("per-modality padded", sum(len(g) * max(g) for g in mods), sum(len(g) * max(g) ** 2 for g in mods))]
     return [{"scheme": name, "views": len(seqlens), "real tokens": real, "tokens computed": tokens,
@@ -497,10 +504,10 @@ class _ShapeOnlyAttention(torch.autograd.Function):
 
 @contextmanager
 def attention_by_formula():
-    """Section 7 counts attention as varlen does its work (sum of n^2 per view), not as the CPU's sdpa rows."""
+    """Section 7 counts attention as varlen does its work (sum of n^2 per view, tokens in the packed order)."""
     saved = model_lib.packed_attention, model_lib.attention_mask
     model_lib.packed_attention = lambda q, k, v, *rest: _ShapeOnlyAttention.apply(q, k, v)
-    model_lib.attention_mask = lambda *a: None
+    model_lib.attention_mask = lambda *a, **k: "varlen"  # not None: no dense reordering, as on CUDA
     try:
         yield
     finally:
@@ -696,7 +703,9 @@ def timed_sections(args, net, work: Workload, device, report: dict, show):
          report["backends"])
     show("3. Work per scheme (counted from the view lengths)", report["work"],
          "Tokens computed go through every linear layer; attention pairs are query-key products per head "
-         "and layer (sdpa rows: rows x L², masked pairs are computed too).")
+         "and layer. Eager sdpa runs each set of equal-length views as one dense batch (pack.dense_layout, "
+         f"{len(batch.packed.dense_groups)} calls per layer here), so it computes only the useful pairs; under "
+         "torch.compile it runs masked rows (rows x L², masked pairs are computed too) to keep one graph.")
     report["data"] = data_section(work, min_seconds=0.0 if args.smoke else 3.0)
     packed = report["step"][0]  # at --scale
     per_step = work.n_2d / report["data"][0]["samples/s per core"] + work.n_3d / report["data"][1]["samples/s per core"]

@@ -4,9 +4,10 @@ The model sees a Packed batch (pack.py): the patch tokens of every view of a
 step back to back. One patch embedding P^3 -> dim serves both modalities, 3D
 RoPE (rope3d.py) places every token in one shared [0, alpha]^3 coordinate
 space, and each attention layer runs once over the whole packed sequence with
-views kept apart by cu_seqlens (varlen / flash) or block-diagonal row masks
-(sdpa). The output is one embedding per view: the mean of its final-normed
-tokens.
+views kept apart by cu_seqlens (varlen / flash), by dense batches of
+equal-length views (sdpa, eager) or by block-diagonal row masks (sdpa under
+torch.compile). The output is one embedding per view: the mean of its
+final-normed tokens.
 """
 import importlib.util
 import os
@@ -68,10 +69,15 @@ def resolve_backend(attn: str, device: torch.device, dtype: torch.dtype) -> str:
     return attn
 
 
-def attention_mask(packed: Packed, backend: str, device):
-    """What a backend needs to keep views apart, built once per forward and shared by every layer."""
+def attention_mask(packed: Packed, backend: str, device, rows: bool = False):
+    """What a backend needs to keep views apart, built once per forward and shared by every layer.
+
+    sdpa: None for the dense layout (pack.dense_layout: no mask at all), or with rows the
+    (R, 1, L, L) block-diagonal row masks: one call per layer whatever the lengths, one graph
+    under torch.compile, at the cost of the ~60% of pairs that rows compute and mask away.
+    """
     if backend == "sdpa":
-        return row_mask(packed)  # (R, 1, L, L) block-diagonal rows
+        return row_mask(packed) if rows else None
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
         view = packed.token_view
@@ -80,8 +86,25 @@ def attention_mask(packed: Packed, backend: str, device):
     return None  # varlen / flash read cu_seqlens
 
 
+def dense_attention(q, k, v, groups: list[tuple[int, int]]) -> torch.Tensor:
+    """Attention of q, k, v (T, H, D) in the dense layout: each run of n views of L tokens -> (T, H, D).
+
+    split (not slicing) so that backward joins the gradients with one cat; transposes, not copies:
+    SDPA reads (n, H, L, D) through strides.
+    """
+    sizes = [n * length for length, n in groups]
+    out = []
+    for (length, n), *qkv in zip(groups, q.split(sizes), k.split(sizes), v.split(sizes)):
+        rows = [t.view(n, length, *t.shape[1:]).transpose(1, 2) for t in qkv]  # (n, H, L, D)
+        out.append(F.scaled_dot_product_attention(*rows).transpose(1, 2).reshape(n * length, *q.shape[1:]))
+    return torch.cat(out)
+
+
 def packed_attention(q, k, v, packed: Packed, backend: str, mask=None) -> torch.Tensor:
-    """Attention of q, k, v (T, H, D) within each view of the packed sequence -> (T, H, D)."""
+    """Attention of q, k, v (T, H, D) within each view of the packed sequence -> (T, H, D).
+
+    sdpa without a mask expects the tokens in dense_order (forward_features reorders them once).
+    """
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
         cu = packed.cu_seqlens
@@ -94,7 +117,9 @@ def packed_attention(q, k, v, packed: Packed, backend: str, mask=None) -> torch.
         from torch.nn.attention.flex_attention import flex_attention
         out = flex_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=mask)  # (1, H, T, D)
         return out[0].transpose(0, 1)
-    # sdpa: rows of length max_seqlen, each a block-diagonal mask (True = attend)
+    if mask is None:
+        return dense_attention(q, k, v, packed.dense_groups)
+    # sdpa rows of length max_seqlen, each a block-diagonal mask (True = attend)
     rows = [to_rows(t, packed).transpose(1, 2) for t in (q, k, v)]  # (R, H, L, D)
     out = F.scaled_dot_product_attention(*rows, attn_mask=mask)
     return from_rows(out.transpose(1, 2), packed)
@@ -143,17 +168,18 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = drop_path
 
-    def drop_views(self, packed: Packed, y: torch.Tensor) -> torch.Tensor:
+    def drop_views(self, token_view: torch.Tensor, n_views: int, y: torch.Tensor) -> torch.Tensor:
         """Stochastic depth that drops whole views, not the whole pack: one Bernoulli draw per view."""
         if not self.training or self.drop_path == 0.0:
             return y  # no multiply by 1: a full pass over the activations for nothing
         keep = 1.0 - self.drop_path
-        per_view = torch.bernoulli(torch.full((packed.n_views,), keep, device=y.device)) / keep
-        return y * per_view[packed.token_view].to(y.dtype)[:, None]
+        per_view = torch.bernoulli(torch.full((n_views,), keep, device=y.device)) / keep
+        return y * per_view[token_view].to(y.dtype)[:, None]
 
-    def forward(self, x, rope, packed, backend, mask):
-        x = x + self.drop_views(packed, self.attn(self.norm1(x), rope, packed, backend, mask))
-        return x + self.drop_views(packed, self.mlp(self.norm2(x)))
+    def forward(self, x, rope, token_view, packed, backend, mask):
+        """x (T, dim) in the packed order or in dense_order; token_view says which view each row is."""
+        x = x + self.drop_views(token_view, packed.n_views, self.attn(self.norm1(x), rope, packed, backend, mask))
+        return x + self.drop_views(token_view, packed.n_views, self.mlp(self.norm2(x)))
 
 
 class SparseMedicalViT(nn.Module):
@@ -174,6 +200,7 @@ class SparseMedicalViT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, drop_path * i / max(depth - 1, 1)) for i in range(depth))
         self.norm = nn.LayerNorm(dim)  # float32 under autocast: the view mean (segment_mean) sums in float32
         self.grad_checkpointing = False  # train.py --act-ckpt: fit the paper's batch of `base` on one GPU
+        self.sdpa_rows = False  # sdpa in eager mode: dense layout (False) or masked rows (as under torch.compile)
         self.apply(_init_weights)
 
     @classmethod
@@ -205,16 +232,24 @@ class SparseMedicalViT(nn.Module):
         """Final-normed token features (T, dim) in packed order (for pooling and PCA maps)."""
         x = self.embed(packed)
         backend = resolve_backend(self.attn, x.device, _compute_dtype(x))
-        grid = packed.view_grid[packed.token_view]  # (T, 3)
-        angles = rope_angles(normalize_coords(packed.patch_index, grid, self.rope_alpha), self.head_dim, self.rope_base)
+        # one graph for every batch under torch.compile: the dense layout's loop over lengths would recompile
+        mask = attention_mask(packed, backend, x.device, rows=self.sdpa_rows or torch.compiler.is_compiling())
+        dense = backend == "sdpa" and mask is None
+        token_view, patch_index = packed.token_view, packed.patch_index
+        if dense:  # reorder the tokens once, not in every layer: everything but attention is per token
+            order = packed.dense_order
+            x, token_view, patch_index = x.index_select(0, order), token_view[order], patch_index[order]
+        grid = packed.view_grid[token_view]  # (T, 3)
+        angles = rope_angles(normalize_coords(patch_index, grid, self.rope_alpha), self.head_dim, self.rope_base)
         rope = rope_tables(angles, self.head_dim)  # float32 cos and sin (T, head_dim), shared by all layers
-        mask = attention_mask(packed, backend, x.device)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:  # recompute activations in backward: memory for FLOPs
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, packed, backend, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, token_view, packed, backend, mask,
+                                                      use_reentrant=False)
             else:
-                x = block(x, rope, packed, backend, mask)
-        return self.norm(x)
+                x = block(x, rope, token_view, packed, backend, mask)
+        x = self.norm(x)
+        return torch.empty_like(x).index_copy(0, packed.dense_order, x) if dense else x
 
     def forward(self, packed: Packed) -> torch.Tensor:
         """One embedding per view (N, dim), in the order the views were given."""

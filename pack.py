@@ -6,11 +6,17 @@ padding every view to one shape, the patch tokens of all views of a step are
 laid back to back, in the order the views were given, and attention is told
 where each view starts (cu_seqlens) so views never attend to each other.
 
-Two layouts of the same tokens:
+Three layouts of the same tokens:
 - flat: (T, ...) with cu_seqlens (int32, N+1), for varlen / flash attention;
+- dense: the tokens reordered once (dense_order) so that views of equal
+  length sit side by side; each run of n views of L tokens is a plain
+  (n, L) batch for SDPA with no mask at all. Multi-crop views are snapped to
+  whole patches, so a step's few hundred views share a few dozen lengths,
+  and no query-key pair is computed that a view does not use;
 - rows: first-fit-decreasing into rows of length max_seqlen with a segment id
-  per slot, for SDPA with a block-diagonal boolean mask. Rows are as short as
-  the longest view, so the O(L^2) mask and the masked work stay small.
+  per slot, for SDPA with a block-diagonal boolean mask: one call whatever
+  the lengths, which is what torch.compile needs to keep one graph. Rows are
+  as short as the longest view, yet only about 40% of their pairs are used.
 
 Imports only torch: copy this file alone into another project.
 """
@@ -60,6 +66,8 @@ class Packed:
     token_view: torch.Tensor   # (T,) long: which view each token belongs to
     row_index: torch.Tensor    # (T,) long: slot of each token in the flattened (R, L) row layout
     row_segment: torch.Tensor  # (R, L) int32: view id per slot; padding has its own id per row
+    dense_order: torch.Tensor  # (T,) long: packed positions of the tokens, views sorted by length (stable)
+    dense_groups: list         # [(L, n)]: runs of n views of L tokens in dense_order, shortest first
     max_seqlen: int            # a Python int: no host sync to read it on the GPU
     seqlens: list              # tokens per view
     is_3d: list                # bool per view (a volume one patch deep still counts as 3D)
@@ -100,6 +108,24 @@ def pack_rows(seqlens: list[int]) -> tuple[list[int], list[int], int]:
         row[i], offset[i] = r, length - free[r]
         free[r] -= n
     return row, offset, len(free)
+
+
+def dense_layout(seqlens: list[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Token order with views sorted by length (ties in the order given), and its runs [(L, n)].
+
+    Attention over the reordered tokens is one dense SDPA call per distinct length, each on an
+    (n, H, L, D) batch without a mask: the fastest kernel, and only the pairs each view uses.
+    """
+    order = sorted(range(len(seqlens)), key=seqlens.__getitem__)
+    starts = torch.tensor([0] + seqlens).cumsum(0)
+    tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order])
+    groups: list[tuple[int, int]] = []
+    for i in order:
+        if groups and groups[-1][0] == seqlens[i]:
+            groups[-1] = (seqlens[i], groups[-1][1] + 1)
+        else:
+            groups.append((seqlens[i], 1))
+    return tokens, groups
 
 
 def pack(views: list[torch.Tensor], patch: int) -> Packed:
@@ -164,6 +190,7 @@ def pack(views: list[torch.Tensor], patch: int) -> Packed:
     row_index = view_slot[token_view] + local
     row_segment = (len(views) + torch.arange(n_rows, dtype=torch.int32))[:, None].repeat(1, length)  # padding ids
     row_segment.view(-1)[row_index] = token_view.int()
+    dense_order, dense_groups = dense_layout(seqlens)
     return Packed(
         patches_2d=stacked(False, c * patch**2),
         patches_3d=stacked(True, c * patch**3),
@@ -175,6 +202,8 @@ def pack(views: list[torch.Tensor], patch: int) -> Packed:
         token_view=token_view,
         row_index=row_index,
         row_segment=row_segment,
+        dense_order=dense_order,
+        dense_groups=dense_groups,
         max_seqlen=length,
         seqlens=seqlens,
         is_3d=is_3d,

@@ -40,7 +40,7 @@ def test_smoke_run_prints_every_section(tmp_path, capsys):
                   "6. Profile of one packed step"):
         assert f"### {title}" in out
     for row in ("| packed | sdpa |", "| padded | sdpa |", "| per-modality padded | sdpa |", "| sdpa |",
-                "| packed (varlen, flash) |", "| packed (sdpa rows) |", "| 2D |", "| 3D |"):
+                "| packed (varlen, flash, sdpa) |", "| packed (compiled sdpa rows) |", "| 2D |", "| 3D |"):
         assert row in out, row
     assert "Packing speed-up" in out and "The losses agree to" in out and "cores keep the packed step fed" in out
     saved = json.loads(path.read_text())
@@ -171,8 +171,8 @@ def test_work_counts_match_the_batches_that_run(batch):
     work = {w["scheme"]: w for w in bench.scheme_work(p.seqlens, p.is_3d)}
     real_pairs = (row_mask(p)[:, 0] & (p.row_segment < p.n_views)[:, :, None]).sum().item()  # same real view
     assert real_pairs == sum(n * n for n in p.seqlens)
-    runs = {"packed (varlen, flash)": (p.n_tokens, real_pairs),
-            "packed (sdpa rows)": (p.n_tokens, row_mask(p).numel()),
+    runs = {"packed (varlen, flash, sdpa)": (p.n_tokens, sum(n * length**2 for length, n in p.dense_groups)),
+            "packed (compiled sdpa rows)": (p.n_tokens, row_mask(p).numel()),
             "padded": (bench.padded_batch(batch, False).packed.n_tokens,
                        sum(row_mask(q).numel() for q, _, _ in bench.padded_batch(batch, False).packed.groups)),
             "per-modality padded": (bench.padded_batch(batch, True).packed.n_tokens,

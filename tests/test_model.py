@@ -15,12 +15,18 @@ def tiny(**kw):
     return SparseMedicalViT(**{**dict(dim=48, depth=2, heads=2, attn="sdpa"), **kw}).double()
 
 
-def test_packed_equals_one_view_at_a_time():
-    """One packed forward over a mix of 2D and 3D views == each view alone (outputs and gradients)."""
+@pytest.mark.parametrize("rows", [False, True], ids=["dense", "rows"])
+def test_packed_equals_one_view_at_a_time(rows):
+    """One packed forward over a mix of 2D and 3D views == each view alone (outputs and gradients),
+    for both sdpa layouts: equal-length views as dense batches, and block-diagonal masked rows."""
     model = tiny()
+    model.sdpa_rows = rows
     views = [v.double() for v in random_views(7, seed=4, max_side=3)]
+    views += [torch.randn_like(views[0]), torch.randn_like(views[3]), torch.randn_like(views[0])]  # equal lengths
     assert {v.shape[1] > 1 for v in views} == {True, False}
-    packed_out = model(pack(views, P))
+    packed = pack(views, P)
+    assert max(n for _, n in packed.dense_groups) >= 3 and len(packed.dense_groups) > 1
+    packed_out = model(packed)
     packed_out.square().sum().backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -55,12 +61,25 @@ def test_drop_path_drops_whole_views():
         blk.drop_path = 0.5
     packed = pack(random_views(40, seed=2), P)
     ones = torch.ones(packed.n_tokens, 1)
-    scale = model.blocks[0].drop_views(packed, ones)
+    scale = model.blocks[0].drop_views(packed.token_view, packed.n_views, ones)
     per_view = [scale[packed.token_view == i].unique() for i in range(packed.n_views)]
     assert all(len(u) == 1 for u in per_view)  # one decision per view
     assert {u.item() for u in per_view} == {0.0, 2.0}  # some views dropped, others kept and rescaled
     model.eval()
-    assert model.blocks[0].drop_views(packed, ones) is ones  # eval: untouched, not even multiplied by 1
+    assert model.blocks[0].drop_views(packed.token_view, packed.n_views, ones) is ones  # eval: untouched, not even multiplied by 1
+
+
+def test_dense_and_row_layouts_give_the_same_tokens_in_packed_order():
+    """forward_features returns tokens in the packed order whichever sdpa layout ran, with drop path too."""
+    model = tiny(drop_path=0.3).train()
+    packed = pack([v.double() for v in random_views(12, seed=7)], P)
+    assert packed.dense_order.tolist() != list(range(packed.n_tokens))  # the dense layout does reorder
+    out = {}
+    for rows in (False, True):
+        model.sdpa_rows = rows
+        torch.manual_seed(1)  # the same per-view drop decisions
+        out[rows] = model.forward_features(packed)
+    assert torch.allclose(out[False], out[True], atol=1e-10)
 
 
 def test_presets_and_overrides():
@@ -158,7 +177,8 @@ def test_bf16_autocast_model_agrees_with_float32():
 
 
 def test_compiled_model_equals_eager_without_recompiling_for_new_lengths():
-    """train.py --compile: one graph (no breaks) serves batches of every token count and view length."""
+    """train.py --compile: one graph (no breaks) serves batches of every token count and view length.
+    Compiled sdpa runs masked rows, eager the dense layout: this also compares the two."""
     model = SparseMedicalViT(dim=48, depth=1, heads=2, attn="sdpa")
     compiled = SparseMedicalViT(dim=48, depth=1, heads=2, attn="sdpa")
     compiled.load_state_dict(model.state_dict())

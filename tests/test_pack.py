@@ -95,6 +95,27 @@ def test_first_fit_decreasing_is_tight_for_complementary_lengths():
     assert offset[0] == 0 and row[2] == row[1] and row[4] == row[3]
 
 
+def test_dense_layout_sorts_views_by_length_into_contiguous_equal_length_runs():
+    views = random_views(15, seed=3)
+    views += [torch.randn_like(views[2]), torch.randn_like(views[2])]
+    packed = pack(views, P)
+    order = packed.dense_order
+    assert sorted(order.tolist()) == list(range(packed.n_tokens))  # a permutation of the tokens
+    lengths = [n for n, _ in packed.dense_groups]
+    assert lengths == sorted(set(packed.seqlens))  # one run per distinct length, shortest first
+    assert sum(n * length for length, n in packed.dense_groups) == packed.n_tokens
+    view_of = packed.token_view[order]
+    start = 0
+    for length, n in packed.dense_groups:
+        run = view_of[start:start + n * length].view(n, length)
+        assert (run == run[:, :1]).all()  # each row of the run is one whole view ...
+        assert all(packed.seqlens[i] == length for i in run[:, 0].tolist())  # ... of that length
+        assert torch.equal(order[start:start + n * length].view(n, length)[:, 0],
+                           packed.cu_seqlens[run[:, 0]].long())  # in its raster order
+        start += n * length
+    assert run[:, 0].tolist() == sorted(run[:, 0].tolist())  # ties keep the order given
+
+
 def test_rows_round_trip_and_padding_never_nan():
     torch.manual_seed(0)
     packed = pack(random_views(12, seed=3), P)
