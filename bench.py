@@ -5,6 +5,7 @@
     python bench.py --smoke                          # seconds: what tests/test_bench.py runs
     python bench.py --device cuda --compile --profile trace.json   # + where the time goes (section 6)
     python bench.py --traffic H100                   # no GPU needed: what base's step asks of an H100 (section 7)
+    python bench.py --gemm                           # one line: this machine's matmul GFLOP/s
 
 Prints Markdown tables (device, torch version, date and settings first); --json writes the same rows.
 1. One training step (forward + backward of train.compute_loss: LeJEPA, backbone + projector) on the
@@ -20,6 +21,10 @@ Prints Markdown tables (device, torch version, date and settings first); --json 
    operator time on CPU. Where MFU falls short, this says which operations take the time.
 7. --traffic [GPU]: counted, not timed, on any machine in seconds: the bytes and FLOPs of every operator
    of one eager bf16 step (fake tensors: shapes only), and the least time the named GPU needs for them.
+8. Peers: the same views through the variable-resolution ViTs a user would pick instead (timm's
+   NaFlexViT, vit-pytorch's NaViT variants; optional packages, skipped by name when absent), at equal
+   width, depth, heads, MLP ratio and patch: forward + backward times, interleaved, and their ratio to ours.
+--gemm: one line, this machine's matmul rate, to scale the README's times per step to your machine.
 
 Padded batches are made from the packed one (pad_views) and run by the model's own modules: each view
 is followed by a zero "padding view" of its modality up to the longest length L, so every row holds L
@@ -41,6 +46,7 @@ import time
 import warnings
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,7 +59,7 @@ from torch.utils.flop_counter import flop_registry
 import data
 import model as model_lib
 from model import PRESETS, available_backends, model_flops_per_token, resolve_backend
-from pack import Packed, dense_layout, pack_rows
+from pack import Packed, dense_layout, pack, pack_rows
 from train import build_net, compute_loss
 from train import get_args as train_args
 
@@ -106,6 +112,8 @@ def get_args(argv=None):
                    help="torch.profiler on one packed step: time by kind of operation (section 6); "
                         "TRACE: also write the Chrome trace (chrome://tracing, perfetto.dev) there")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantoms, crops and weights (default: %(default)s)")
+    p.add_argument("--gemm", action="store_true", help="print this machine's matmul rate (one line, seconds) and stop: "
+                   "the README's times per step scale with it")
     p.add_argument("--smoke", action="store_true", help="tiny model and images, 2 2D + 1 3D samples: seconds")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -307,6 +315,12 @@ class Workload:
         return data.make_loader(self.ds_2d if n_2d else None, self.ds_3d if n_3d else None, batch_2d=n_2d,
                                 batch_3d=n_3d, steps=steps, n_global=N_GLOBAL, n_local=N_LOCAL, patch=self.patch,
                                 seed=self.args.seed, workers=0)
+
+    def views(self, scale: float) -> list[torch.Tensor]:
+        """A step's samples at this scale as separate views (1, Z, H, W), for models that take a list."""
+        rng = np.random.default_rng(self.args.seed)
+        return [v for ds, n in zip((self.ds_2d, self.ds_3d), self.samples(scale)) for i in range(n)
+                for v in data.make_views(ds[i % len(ds)].image, rng, self.patch, N_GLOBAL, N_LOCAL)]
 
     def batch(self, scale: float) -> data.Batch:
         """Step 0 at this scale (a dataset smaller than the batch is cycled, with new crops)."""
@@ -549,7 +563,8 @@ class OpCounter(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not outs:  # prim::device and the like: metadata, no memory traffic
             return out
-        reads = tree_flatten((args, {k: v for k, v in kwargs.items() if k != "out"}))[0]  # out= is written, not read
+        written_only = args[1:] if name == "aten::copy_" else args  # a copy writes its destination, never reads it
+        reads = tree_flatten((written_only, {k: v for k, v in kwargs.items() if k != "out"}))[0]  # out= too
         tensors = [t for t in reads if isinstance(t, torch.Tensor)] + outs
         moved = sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in tensors)
         flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) if func.overloadpacket in flop_registry else 0
@@ -611,6 +626,104 @@ def traffic_section(args, net, batch: data.Batch) -> tuple[list[dict], str]:
     return rows, note
 
 
+# ---------------------------------------------------------------- peers (section 8)
+# The variable-resolution ViTs a user would pick instead, at our width, depth, heads, MLP ratio and patch,
+# each fed the same views as it expects them. Optional packages: a peer that will not import is skipped.
+
+def _timm_naflex(cfg, views):
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+    p = cfg["patch"]
+    net = NaFlexVit(NaFlexVitCfg(patch_size=p, embed_dim=cfg["dim"], depth=cfg["depth"], num_heads=cfg["heads"],
+                                 mlp_ratio=cfg["mlp_ratio"], global_pool="avg"), in_chans=1, num_classes=0)
+
+    def run(views):  # what timm's NaFlex collator hands the model: patches padded to the longest, a key mask
+        grids = [(v.shape[-2] // p, v.shape[-1] // p) for v in views]
+        n = max(h * w for h, w in grids)
+        patches, coord = views[0].new_zeros(len(views), n, p * p), torch.zeros(len(views), n, 2, dtype=torch.long)
+        valid = torch.zeros(len(views), n, dtype=torch.bool)
+        for i, (v, (h, w)) in enumerate(zip(views, grids)):
+            patches[i, :h * w] = v.reshape(h, p, w, p).permute(0, 2, 1, 3).reshape(h * w, p * p)
+            coord[i, :h * w] = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).view(-1, 2)
+            valid[i, :h * w] = True
+        return net({"patches": patches, "patch_coord": coord.to(patches.device), "patch_valid": valid.to(patches.device)})
+    return net, run
+
+
+def _navit(cfg, views, nested: bool, volumes: bool = False):
+    dims = dict(patch_size=cfg["patch"], dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"], channels=1,
+                mlp_dim=int(cfg["dim"] * cfg["mlp_ratio"]), dim_head=cfg["dim"] // cfg["heads"], num_classes=cfg["dim"])
+    largest = max(max(v.shape[-2:]) for v in views)
+    if volumes:
+        from vit_pytorch.na_vit_nested_tensor_3d import NaViT
+        net = NaViT(image_size=largest, max_frames=max(v.shape[1] for v in views), frame_patch_size=cfg["patch"],
+                    num_registers=0, token_dropout_prob=0.0, **dims)  # no registers: the same tokens as ours
+        return net, lambda views: net(list(views))
+    if nested:
+        from vit_pytorch.na_vit_nested_tensor import NaViT
+        net = NaViT(image_size=largest, token_dropout_prob=0.0, **dims)
+        return net, lambda views: net([v[:, 0] for v in views])
+    from vit_pytorch.na_vit import NaViT
+    net = NaViT(image_size=largest, **dims)
+    longest = max(v.shape[-2] * v.shape[-1] for v in views) // cfg["patch"] ** 2
+    # rows as long as the longest view, as ours: the shortest rows its block masks allow
+    return net, lambda views: net([v[:, 0] for v in views], group_images=True, group_max_seq_len=longest)
+
+
+PEERS = {"2D": [("timm NaFlexViT (padded to the longest, key mask)", _timm_naflex),
+                ("vit-pytorch NaViT (rows, block masks)", lambda c, v: _navit(c, v, nested=False)),
+                ("vit-pytorch NaViT (nested tensors)", lambda c, v: _navit(c, v, nested=True))],
+         "3D": [("vit-pytorch 3D NaViT (nested tensors)", lambda c, v: _navit(c, v, nested=True, volumes=True))]}
+
+
+def peer_section(args, net, views: list[torch.Tensor], device) -> list[dict]:
+    """Section 8: forward + backward of the backbone alone (ours: packing included) against each peer, per
+    modality, on the same views; timings interleaved so that a machine's drift hits all alike."""
+    cfg, rows = net.backbone.config, []
+    ours = model_lib.SparseMedicalViT(**{**cfg, "drop_path": 0.0}).to(device).train()
+    ours.attn = resolve_backend("auto", device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for modality, peers in PEERS.items():
+        mine = [v.to(device) for v in views if (v.shape[1] > 1) == (modality == "3D")]
+        if not mine:
+            continue
+        runs = [("ours (packed, " + ours.attn + ")", ours, lambda vs: ours(pack(vs, cfg["patch"])))]
+        def step(model, run) -> float:
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            with autocast(device):
+                out = run(mine)
+            out.float().square().mean().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - t0
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peers' deprecation and prototype warnings
+            for name, build in peers:
+                try:  # not installed, or installed but broken: named and skipped, never the end of the bench
+                    peer, run = build(cfg, mine)
+                    peer = peer.to(device).train()
+                    step(peer, run)  # one untimed step: fails here, not in the timing loop
+                    runs.append((name, peer, run))
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"modality": modality, "model": name, "params (M)": None, "step (s)": None,
+                                 "time vs ours": None,
+                                 "note": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''}"})
+            times = {name: [] for name, _, _ in runs}
+            for i in range(args.warmup + max(1, args.repeats)):
+                for name, model, run in runs:
+                    sec = step(model, run)
+                    if i >= args.warmup:
+                        times[name].append(sec)
+        base = statistics.median(times[runs[0][0]])
+        for name, model, _ in runs:
+            sec = statistics.median(times[name])
+            rows.append({"modality": modality, "model": name,
+                         "params (M)": sum(p.numel() for p in model.parameters()) / 1e6, "step (s)": sec,
+                         "time vs ours": sec / base, "note": f"{len(mine)} views, {pack(mine, cfg['patch']).n_tokens:,} tokens"
+                         if name.startswith("ours") else ""})
+    return rows
+
+
 # ---------------------------------------------------------------- output
 
 def fmt(key: str, v) -> str:
@@ -643,8 +756,27 @@ def machine(device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+def gemm_rate(device, n: int = 2048, seconds: float = 1.0) -> float:
+    """GFLOP/s of an n x n matmul in the dtype training runs in here (fp32 on CPU, bf16 on CUDA)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up: thread pool, kernels
+    count, t0 = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - t0 < seconds:
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - t0) / 1e9
+
+
 def main(argv=None) -> dict:
     args = get_args(argv)
+    if args.gemm:
+        device = torch.device(args.device)
+        rate = gemm_rate(device)
+        print(f"{machine(device)}: {rate:,.0f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'} 2048x2048 matmul)")
+        return {"meta": {"device": machine(device), "GEMM GFLOP/s": rate}}
     # a smoke run checks that every section runs: one thread never stalls on thread barriers on a busy machine
     with threads(1) if args.smoke else nullcontext():
         return run(args)
@@ -663,7 +795,8 @@ def run(args) -> dict:
             "long side": f"2D {args.size_2d}, 3D {args.size_3d}",
             "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
             **({"precision": "bf16 autocast, counted on fake tensors"} if args.traffic is not None else {}),
-            "timing": f"median of {args.repeats} after {args.warmup} warm-up", "smoke": args.smoke}
+            "timing": f"median of {args.repeats} after {args.warmup} warm-up", "smoke": args.smoke,
+            "GEMM GFLOP/s": round(gemm_rate(device, seconds=0.1 if args.smoke else 1.0))}
     print(f"## MultiMedVision bench: {meta['device']}, torch {meta['torch']}, {meta['date']}\n")
     print("\n".join(f"- {k}: {v}" for k, v in meta.items()), flush=True)
     report = {"meta": meta}
@@ -713,6 +846,11 @@ def timed_sections(args, net, work: Workload, device, report: dict, show):
     feed += f": {per_step / packed['step (s)']:.3g} cores keep the packed step fed." if packed["step (s)"] else "."
     show("4. Data pipeline (make_views + pack via data.make_loader, workers=0, one thread; phantom records "
          "rendered beforehand, as read from a cache)", report["data"], feed)
+    report["peers"] = peer_section(args, net, work.views(last[0]["scale"]), device)
+    show(f"8. Peers: the backbone alone, forward + backward, on the same views (scale {last[0]['scale']:g})",
+         report["peers"], "Ours includes packing the views; each peer gets them as its API takes them. Equal "
+         "width, depth, heads, MLP ratio and patch; the rest is each peer's default (ours: a P^3 patch embedding "
+         "shared with 3D, hence more parameters). Optional packages: pip install timm vit-pytorch.")
     traces = []
 
     def profile(label: str):  # section 6, eager here and compiled after section 5

@@ -230,6 +230,16 @@ def load_checkpoints(items: list, attn: str) -> list:
     return out
 
 
+def random_init(first: Checkpoint, attn: str, seed: int) -> Checkpoint:
+    """The control every trained row needs: the first checkpoint's architecture at a random initialisation
+    (the model's own init, seeded), through the same probes. A method that learned nothing scores here."""
+    torch.manual_seed(seed)
+    config = {k: v for k, v in first.model.config.items() if k != "attn"}
+    model = SparseMedicalViT(**config, attn=attn).eval()
+    key = f"random-init-seed{seed}" + json.dumps(config, sort_keys=True)
+    return Checkpoint("Random init", "", model, key, first.train_args)  # no file, no training curves
+
+
 def _identity(x):
     return x
 
@@ -991,6 +1001,9 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="processes reading samples (default: 8 on GPU, 0 on CPU)")
     p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"),
                    help="attention backend for feature extraction (default: %(default)s)")
+    p.add_argument("--random-init", action="store_true",
+                   help="add a row for the first checkpoint's architecture at a random initialisation (seeded by "
+                        "--seed): the baseline a trained encoder must beat")
     p.add_argument("--maps", type=int, default=4, help="Figure 2b: PCA maps per modality (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom data, the held-out split and the bootstrap (default: %(default)s)")
     p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default: the first checkpoint's, else 224, paper 2.4)")
@@ -1059,7 +1072,7 @@ def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) 
     if maps and args.maps > 0 and mapped is not None:
         figure_2b(mapped.model, maps, args.maps, out, device, mapped.name)
     # training curves of the checkpoints whose run folder holds its metrics.jsonl
-    logs = {c.name: os.path.join(os.path.dirname(c.path), "metrics.jsonl") for c in checkpoints}
+    logs = {c.name: os.path.join(os.path.dirname(c.path), "metrics.jsonl") for c in checkpoints if c.path}
     figure_curves({n: p for n, p in logs.items() if os.path.exists(p)}, os.path.join(out, "curves.png"))
     return written
 
@@ -1103,6 +1116,10 @@ def main(argv=None) -> int:
     args = get_args(argv)
     try:  # user errors (bad checkpoint, bad --data, bad --features) print one clear line, no traceback
         checkpoints = load_checkpoints(args.ckpt, args.attn)
+        if args.random_init:
+            if not checkpoints:
+                raise ValueError("--random-init needs a --ckpt: it probes that architecture at a random initialisation")
+            checkpoints.append(random_init(checkpoints[0], args.attn, args.seed))
         if args.data == ["phantom"] and checkpoints:  # phantoms at the size the (first) model was trained on
             train_sizes(args, checkpoints[0].train_args)
         sources = resolve_sources(args.data, args.lp)

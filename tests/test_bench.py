@@ -37,14 +37,15 @@ def test_smoke_run_prints_every_section(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and "- model: tiny" in out and "- scale: 0.01" in out
     for title in ("1. Training step", "2. Attention backends", "3. Work per scheme", "4. Data pipeline",
-                  "6. Profile of one packed step"):
+                  "6. Profile of one packed step", "8. Peers"):
         assert f"### {title}" in out
     for row in ("| packed | sdpa |", "| padded | sdpa |", "| per-modality padded | sdpa |", "| sdpa |",
                 "| packed (varlen, flash, sdpa) |", "| packed (compiled sdpa rows) |", "| 2D |", "| 3D |"):
         assert row in out, row
     assert "Packing speed-up" in out and "The losses agree to" in out and "cores keep the packed step fed" in out
     saved = json.loads(path.read_text())
-    assert set(saved) == set(report) >= {"meta", "step", "backends", "work", "data", "profile"}
+    assert set(saved) == set(report) >= {"meta", "step", "backends", "work", "data", "profile", "peers"}
+    assert saved["meta"]["GEMM GFLOP/s"] > 0
     classes = {r["operations"]: r for r in saved["profile"]}
     assert classes["matmul"]["ms"] > 0 and classes["attention"]["calls"] > 0  # the step's own work is in it
     assert classes["outside aten operators"]["ms"] >= 0  # the classified time fits in the step's wall time
@@ -52,6 +53,39 @@ def test_smoke_run_prints_every_section(tmp_path, capsys):
     assert [r["scheme"] for r in saved["step"]] == ["packed", "padded", "per-modality padded"]
     assert all(r["step (s)"] > 0 and math.isfinite(r["loss"]) for r in saved["step"])
     assert all(r["samples/s per core"] > 0 for r in saved["data"])
+
+
+def test_peers_are_timed_against_ours_or_skipped_by_name(monkeypatch):
+    """Section 8: every peer has its row per modality, timed (ratio = its time / ours) or skipped with the reason."""
+    def missing(cfg, views):
+        raise ModuleNotFoundError("No module named 'nosuchpeer'")
+
+    peers = {"2D": [*bench.PEERS["2D"], ("absent peer", missing)], "3D": bench.PEERS["3D"]}
+    monkeypatch.setattr(bench, "PEERS", peers)
+    args = bench.get_args(["--smoke"])
+    net = bench.make_net(args, args.model, torch.device("cpu"))
+    views = bench.Workload(args, net.backbone.patch).views(args.scale)
+    with bench.threads(1):
+        rows = bench.peer_section(args, net, views, torch.device("cpu"))
+    for modality, listed in peers.items():
+        mine = [r for r in rows if r["modality"] == modality]
+        ours = next(r for r in mine if r["model"].startswith("ours"))
+        assert ours["step (s)"] > 0 and ours["time vs ours"] == 1.0
+        assert sorted(r["model"] for r in mine if r is not ours) == sorted(name for name, _ in listed)
+        for r in mine:
+            if r["step (s)"] is None:
+                assert r["note"].startswith("skipped: ") and r["time vs ours"] is None
+            else:
+                assert r["time vs ours"] == pytest.approx(r["step (s)"] / ours["step (s)"])
+                assert r["params (M)"] > 0
+    absent = next(r for r in rows if r["model"] == "absent peer")
+    assert absent["note"] == "skipped: ModuleNotFoundError: No module named 'nosuchpeer'"
+
+
+def test_gemm_line_is_one_line_with_a_rate(capsys):
+    report = bench.main(["--gemm"])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "GFLOP/s" in out and report["meta"]["GEMM GFLOP/s"] > 0
 
 
 def test_traffic_counts_every_matmul_flop_of_the_step(batch, capsys):
@@ -82,7 +116,7 @@ def test_rope_rotation_moves_few_bytes_counted(heads):
     """The eager RoPE is memory-bound: its bytes per element of q (bf16) are counted, not timed.
 
     Floor: read q and write the result, 4 bytes. The table form reads q twice as bf16 and once as a
-    float32 product, and swaps pairs with one copy: 18 bytes, plus each float32 table read once
+    float32 product, and swaps pairs with copies: 18 bytes, plus each float32 table read once
     (4 bytes per channel, shared by the heads). The float32 stack-and-concatenate form it replaced
     moved 57.5 at 4 heads.
     """

@@ -217,6 +217,17 @@ def test_trained_checkpoint_beats_random_init(run):
     assert macro["S3"] > macro["Random"] + 0.08, macro
 
 
+def test_random_init_row_is_the_first_checkpoints_architecture_at_its_seeded_init(run, tmp_path, capsys):
+    """--random-init builds its row itself: the same numbers as a saved checkpoint of that init (tiny(seed=1))."""
+    argv = ["--ckpt", f"S3={run['trained']}", f"Random={run['random']}", "--random-init", "--seed", "1",
+            "--out", str(tmp_path), "--bootstrap", "50", "--maps", "0", "--device", "cpu", *PHANTOM]
+    assert probe.main(argv) == 0
+    rows = {(t, lp): v for (t, name, lp), v in macro_rows(tmp_path).items() if name == "Random init"}
+    assert rows and rows == {(t, lp): v for (t, name, lp), v in macro_rows(tmp_path).items() if name == "Random"}
+    assert probe.main(["--random-init", "--features", f"X={tmp_path}", *PHANTOM]) == 2  # no architecture to copy
+    assert "--random-init needs a --ckpt" in capsys.readouterr().err
+
+
 def test_tables_have_the_papers_rows_and_columns(run):
     out = run["out"]
     with open(out / "table1.csv") as f:
