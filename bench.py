@@ -251,13 +251,15 @@ def threads(n: int):
 
 
 @contextmanager
-def attention(net, backend: str):
-    """Run net's backbone with another attention backend for the duration."""
-    saved, net.backbone.attn = net.backbone.attn, backend
+def attention(net, backend: str, rows: bool = False):
+    """Run net's backbone with another attention backend (sdpa: rows = the masked-rows layout) for the duration."""
+    backbone = net.backbone
+    saved = backbone.attn, backbone.sdpa_rows
+    backbone.attn, backbone.sdpa_rows = backend, rows
     try:
         yield
     finally:
-        net.backbone.attn = saved
+        backbone.attn, backbone.sdpa_rows = saved
 
 
 def train_step(net, batch, device) -> torch.Tensor:
@@ -364,15 +366,17 @@ def backend_section(args, net, batch, device, known: dict) -> list[dict]:
     heads, n = net.backbone.config["heads"], b.packed.n_tokens
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        for name in available_backends(device):
-            row = {"backend": name, "step (s)": known.get(name), "time vs sdpa": None,
+        names = available_backends(device)
+        for name, as_rows in [(names[0], False), (names[0], True), *((other, False) for other in names[1:])]:
+            label = f"{name} (rows, the compiled layout)" if as_rows else name
+            row = {"backend": label, "step (s)": None if as_rows else known.get(name), "time vs sdpa": None,
                    "max abs Δ embedding vs sdpa": None, "note": ""}
             rows.append(row)
             if name == "flex" and n * n * heads * 4 > FLEX_EAGER_MAX_BYTES:
                 row["note"] = f"skipped: eager flex_attention would hold {n * n * heads * 4 / 2**30:.0f} GB of scores"
                 continue
             try:
-                with attention(net, name):
+                with attention(net, name, as_rows):
                     with torch.no_grad(), autocast(device):
                         emb = net.backbone(b.packed).float()
                     ref = emb if ref is None else ref

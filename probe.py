@@ -269,17 +269,25 @@ def whole_views(ds, patch: int, batch_tokens: int, workers: int = 0):
 
 def extract_features(model: SparseMedicalViT, ds, batch_tokens: int, workers: int = 0) -> dict:
     """Frozen backbone embeddings (N, dim) of every sample, on the model's device, with labels (N, L) and ids (N,)."""
+    return extract_features_of([model], ds, batch_tokens, workers)[0]
+
+
+def extract_features_of(models: list, ds, batch_tokens: int, workers: int = 0) -> list[dict]:
+    """extract_features of several models (one patch size) from one reading of ds: each record is decoded or
+    rendered once for all of them (rendering the phantoms takes longer than embedding them on a CPU)."""
     if len(ds) == 0:
         raise ValueError(f"{ds.name} {ds.split}: no samples")
-    feats, labels, ids = [], [], []
+    feats, labels, ids = [[] for _ in models], [], []
     with tqdm(total=len(ds), desc=f"features {ds.name}" + (f"/{ds.split}" if ds.split else ""), unit="img",
               leave=False, disable=None) as bar:  # None: no bar when stderr is not a terminal (a log file)
-        for views, records in whole_views(ds, model.patch, batch_tokens, workers):
-            feats.append(model.encode(views).numpy())
+        for views, records in whole_views(ds, models[0].patch, batch_tokens, workers):
+            for out, model in zip(feats, models):
+                out.append(model.encode(views).numpy())
             labels += [r.labels for r in records]
             ids += [r.id for r in records]
             bar.update(len(views))
-    return {"x": np.concatenate(feats), "y": np.stack(labels).astype(np.float32), "ids": np.array(ids, dtype=str)}
+    y, ids = np.stack(labels).astype(np.float32), np.array(ids, dtype=str)
+    return [{"x": np.concatenate(out), "y": y, "ids": ids} for out in feats]
 
 
 @functools.lru_cache(maxsize=1)  # the same for every (checkpoint, dataset) of a run: read the sources once
@@ -294,21 +302,30 @@ def feature_code_digest() -> str:
     return hashlib.sha256("\n".join(sources).encode()).hexdigest()
 
 
-def cached_features(ck: Checkpoint, ds, device: torch.device, batch_tokens: int, workers: int, cache_dir: str) -> dict:
-    """extract_features, stored as .npz per (checkpoint content + config, dataset fingerprint, split, precision,
-    feature code)."""
+def cached_features(checkpoints: list, ds, device: torch.device, batch_tokens: int, workers: int,
+                    cache_dir: str) -> list[dict]:
+    """extract_features of each checkpoint, stored as .npz per (checkpoint content + config, dataset fingerprint,
+    split, precision, feature code); those not cached are extracted together, one reading of ds per patch size."""
     precision = "bf16" if device.type == "cuda" else "fp32"
-    key = f"{ck.key}|{ds.fingerprint}|{ds.split}|{precision}|{feature_code_digest()}"
-    key = hashlib.sha256(key.encode()).hexdigest()[:24]
-    path = os.path.join(cache_dir, re.sub(r"[^\w.-]", "_", f"{ds.name}_{ds.split}_{key}") + ".npz")
-    if os.path.exists(path):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    ck.model.to(device)
-    feats = extract_features(ck.model, ds, batch_tokens, workers)
-    os.makedirs(cache_dir, exist_ok=True)
-    data.atomic_write(path, lambda f: np.savez(f, **feats))
-    return feats
+    feats, todo = {}, {}
+    for i, ck in enumerate(checkpoints):
+        key = f"{ck.key}|{ds.fingerprint}|{ds.split}|{precision}|{feature_code_digest()}"
+        key = hashlib.sha256(key.encode()).hexdigest()[:24]
+        path = os.path.join(cache_dir, re.sub(r"[^\w.-]", "_", f"{ds.name}_{ds.split}_{key}") + ".npz")
+        if os.path.exists(path):
+            with np.load(path) as f:
+                feats[i] = {k: f[k] for k in f.files}
+        else:
+            todo.setdefault(ck.model.patch, []).append((i, path))
+    for group in todo.values():
+        models = [checkpoints[i].model.to(device) for i, _ in group]
+        for (i, path), f in zip(group, extract_features_of(models, ds, batch_tokens, workers)):
+            os.makedirs(cache_dir, exist_ok=True)
+            data.atomic_write(path, lambda out: np.savez(out, **f))
+            feats[i] = f
+        for model in models:
+            model.cpu()
+    return [feats[i] for i in range(len(checkpoints))]
 
 
 # ---------------------------------------------------------------- embeddings files (--features, embed)
@@ -1046,11 +1063,10 @@ def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) 
     names = [c.name for c in checkpoints] + list(external)
     main = "S3" if "S3" in names else names[0]
     feats = {name: f for name, (_, f) in external.items()}
-    for c in checkpoints:
-        feats[c.name] = {role: cached_features(c, ds, device, args.batch_tokens, args.workers,
-                                                 os.path.join(out, "cache"))
-                         for role, ds in datasets.items()}
-        c.model.cpu()  # one backbone on the device at a time
+    for role, ds in datasets.items():  # every checkpoint from one reading of each dataset
+        for c, f in zip(checkpoints, cached_features(checkpoints, ds, device, args.batch_tokens, args.workers,
+                                                     os.path.join(out, "cache"))):
+            feats.setdefault(c.name, {})[role] = f
     results, adapted, before, lp_of = {}, {}, {}, {}
     for name in names:
         results[name], adapted_result = probe_results(feats[name], args.lp, args.bootstrap, args.seed)

@@ -39,7 +39,7 @@ def test_smoke_run_prints_every_section(tmp_path, capsys):
     for title in ("1. Training step", "2. Attention backends", "3. Work per scheme", "4. Data pipeline",
                   "6. Profile of one packed step", "8. Peers"):
         assert f"### {title}" in out
-    for row in ("| packed | sdpa |", "| padded | sdpa |", "| per-modality padded | sdpa |", "| sdpa |",
+    for row in ("| packed | sdpa |", "| padded | sdpa |", "| per-modality padded | sdpa |", "| sdpa |", "| sdpa (rows, the compiled layout) |",
                 "| packed (varlen, flash, sdpa) |", "| packed (compiled sdpa rows) |", "| 2D |", "| 3D |"):
         assert row in out, row
     assert "Packing speed-up" in out and "The losses agree to" in out and "cores keep the packed step fed" in out
@@ -51,6 +51,8 @@ def test_smoke_run_prints_every_section(tmp_path, capsys):
     assert classes["outside aten operators"]["ms"] >= 0  # the classified time fits in the step's wall time
     assert json.loads(trace.read_text())["traceEvents"]  # a complete Chrome trace
     assert [r["scheme"] for r in saved["step"]] == ["packed", "padded", "per-modality padded"]
+    dense, rows = saved["backends"][:2]  # the two sdpa layouts compute the same embeddings
+    assert rows["backend"] == "sdpa (rows, the compiled layout)" and rows["max abs Δ embedding vs sdpa"] < 1e-4
     assert all(r["step (s)"] > 0 and math.isfinite(r["loss"]) for r in saved["step"])
     assert all(r["samples/s per core"] > 0 for r in saved["data"])
 

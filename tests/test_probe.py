@@ -190,6 +190,27 @@ def test_features_do_not_depend_on_token_budget():
     assert max(sizes) <= 2 and sum(sizes) == len(ds)  # 4-8 tokens per volume, 10 per batch
 
 
+def test_checkpoints_without_cached_features_share_one_reading_of_each_dataset(tmp_path, monkeypatch):
+    """Two uncached checkpoints: every record rendered once, and each model's features as if it were alone."""
+    ds = data.open_dataset("phantom2d", "test", n=10, size=56)
+    reads = [0]
+    getitem = type(ds).__getitem__
+
+    def counting(self, i):
+        reads[0] += 1
+        return getitem(self, i)
+
+    checkpoints = [probe.Checkpoint(f"m{s}", "", tiny(seed=s).eval(), f"key{s}", {}) for s in (0, 1)]
+    alone = [probe.extract_features(c.model, ds, 32768)["x"] for c in checkpoints]
+    monkeypatch.setattr(type(ds), "__getitem__", counting)
+    got = probe.cached_features(checkpoints, ds, torch.device("cpu"), 32768, 0, str(tmp_path))
+    assert reads[0] == len(ds)  # once for both, not once per checkpoint
+    assert all(np.array_equal(f["x"], a) for f, a in zip(got, alone)) and not np.allclose(alone[0], alone[1])
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    again = probe.cached_features(checkpoints, ds, torch.device("cpu"), 32768, 0, str(tmp_path))
+    assert reads[0] == len(ds) and all(np.array_equal(f["x"], a) for f, a in zip(again, alone))  # from the cache
+
+
 def test_feature_cache_reused_and_changed_checkpoint_recomputes(run, tmp_path, monkeypatch):
     # copies of the checkpoints and the cache: the key is the checkpoint's content, not its path
     for name in ("trained.pt", "random.pt"):
