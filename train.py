@@ -37,7 +37,7 @@ import lejepa
 from model import CKPT_FORMAT, PRESETS, Projector, SparseMedicalViT, load_checkpoint, model_flops_per_token
 
 STAGE_BATCH = {1: (256, 0), 2: (192, 64), 3: (192, 64)}  # paper 2.4: (2D, 3D) samples per step
-CPU_DEMO = dict(model="tiny", depth=6, steps=300, size_2d=112, size_3d=56, n_2d=512, n_3d=256, log_every=10)
+CPU_DEMO = dict(model="tiny", depth=6, steps=100, size_2d=112, size_3d=56, n_2d=512, n_3d=256, log_every=10)
 CPU_DEMO_BATCH_DIVISOR = 8  # the paper's batches / 8: 32 samples per step, same 2D:3D ratio
 PROBE_LR = 1e-3  # online linear probe's AdamW learning rate, as the official LeJEPA example
 COLLAPSE_RANK, COLLAPSE_LOGS = 1.5, 3  # projector rank below this for this many logged steps: say so
@@ -56,7 +56,7 @@ def get_args(argv=None):
     p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default 112; 56 on a CPU demo)")
     p.add_argument("--n-2d", type=int, default=None, help="phantom 2D training images (default 20000; 512 on a CPU demo)")
     p.add_argument("--n-3d", type=int, default=None, help="phantom 3D training volumes (default 5000; 256 on a CPU demo)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100000; 300 on a CPU demo)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100000; 100 on a CPU demo)")
     p.add_argument("--batch-2d", type=int, default=None, help="global 2D samples per step (paper: 256 stage 1, 192 stages 2-3)")
     p.add_argument("--batch-3d", type=int, default=None, help="global 3D samples per step (paper: 0 stage 1, 64 stages 2-3)")
     p.add_argument("--n-global", type=int, default=2, help="global views per sample, V_g (paper 2.4.1; default: %(default)s)")
