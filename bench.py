@@ -35,6 +35,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import os
@@ -521,15 +522,17 @@ class _ShapeOnlyAttention(torch.autograd.Function):
 
 
 @contextmanager
-def attention_by_formula():
-    """Section 7 counts attention as varlen does its work (sum of n^2 per view, tokens in the packed order)."""
-    saved = model_lib.packed_attention, model_lib.attention_mask
+def attention_by_formula(backbone):
+    """Section 7 counts attention as varlen does its work (sum of n^2 per view), on the tokens in the packed
+    order: the rows flag keeps the CPU's sdpa from reordering them into its dense layout, as on CUDA."""
+    saved = model_lib.packed_attention, model_lib.attention_mask, backbone.sdpa_rows
     model_lib.packed_attention = lambda q, k, v, *rest: _ShapeOnlyAttention.apply(q, k, v)
-    model_lib.attention_mask = lambda *a, **k: "varlen"  # not None: no dense reordering, as on CUDA
+    model_lib.attention_mask = lambda *a, **k: None
+    backbone.sdpa_rows = True
     try:
         yield
     finally:
-        model_lib.packed_attention, model_lib.attention_mask = saved
+        model_lib.packed_attention, model_lib.attention_mask, backbone.sdpa_rows = saved
 
 
 class CudaLayerNormPolicy(TorchFunctionMode):
@@ -600,7 +603,7 @@ def traffic_section(args, net, batch: data.Batch) -> tuple[list[dict], str]:
         saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
         return t
 
-    with FakeTensorMode() as fake, attention_by_formula():
+    with FakeTensorMode() as fake, attention_by_formula(net.backbone):
         net = net._apply(fake.from_tensor)
         b = batch._map(lambda t: t._map(fake.from_tensor) if isinstance(t, Packed) else fake.from_tensor(t))
         with counter, CudaLayerNormPolicy():
@@ -679,6 +682,18 @@ PEERS = {"2D": [("timm NaFlexViT (padded to the longest, key mask)", _timm_nafle
          "3D": [("vit-pytorch 3D NaViT (nested tensors)", lambda c, v: _navit(c, v, nested=True, volumes=True))]}
 
 
+def _peer_step(model, run, views, device) -> float:
+    """Seconds of one forward + backward of run(views) through model."""
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    with autocast(device):
+        out = run(views)
+    out.float().square().mean().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def peer_section(args, net, views: list[torch.Tensor], device) -> list[dict]:
     """Section 8: forward + backward of the backbone alone (ours: packing included) against each peer, per
     modality, on the same views; timings interleaved so that a machine's drift hits all alike."""
@@ -690,16 +705,7 @@ def peer_section(args, net, views: list[torch.Tensor], device) -> list[dict]:
         if not mine:
             continue
         runs = [("ours (packed, " + ours.attn + ")", ours, lambda vs: ours(pack(vs, cfg["patch"])))]
-        def step(model, run) -> float:
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            with autocast(device):
-                out = run(mine)
-            out.float().square().mean().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - t0
-
+        step = functools.partial(_peer_step, views=mine, device=device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peers' deprecation and prototype warnings
             for name, build in peers:

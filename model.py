@@ -233,8 +233,9 @@ class SparseMedicalViT(nn.Module):
         x = self.embed(packed)
         backend = resolve_backend(self.attn, x.device, _compute_dtype(x))
         # one graph for every batch under torch.compile: the dense layout's loop over lengths would recompile
-        mask = attention_mask(packed, backend, x.device, rows=self.sdpa_rows or torch.compiler.is_compiling())
-        dense = backend == "sdpa" and mask is None
+        rows = self.sdpa_rows or torch.compiler.is_compiling()
+        mask = attention_mask(packed, backend, x.device, rows=rows)
+        dense = backend == "sdpa" and not rows
         token_view, patch_index = packed.token_view, packed.patch_index
         if dense:  # reorder the tokens once, not in every layer: everything but attention is per token
             order = packed.dense_order

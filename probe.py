@@ -1135,7 +1135,10 @@ def main(argv=None) -> int:
         if args.random_init:
             if not checkpoints:
                 raise ValueError("--random-init needs a --ckpt: it probes that architecture at a random initialisation")
-            checkpoints.append(random_init(checkpoints[0], args.attn, args.seed))
+            baseline = random_init(checkpoints[0], args.attn, args.seed)
+            if baseline.name in {c.name for c in checkpoints}:  # as load_checkpoints names a repeated name
+                baseline.name = f"{baseline.name}#{len(checkpoints) + 1}"
+            checkpoints.append(baseline)
         if args.data == ["phantom"] and checkpoints:  # phantoms at the size the (first) model was trained on
             train_sizes(args, checkpoints[0].train_args)
         sources = resolve_sources(args.data, args.lp)
