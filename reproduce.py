@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import data
+import figures
 import lejepa
 import probe
 from model import Projector, load_checkpoint
@@ -120,7 +121,7 @@ def step_seconds(args) -> tuple:
     for seed in args.seeds:
         for folder in ("s3", "s1", "supervised", "s2"):
             path = os.path.join(args.runs, f"seed{seed}", folder, "metrics.jsonl")
-            times = [r["step_time_s"] for r in probe.read_metrics(path) if "step_time_s" in r] \
+            times = [r["step_time_s"] for r in figures.read_metrics(path) if "step_time_s" in r] \
                 if os.path.exists(path) else []
             if times:
                 return float(np.median(times)), f"measured in {path}"
@@ -215,7 +216,7 @@ def health(folder: str, seed: int, n: int = HEALTH_N) -> dict:
                 z = {m: head(torch.from_numpy(x[m])).numpy() for m in x}
             row |= {"proj_rank_2d": rank(z["2d"]), "proj_rank_3d": rank(z["3d"]),
                     f"proj_rank_2d_{GOAL_N_2D}": rank(z["2d"][:GOAL_N_2D])}
-            logged = [r for r in probe.read_metrics(os.path.join(os.path.dirname(c.path), "metrics.jsonl"))
+            logged = [r for r in figures.read_metrics(os.path.join(os.path.dirname(c.path), "metrics.jsonl"))
                       if "sigreg" in r]
             if logged:
                 batch = c.train_args["batch_2d"] + c.train_args["batch_3d"]
@@ -268,7 +269,7 @@ def _compare(ms: dict, what: str, holds, reverse=None) -> dict:
     for seed, m in ms.items():
         try:
             per_seed[seed], figures[seed] = holds(m)
-        except TypeError:  # a number that is missing (a row not finished): not judged at that seed
+        except (TypeError, KeyError):  # a number that is missing (a row not finished): not judged at that seed
             continue
     judged = [s for s in per_seed if per_seed[s] is not None]
     if not judged:

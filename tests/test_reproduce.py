@@ -1,0 +1,99 @@
+"""reproduce.py: the grid's plan, what counts as done (resume), and the claims judged at every seed."""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import reproduce
+
+
+def args_for(tmp_path, *extra):
+    return reproduce.get_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *extra])
+
+
+def test_plan_chains_stage_2_from_stage_1_of_the_same_seed_and_every_run_resumes(tmp_path):
+    jobs = reproduce.plan(args_for(tmp_path, "--seeds", "3", "5", "--steps", "7"))
+    assert [(s, n) for s, n, *_ in jobs] == [(s, n) for s in (3, 5) for n in (*reproduce.ROWS, "probe")]
+    for seed, name, kind, argv, folder in jobs:
+        if kind == "train":
+            assert argv[argv.index("--seed") + 1] == str(seed) and argv[argv.index("--steps") + 1] == "7"
+            assert argv[argv.index("--resume") + 1] == "auto" and argv[argv.index("--out") + 1] == folder
+    s2 = next(argv for seed, name, _, argv, _ in jobs if (seed, name) == (5, "S2"))
+    assert s2[s2.index("--init") + 1] == str(tmp_path / "runs" / "seed5" / "s1" / "last.pt")
+    probe = next(argv for seed, name, _, argv, _ in jobs if (seed, name) == (5, "probe"))
+    assert "--random-init" in probe and probe[probe.index("--seed") + 1] == "5"
+    assert "Supervised=" + str(tmp_path / "runs" / "seed5" / "supervised" / "last.pt") in probe
+
+
+def test_a_run_is_done_only_at_the_planned_step_and_a_probe_only_after_its_checkpoints(tmp_path):
+    args = args_for(tmp_path, "--seeds", "0", "--steps", "4")
+    jobs = {job[1]: job for job in reproduce.plan(args)}
+    s1 = jobs["S1"][4]
+    os.makedirs(s1)
+    assert not reproduce.is_done(jobs["S1"], args)
+    torch.save({"step": 3}, os.path.join(s1, "last.pt"))  # killed at step 3: resumed, not skipped
+    assert not reproduce.is_done(jobs["S1"], args) and reproduce.trained_step(s1) == 3
+    torch.save({"step": 4}, os.path.join(s1, "last.pt"))
+    assert reproduce.is_done(jobs["S1"], args)
+    folder = jobs["probe"][4]
+    os.makedirs(folder)
+    for row in ("s2", "s3", "supervised"):
+        os.makedirs(os.path.join(os.path.dirname(folder), row))
+        torch.save({"step": 4}, os.path.join(os.path.dirname(folder), row, "last.pt"))
+    past = time.time() - 100
+    for row in ("s1", "s2", "s3", "supervised"):
+        os.utime(os.path.join(os.path.dirname(folder), row, "last.pt"), (past, past))
+    assert not reproduce.is_done(jobs["probe"], args)
+    with open(os.path.join(folder, "table1.json"), "w") as f:
+        f.write("[]")
+    assert reproduce.is_done(jobs["probe"], args)
+    os.utime(os.path.join(os.path.dirname(folder), "s3", "last.pt"))  # a checkpoint newer than the tables: redo
+    assert not reproduce.is_done(jobs["probe"], args)
+
+
+def macro(values: dict) -> dict:
+    """{(model, lp, test set): macro} -> the probe-output dict with a CI of +- 0.01."""
+    return {k: (v, (v - 0.01, v + 0.01)) for k, v in values.items()}
+
+
+def c1(s3_mimic, sup_mimic, s3_ct, sup_ct):
+    return macro({("S3", "ALL", "mimic"): s3_mimic, ("Supervised", "ALL", "mimic"): sup_mimic,
+                  ("S3", "ALL", "ctrate"): s3_ct, ("Supervised", "ALL", "ctrate"): sup_ct})
+
+
+def verdict(ms: dict, index: int = 0) -> str:
+    return reproduce.claims(ms, {})[index]["verdict"]
+
+
+def test_a_claim_is_reproduced_only_where_it_holds_at_every_seed():
+    assert verdict({0: c1(0.8, 0.7, 0.9, 0.8), 1: c1(0.81, 0.7, 0.88, 0.8)}) == "reproduced"
+    assert verdict({0: c1(0.8, 0.7, 0.9, 0.8), 1: c1(0.6, 0.7, 0.88, 0.8)}) == \
+        "not reproduced (holds at 1 of 2 seeds)"
+    assert verdict({0: c1(0.6, 0.7, 0.7, 0.8), 1: c1(0.6, 0.7, 0.7, 0.8)}) == "reversed"
+    assert verdict({0: {}}) == "not measured"  # rows not finished are not judged
+
+
+def test_figures_beside_each_verdict_name_the_numbers_of_every_seed():
+    judged = reproduce.claims({0: c1(0.8, 0.7, 0.9, 0.8), 4: c1(0.81, 0.7, 0.88, 0.8)}, {})[0]
+    assert judged["seeds"] == [0, 4]
+    assert "0.800 / 0.700" in judged["figures"][0] and "0.880 / 0.800" in judged["figures"][4]
+
+
+def test_cells_give_the_first_seeds_ci_and_the_spread_over_seeds():
+    ms = {0: c1(0.8, 0.7, 0.9, 0.8), 1: c1(0.9, 0.7, 0.9, 0.8)}
+    text = reproduce.cell(ms, "S3", "ALL", "mimic")
+    assert text.startswith("0.800 (0.790-0.810)") and f"{np.mean([0.8, 0.9]):.3f} ± {np.std([0.8, 0.9], ddof=1):.3f}" in text
+    assert reproduce.cell(ms, "S1", "ALL", "mimic") == "-"
+
+
+def test_health_figures_behave_as_defined():
+    rng = np.random.default_rng(0)
+    line = np.outer(rng.normal(size=64), rng.normal(size=16))
+    assert reproduce.top_share(line) == pytest.approx(1.0) and reproduce.rank(line) == pytest.approx(1.0, abs=1e-3)
+    iso = rng.normal(size=(4096, 8))
+    assert reproduce.top_share(iso) == pytest.approx(1 / 8, rel=0.15) and reproduce.rank(iso) > 7.5
+    # an isotropic Gaussian batch scores about 1 (lejepa.py's test pins the statistic itself)
+    assert 0.5 < reproduce.gaussian_sigreg(32, 128) < 2.0
