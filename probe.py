@@ -11,9 +11,12 @@
    label is known; C is chosen on a patient-disjoint held-out part of the
    training data, never on a test set.
 3. Metrics: per-label and macro AUROC with 95% bootstrap CIs (patients resampled).
-4. Outputs: Tables 1-3 (.md, .csv, .json), Figure 2a (PCA + logistic
-   regression per modality, fig2a.md/.json) and Figure 2b (DINO-style PCA
-   feature maps, fig2b_*.png).
+4. Outputs: Tables 1-3 (.md, .csv, .json) and Figure 2a's numbers (paper 3.4:
+   probes on the top principal components of the joint embeddings, per
+   modality, fig2a.md/.json); figures.py draws Figure 2a and 2b (fig2a.png,
+   fig2b_*.png) and the training curves (curves.png, `probe.py curves RUN...`).
+
+Imports model, data, readers, figures and scikit-learn.
 """
 import argparse
 import csv
@@ -34,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -42,8 +44,9 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 import data
+import figures
 from model import SparseMedicalViT, backbone_from_checkpoint
-from pack import pack
+import readers
 
 SHORT = ("ATEL", "CARD", "CONS", "LO", "EFF")  # the paper's column names, in data.LABELS order
 LP_MODES = ("2D", "3D", "ALL")
@@ -603,7 +606,7 @@ def table_3(results: dict, names: list, main: str, lps: list, titles: dict, exte
     return halves
 
 
-# ---------------------------------------------------------------- Figure 2
+# ---------------------------------------------------------------- Figure 2a: its numbers (figures.py draws them)
 
 def figure_2a(feats: dict, titles: dict, out: str, seed: int = 0) -> dict:
     """Paper 3.4 / Fig. 2a: PCA of the joint 2D+3D training embeddings; a logistic regression on the top
@@ -628,7 +631,7 @@ def figure_2a(feats: dict, titles: dict, out: str, seed: int = 0) -> dict:
                                  "top_pcs": [f"PC{i + 1}" for i in top], "coef": coef.tolist()}
     write_text(os.path.join(out, "fig2a.json"), json.dumps(report, indent=1))
     write_text(os.path.join(out, "fig2a.md"), fig2a_markdown(report))
-    plot_figure_2a(report, os.path.join(out, "fig2a.png"))
+    figures.plot_figure_2a(report, os.path.join(out, "fig2a.png"))
     return report
 
 
@@ -650,213 +653,6 @@ def fig2a_markdown(report: dict) -> str:
     return "\n".join(lines + ["", f"Explained variance ratio: {ratio}", ""])
 
 
-def pick_examples(ds, count: int) -> list:
-    """Indices of up to `count` samples, Cardiomegaly-positive first (the finding Fig. 2b highlights)."""
-    positive = ds.labels[:, data.LABELS.index("Cardiomegaly")] == 1  # labels only: no image is read
-    return np.argsort(~positive, kind="stable")[:count].tolist()
-
-
-def to_gray(img: np.ndarray) -> np.ndarray:
-    """[-1, 1] image (H, W) -> uint8 RGB (H, W, 3)."""
-    g = np.clip((img + 1) * 127.5, 0, 255).astype(np.uint8)
-    return np.repeat(g[..., None], 3, axis=2)
-
-
-def stretch(pcs: np.ndarray, lo: float = 2, hi: float = 98) -> np.ndarray:
-    """PC values (..., 3) -> RGB in [0, 1], each channel stretched to its lo-hi percentile range over the map:
-    the colours use the whole range however little the map's tokens spread."""
-    a, b = np.percentile(pcs.reshape(-1, 3), [lo, hi], axis=0)
-    return np.clip((pcs - a) / np.maximum(b - a, 1e-12), 0, 1)
-
-
-CARD_STATE = {1.0: "positive", 0.0: "negative"}
-
-
-@torch.inference_mode()
-def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device: torch.device,
-              name: str = "") -> list:
-    """Fig. 2b: DINO-style maps (paper 3.4). First 3 PCs of the patch tokens of a few 2D images and CT volumes
-    (one PCA over both, so a colour means the same components in both) -> RGB on the patch grid, stretched
-    per map, nearest-upsampled to the input. Writes fig2b_{2d,3d}_{k}.png (input | PCA map | overlay, titled,
-    with matplotlib; input | map side by side without it) and fig2b.json (which sample and slice each shows)."""
-    p = model.patch
-    items = [(mod, ds, i) for mod, ds in sets.items() for i in pick_examples(ds, count)]
-    records = [ds[i] for _, ds, i in items]
-    views = [data.whole_view(r, p) for r in records]
-    packed = pack(views, p)
-    model.to(device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        tokens = model.forward_features(packed.to(device)).float().cpu().numpy()  # (T, dim)
-    for mod in sets:  # centre each modality, so the shared components show anatomy, not the 2D/3D offset
-        own = np.isin(packed.token_view.numpy(), [v for v, (m, _, _) in enumerate(items) if m == mod])
-        tokens[own] -= tokens[own].mean(0)
-    pcs = PCA(n_components=3).fit_transform(tokens)  # (T, 3)
-    written = []
-    for v, ((mod, ds, i), record, view) in enumerate(zip(items, records, views)):
-        gz, gy, gx = packed.view_grid[v].tolist()
-        grid = pcs[packed.cu_seqlens[v]:packed.cu_seqlens[v + 1]].reshape(gz, gy, gx, 3)
-        z = view.shape[1] // 2  # CT: the middle axial slice and the token slice that contains it
-        fmap = stretch(grid[z // p]).repeat(p, axis=0).repeat(p, axis=1)  # nearest upsampling to the input size
-        gray = view[0, z].numpy()
-        entry = {"file": f"fig2b_{mod}_{sum(m == mod for m, _, _ in items[:v])}.png", "dataset": ds.name,
-                 "split": ds.split, "id": record.id, "index": i, "input_shape": list(view.shape[1:]),
-                 "cardiomegaly": CARD_STATE.get(float(record.labels[data.LABELS.index("Cardiomegaly")]), "unknown")}
-        if mod == "3d":
-            entry["slice"] = {"axis": "axial (Z: superior -> inferior)", "index": z, "of": int(view.shape[1]),
-                              "token_slice": z // p}
-        fig = draw_map(gray, fmap, entry, name, p)
-        path = os.path.join(out, entry["file"])
-        if fig is None:  # no matplotlib: input | map, side by side at the input size
-            img = np.concatenate([to_gray(gray), (fmap * 255).astype(np.uint8)], axis=1)
-            data.atomic_write(path, lambda f: Image.fromarray(img).save(f, format="PNG"))
-        else:
-            save_figure(fig, path)
-        written.append(entry)
-    write_text(os.path.join(out, "fig2b.json"), json.dumps(written, indent=1))
-    return written
-
-
-# ---------------------------------------------------------------- figures drawn with matplotlib (optional)
-
-def matplotlib_figure(**kwargs):
-    """A matplotlib Figure (no pyplot: no global state, no display), or None without matplotlib: it is an
-    optional dependency, and every figure has a fallback (a Pillow PNG, or the Markdown and JSON it plots)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    return Figure(**kwargs)
-
-
-def save_figure(fig, path: str):
-    data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-
-
-def draw_map(gray: np.ndarray, fmap: np.ndarray, entry: dict, name: str, patch: int):
-    """Fig. 2b, one sample: input | PCA map | overlay, titled; None without matplotlib."""
-    fig = matplotlib_figure(figsize=(13, 5.4), layout="constrained")
-    if fig is None:
-        return None
-    where = (f"CT, axial slice {entry['slice']['index']} of {entry['slice']['of']} (from the top)" if "slice" in entry
-             else "radiograph")
-    axes = fig.subplots(1, 3)
-    axes[0].imshow(gray, cmap="gray", vmin=-1, vmax=1)
-    axes[1].imshow(fmap, interpolation="nearest")
-    axes[2].imshow(gray, cmap="gray", vmin=-1, vmax=1)
-    axes[2].imshow(fmap, alpha=0.45, interpolation="nearest")
-    for ax, title in zip(axes, (f"input: {where}", "PCA map of the patch features", "overlay")):
-        ax.set_title(title, fontsize=13)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    model = f"{name}, " if name else ""
-    fig.suptitle(f"Figure 2b: PCA feature map ({model}{entry['dataset']} {entry['split']} #{entry['index']}, "
-                 f"id {entry['id']}, Cardiomegaly {entry['cardiomegaly']})", fontsize=15)
-    fig.supxlabel("colour key: red = PC1, green = PC2, blue = PC3 of the patch features (one PCA over the 2D and 3D "
-                  "examples),\neach stretched to its 2-98th percentile in this map; one colour per "
-                  f"{patch}-pixel patch (nearest-neighbour upsampling)", fontsize=11)
-    return fig
-
-
-def plot_figure_2a(report: dict, path: str, label: str = "Cardiomegaly") -> bool:
-    """Fig. 2a as the paper draws it (paper 3.4): AUROC of the fits on 2D, 3D and joint PCs on each modality's
-    test set, the |coefficient| of each PC in each fit, and the variance each PC explains."""
-    fig = matplotlib_figure(figsize=(16, 5), layout="constrained")
-    if fig is None:
-        return False
-    fits, tests, n = report["labels"][label], report["test_sets"], report["n_components"]
-    ax_auc, ax_coef, ax_var = fig.subplots(1, 3, width_ratios=[1.1, 1.6, 1])
-    x = np.arange(len(fits))
-    for k, (t, title) in enumerate(tests.items()):
-        aurocs = np.array([np.nan if f["auroc"][t] is None else f["auroc"][t] for f in fits.values()])
-        bars = ax_auc.bar(x + (k - (len(tests) - 1) / 2) * 0.38, np.nan_to_num(aurocs), 0.38,
-                          label=f"tested on {title}")
-        ax_auc.bar_label(bars, [fmt(a, 2) for a in aurocs], fontsize=10)  # n/a: no probe (one class)
-    ax_auc.axhline(0.5, color="gray", lw=1, ls="--")
-    ax_auc.set_xticks(x, [f"fit on {f}" for f in fits])
-    ax_auc.set(ylim=(0, 1.18), ylabel="AUROC", title=f"(i) {label}: AUROC of each fit (dashed: chance)")
-    ax_auc.legend(loc="upper left", fontsize=9)
-    width = 0.8 / len(fits)
-    for k, (fit, f) in enumerate(fits.items()):
-        ax_coef.bar(np.arange(n) + (k - (len(fits) - 1) / 2) * width, np.abs(f["coef"]), width, label=f"fit on {fit}")
-    ax_coef.set_xticks(range(n), [f"PC{i + 1}" for i in range(n)])
-    ax_coef.set(ylabel="|coefficient| (standardized PCs)", title="(ii) which components each fit relies on")
-    ax_coef.legend(fontsize=9)
-    ax_var.bar(range(n), report["explained_variance_ratio"], color="gray")
-    ax_var.set_xticks(range(n), [f"PC{i + 1}" for i in range(n)])
-    ax_var.set(yscale="log", ylabel="explained variance ratio", title="(iii) variance of each component")
-    for ax in (ax_auc, ax_coef, ax_var):
-        ax.grid(axis="y", alpha=0.3)
-        ax.tick_params(axis="x", labelsize=9)
-    fig.suptitle(f"Figure 2a: logistic regression on the top {n} principal components of the joint 2D + 3D "
-                 "training embeddings", fontsize=14)
-    save_figure(fig, path)
-    return True
-
-
-# metrics.jsonl keys drawn by figure_curves, one panel per entry: (title, [(key, legend label)]); a panel is
-# drawn when some run logged one of its keys (older logs lack the embedding-health ones)
-CURVES = (
-    ("loss", [("loss", "")]),
-    ("prediction loss (paper 2.2)", [("pred", "")]),
-    ("SIGReg (paper 2.2)", [("sigreg", "")]),
-    ("effective rank of the embeddings", [("rank_emb", "backbone"), ("rank_proj", "projector")]),
-    ("mean per-dimension std", [("std_emb", "backbone"), ("std_proj", "projector")]),
-    ("online linear probe: BCE", [("probe_bce", "")]),
-    ("online linear probe: AUROC", [("probe_auroc", "")]),
-)
-
-
-def read_metrics(path: str) -> list:
-    """The logged steps of a metrics.jsonl (skipped-step records and a line cut short by a crash left out)."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "step" in row and "skipped" not in row:
-                rows.append(row)
-    return rows
-
-
-def figure_curves(runs: dict, path: str) -> list:
-    """Training curves of one or more runs ({name: metrics.jsonl}) in one figure: loss, prediction, SIGReg and
-    the embedding-health figures that were logged. Returns the panels drawn: none without matplotlib or a curve."""
-    logs = {name: read_metrics(p) for name, p in runs.items()}
-    has = lambda key: any(key in r for rows in logs.values() for r in rows)  # noqa: E731
-    panels = [(title, [(k, label) for k, label in series if has(k)]) for title, series in CURVES]
-    panels = [(title, series) for title, series in panels if series]
-    cols = min(4, len(panels))
-    fig = matplotlib_figure(figsize=(4.4 * cols, 3.6 * -(-len(panels) // cols) + 0.6), layout="constrained") \
-        if panels else None
-    if fig is None:
-        return []
-    axes = fig.subplots(-(-len(panels) // cols), cols, squeeze=False).ravel()
-    for ax, (title, series) in zip(axes, panels):
-        values = []
-        for i, (name, rows) in enumerate(logs.items()):
-            for j, (key, label) in enumerate(series):
-                pts = np.array([(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))], float)
-                pts = pts[np.isfinite(pts).all(1)] if len(pts) else pts
-                legend = " ".join(s for s in (name if len(logs) > 1 else "", label) if s) or None
-                if len(pts):  # a colour per run, a line style per series (backbone, projector)
-                    ax.plot(pts[:, 0], pts[:, 1], color=f"C{i}", ls=("-", "--")[j % 2],
-                            marker="." if len(pts) < 30 else None, label=legend)
-                    values += pts[:, 1].tolist()
-        if values and min(values) > 0 and max(values) > 20 * min(values):  # losses spanning decades
-            ax.set_yscale("log")
-        ax.set(title=title, xlabel="step")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[1]:
-            ax.legend(fontsize=9)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    fig.suptitle("Training curves (metrics.jsonl): " + ", ".join(f"{n} ({runs[n]})" for n in runs), fontsize=12)
-    save_figure(fig, path)
-    return [title for title, _ in panels]
-
-
 # ---------------------------------------------------------------- embed: one's own images and volumes
 
 FILE_KINDS = {".png": "xray", ".jpg": "xray", ".jpeg": "xray", ".nii": "nifti", ".nii.gz": "nifti"}
@@ -869,7 +665,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, sources: list, size_2d: int, size_3d: int, patch: int):
         self.sources, self.name, self.split = sources, "files", ""
         self.ids = [s.id for s in sources]
-        self.options = {kind: data.Options(size=size or 0, min_side=patch)
+        self.options = {kind: readers.Options(size=size or 0, min_side=patch)
                         for kind, size in (("xray", size_2d), ("nifti", size_3d), ("dicom-xray", size_2d),
                                            ("dicom-ct", size_3d))}
 
@@ -886,13 +682,13 @@ class ImageFiles(torch.utils.data.Dataset):
         return data.Record(image, src.labels, "2d" if src.kind in ("xray", "dicom-xray") else "3d", src.id)
 
 
-def file_source(path: str) -> data.Source:
+def file_source(path: str) -> readers.Source:
     """One image or volume named on the command line; its id is the path as given, without the extension."""
     ext = next((e for e in sorted(FILE_KINDS, key=len, reverse=True) if path.lower().endswith(e)), None)
     if ext is None:
         raise ValueError(f"{path}: not a PNG/JPG image or a NIfTI volume (.nii, .nii.gz)")
     rid = path[: -len(ext)]
-    return data.Source(rid, rid, "", np.full(len(data.LABELS), np.nan, np.float32), path, FILE_KINDS[ext])
+    return readers.Source(rid, rid, "", np.full(len(data.LABELS), np.nan, np.float32), path, FILE_KINDS[ext])
 
 
 def embed_inputs(inputs: list, args, patch: int) -> list:
@@ -911,7 +707,7 @@ def embed_inputs(inputs: list, args, patch: int) -> list:
                 files = []
             out += [(f"{spec}:{s}", data.open_dataset(spec, s, **options)) for s in splits]
         elif os.path.isdir(spec):
-            found = data.scan_folder(Path(spec), "2d") + data.scan_folder(Path(spec), "3d") or dicom_sources(spec)
+            found = readers.scan_folder(Path(spec), "2d") + readers.scan_folder(Path(spec), "3d") or dicom_sources(spec)
             if not found:
                 raise FileNotFoundError(f"{spec}: no PNG/JPG images, NIfTI volumes or DICOM series in this folder")
             files += sorted(found, key=lambda s: s.id)
@@ -931,7 +727,7 @@ def dicom_sources(folder: str) -> list:
     if importlib.util.find_spec("pydicom") is None:
         return []
     found = []
-    for src in data.scan_dicom(Path(folder), data.Options(dicom_modality="any")):
+    for src in readers.scan_dicom(Path(folder), readers.Options(dicom_modality="any")):
         if src.problem:
             warnings.warn(f"skipping {src.path}: {src.problem}")
         else:
@@ -1086,10 +882,10 @@ def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) 
     # Figure 2b needs patch tokens: the main model if it is a checkpoint, else the first checkpoint
     mapped = next((c for c in checkpoints if c.name == main), checkpoints[0] if checkpoints else None)
     if maps and args.maps > 0 and mapped is not None:
-        figure_2b(mapped.model, maps, args.maps, out, device, mapped.name)
+        figures.figure_2b(mapped.model, maps, args.maps, out, device, mapped.name)
     # training curves of the checkpoints whose run folder holds its metrics.jsonl
     logs = {c.name: os.path.join(os.path.dirname(c.path), "metrics.jsonl") for c in checkpoints if c.path}
-    figure_curves({n: p for n, p in logs.items() if os.path.exists(p)}, os.path.join(out, "curves.png"))
+    figures.figure_curves({n: p for n, p in logs.items() if os.path.exists(p)}, os.path.join(out, "curves.png"))
     return written
 
 
@@ -1111,9 +907,9 @@ def curves(argv) -> list:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no metrics.jsonl (train.py writes one into its --out)")
         runs[name] = path
-    if matplotlib_figure() is None:
+    if figures.matplotlib_figure() is None:
         raise ValueError("matplotlib is not installed (optional): pip install matplotlib")
-    drawn = figure_curves(runs, args.out)
+    drawn = figures.figure_curves(runs, args.out)
     if not drawn:
         raise ValueError(f"{', '.join(runs.values())}: no logged step to draw")
     print(f"wrote {args.out}: {', '.join(drawn)}")
@@ -1153,7 +949,7 @@ def main(argv=None) -> int:
     for md in written.values():
         print(md)
     print(f"wrote tables, figures{' and the feature cache' if checkpoints else ''} to {args.out}")
-    if matplotlib_figure() is None:
+    if figures.matplotlib_figure() is None:
         print("matplotlib is not installed (optional): fig2a.png and curves.png not drawn, fig2b_*.png without "
               "titles and labels (pip install matplotlib)")
     return 0

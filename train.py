@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -274,6 +275,23 @@ def load_init(net: Net, path: str):
         net.head.load_state_dict(head)
 
 
+def resume_from(path: str, net: Net, opts, device) -> tuple:
+    """Weights and optimizer states from a checkpoint of this run -> (step, bad_steps) to continue at."""
+    ckpt = load_checkpoint(path, map_location=device)
+    check_same_model(path, ckpt, net)
+    try:
+        net.backbone.load_state_dict(ckpt["model"])
+        net.head.load_state_dict(ckpt["head"])
+        opts[0].load_state_dict(ckpt["optimizer"])
+        if "probe" in ckpt:  # checkpoints older than the online probe start it afresh
+            net.probe.load_state_dict(ckpt["probe"])
+            opts[1].load_state_dict(ckpt["probe_optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: cannot resume this run from it (another --objective or projector size?): "
+                         f"{str(e).splitlines()[0]}") from e
+    return ckpt["step"], ckpt["bad_steps"]
+
+
 def _logged_step(line: str) -> float:
     """The step of a metrics.jsonl line; a line cut short by a crash counts as after any checkpoint."""
     try:
@@ -310,54 +328,50 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def train(args) -> dict:
-    rank, world, local_rank = setup_distributed()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    say = tqdm.write if rank == 0 else (lambda *a, **k: None)  # tqdm.write: a line of its own, never glued to the bar
-    try:  # the user's inputs (flags, --data, --init, --resume) first: a one-line error, and no --out made for nothing
-        notes = resolve_defaults(args, cuda)
-        for b, name in ((args.batch_2d, "--batch-2d"), (args.batch_3d, "--batch-3d")):
-            if b % (world * args.accum):
-                raise ValueError(f"{name} {b} must divide by processes x --accum = {world * args.accum}")
-        ds2, ds3 = open_training_data(args)
-        for note in notes:
-            say(note)
-        n_step = args.batch_2d + args.batch_3d
-        if args.objective == "lejepa" and lejepa.sigreg_weight(args.lambd, n_step) < lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH) / 2:
-            say(f"warning: lambda {args.lambd:g} at {n_step} samples per step weighs SIGReg "
-                f"{lejepa.sigreg_weight(args.lambd, n_step):.2g} against the prediction loss, the paper "
-                f"{lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g}: expect collapse "
-                f"(--lambd {lejepa.balanced_lambd(n_step):.3g} keeps the paper's balance)")
+def resolve_inputs(args, cuda: bool, world: int, say) -> tuple:
+    """Flags left unset, batch sizes against processes and --accum, --data, and SIGReg's weight at this batch
+    (paper 2.2, 2.4) -> (2D dataset or None, 3D dataset or None)."""
+    notes = resolve_defaults(args, cuda)
+    for b, name in ((args.batch_2d, "--batch-2d"), (args.batch_3d, "--batch-3d")):
+        if b % (world * args.accum):
+            raise ValueError(f"{name} {b} must divide by processes x --accum = {world * args.accum}")
+    ds2, ds3 = open_training_data(args)
+    for note in notes:
+        say(note)
+    n_step = args.batch_2d + args.batch_3d
+    if args.objective == "lejepa" and lejepa.sigreg_weight(args.lambd, n_step) < lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH) / 2:
+        say(f"warning: lambda {args.lambd:g} at {n_step} samples per step weighs SIGReg "
+            f"{lejepa.sigreg_weight(args.lambd, n_step):.2g} against the prediction loss, the paper "
+            f"{lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g}: expect collapse "
+            f"(--lambd {lejepa.balanced_lambd(n_step):.3g} keeps the paper's balance)")
+    return ds2, ds3
 
-        torch.manual_seed(args.seed)  # identical initialisation on every rank
-        net = build_net(args)
-        if args.stage == 2:
-            load_init(net, args.init)
-        net.to(device)
-        opt = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=cuda)
-        probe_opt = torch.optim.AdamW(net.probe.parameters(), lr=PROBE_LR, weight_decay=0.0)  # the official example's
-        opts = (opt, probe_opt)
-        step, bad_steps = 0, 0
-        resume = find_resume(args)
-        if resume:
-            ckpt = load_checkpoint(resume, map_location=device)
-            check_same_model(resume, ckpt, net)
-            try:
-                net.backbone.load_state_dict(ckpt["model"])
-                net.head.load_state_dict(ckpt["head"])
-                opt.load_state_dict(ckpt["optimizer"])
-                if "probe" in ckpt:  # checkpoints older than the online probe start it afresh
-                    net.probe.load_state_dict(ckpt["probe"])
-                    probe_opt.load_state_dict(ckpt["probe_optimizer"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise ValueError(f"{resume}: cannot resume this run from it (another --objective or projector size?): "
-                                 f"{str(e).splitlines()[0]}") from e
-            step, bad_steps = ckpt["step"], ckpt["bad_steps"]
-            say(f"resumed from {resume} at step {step}")
-    except (ValueError, FileNotFoundError) as e:
-        rank_tag = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # under torchrun: which rank
-        raise SystemExit(f"{rank_tag}train.py: error: {e}") from None
+
+def build_or_resume(args, device, say) -> tuple:
+    """The net and its two optimizers -> (net, (encoder optimizer, probe optimizer), step, bad_steps).
+
+    paper 2.3: stages 1 and 3 start from scratch, stage 2 from a stage-1 checkpoint (--init);
+    --resume continues a run where its checkpoint left it.
+    """
+    torch.manual_seed(args.seed)  # identical initialisation on every rank
+    net = build_net(args)
+    if args.stage == 2:
+        load_init(net, args.init)
+    net.to(device)
+    # paper 2.4: AdamW, weight decay on matrices only
+    opt = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    probe_opt = torch.optim.AdamW(net.probe.parameters(), lr=PROBE_LR, weight_decay=0.0)  # the official example's
+    opts = (opt, probe_opt)
+    step, bad_steps = 0, 0
+    resume = find_resume(args)
+    if resume:
+        step, bad_steps = resume_from(resume, net, opts, device)
+        say(f"resumed from {resume} at step {step}")
+    return net, opts, step, bad_steps
+
+
+def open_out(args, rank: int, world: int, device, step: int) -> Logger:
+    """--out (made only once the inputs are sound), every rank at the same step, config.json -> the metrics logger."""
     os.makedirs(args.out, exist_ok=True)
     if world > 1:  # every rank read its own --out: without a shared file system they could disagree
         steps = torch.tensor([step, -step], device=device)
@@ -367,7 +381,99 @@ def train(args) -> dict:
                              f"give every node the same {args.out} (a shared file system) or the same --resume file")
     if rank == 0:
         data.atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
-    logger = Logger(args.out, rank, step)
+    return Logger(args.out, rank, step)
+
+
+def open_batches(args, ds2, ds3, patch: int, step: int, rank: int, world: int, cuda: bool):
+    """This rank's micro-batches from `step` on, --accum per step: the stage's 2D and 3D samples
+    (paper 2.3, 2.4) as multi-crop views (2.4.1)."""
+    return iter(data.make_loader(
+        ds2, ds3, batch_2d=args.batch_2d // args.accum, batch_3d=args.batch_3d // args.accum,
+        steps=args.steps * args.accum, start_step=step * args.accum,
+        mode=args.objective, n_global=args.n_global, n_local=args.n_local, patch=patch,
+        seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda, photometric=args.photometric))
+
+
+def catch_stop_signals() -> dict:
+    """First Ctrl-C or SIGTERM: finish the step, checkpoint, exit; second: stop now.
+    -> {"signal": the first signal, None until one comes}, which the loop reads after every step."""
+    stop = {"signal": None}
+
+    def on_signal(sig, frame):  # data-loader workers ignore both: they would die with the job's signal before the checkpoint
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = sig
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    return stop
+
+
+@dataclass
+class Tally:
+    """What this rank saw since the last log; summed over ranks when logged, then started afresh."""
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))  # tokens, samples, skipped samples
+    flops_per_token: list = field(default_factory=list)  # model FLOPs per token of each micro-batch
+    probe_seen: list = field(default_factory=list)  # (probe scores, labels) of each micro-batch
+    steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+def train_step(model, net: Net, opts, batches, args, step: int, rank: int, world: int, device, tally: Tally) -> tuple:
+    """One optimizer step over --accum micro-batches -> (loss parts, gradient norm, what the last micro-batch
+    saw, whether the step was taken: a non-finite gradient skips it)."""
+    opt, probe_opt = opts
+    net.train()
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)  # paper 2.4: linear warmup, then cosine decay
+    torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # drop-path draws: a function of (seed, step, rank)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    parts_sum = {}
+    for micro in range(args.accum):
+        batch = next(batches).to(device, non_blocking=True)
+        sync = micro == args.accum - 1 or world == 1
+        with (nullcontext() if sync else model.no_sync()), autocast:  # paper 2.2: the LeJEPA loss (or the supervised BCE)
+            loss, parts, seen = compute_loss(model, batch, args.objective, args.lambd, step, args.accum)
+        (loss / args.accum).backward()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v / args.accum
+        tally.probe_seen.append((seen["probe"], seen["labels"]))  # scored before the probe learns from them
+        tally.counts += torch.tensor([batch.packed.n_tokens, batch.n_samples, batch.n_skipped], dtype=torch.float64)
+        tally.flops_per_token.append(model_flops_per_token(net.backbone.config, batch.packed.seqlens))
+    encoder = [p for group in opt.param_groups for p in group["params"]]  # clipped; the online probe is not
+    gnorm = torch.nn.utils.clip_grad_norm_(encoder, args.clip if args.clip > 0 else float("inf"))
+    # one host sync per step: skip a non-finite step honestly (gradients are all-reduced, so every rank agrees)
+    finite = torch.isfinite(gnorm).item()
+    if finite:
+        opt.step()
+        probe_opt.step()
+    opt.zero_grad(set_to_none=True)
+    probe_opt.zero_grad(set_to_none=True)
+    tally.steps += 1
+    return parts_sum, gnorm, seen, finite
+
+
+def collapse_warning(args, rank_proj: float, step: int) -> str:
+    return (f"warning: the embedding is collapsing: effective rank of the projector output below "
+            f"{COLLAPSE_RANK} for {COLLAPSE_LOGS} logged steps ({rank_proj:.2f} at step {step}); "
+            f"SIGReg weighs {lejepa.sigreg_weight(args.lambd, args.batch_2d + args.batch_3d):.2g} against the prediction loss here, the paper "
+            f"{lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g} (README: Embedding health and collapse)")
+
+
+def train(args) -> dict:
+    """Pretrain as paper 2.3-2.4 describe: AdamW steps on the mixed 2D/3D stream of one stage, logged and
+    checkpointed as they go -> the last logged metrics record."""
+    rank, world, local_rank = setup_distributed()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    say = tqdm.write if rank == 0 else (lambda *a, **k: None)  # tqdm.write: a line of its own, never glued to the bar
+    try:  # the user's inputs (flags, --data, --init, --resume) first: a one-line error, and no --out made for nothing
+        ds2, ds3 = resolve_inputs(args, cuda, world, say)
+        net, opts, step, bad_steps = build_or_resume(args, device, say)  # paper 2.3: the stage's start
+    except (ValueError, FileNotFoundError) as e:
+        rank_tag = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # under torchrun: which rank
+        raise SystemExit(f"{rank_tag}train.py: error: {e}") from None
+    logger = open_out(args, rank, world, device, step)
 
     model = DDP(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
     if args.compile:
@@ -375,80 +481,28 @@ def train(args) -> dict:
     say(f"model {args.model} ({sum(p.numel() for p in net.backbone.parameters()) / 1e6:.1f}M params), "
         f"{world} process(es) on {device.type}, stage {args.stage}, {args.objective}, "
         f"{args.batch_2d} 2D + {args.batch_3d} 3D samples per step, data {args.data}")
-    loader = data.make_loader(
-        ds2, ds3, batch_2d=args.batch_2d // args.accum, batch_3d=args.batch_3d // args.accum,
-        steps=args.steps * args.accum, start_step=step * args.accum,
-        mode=args.objective, n_global=args.n_global, n_local=args.n_local, patch=net.backbone.patch,
-        seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda, photometric=args.photometric)
-    batches = iter(loader)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-
-    stop = {"signal": None}
-
-    def on_signal(sig, frame):  # first signal: finish the step, checkpoint, exit; second: stop now
-        # (data-loader workers ignore both: they would die with the job's signal before the checkpoint)
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = sig
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    batches = open_batches(args, ds2, ds3, net.backbone.patch, step, rank, world, cuda)
+    stop = catch_stop_signals()
     end = min(args.steps, args.steps if args.stop_at is None else args.stop_at)
     ckpt_path = os.path.join(args.out, "last.pt")
     bar = _progress(step, end, rank)
-    counts = torch.zeros(3, dtype=torch.float64)  # tokens, samples, skipped samples of this rank since the last log
-    skipped_total, steps_since_log = 0, 0
-    t0, last = time.perf_counter(), {}
-    flops_per_token, probe_seen, low_rank_logs = [], [], 0
-    encoder = [p for group in opt.param_groups for p in group["params"]]  # clipped; the online probe is not
-    while step < end:
-        net.train()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # drop-path draws: a function of (seed, step, rank)
-        parts_sum = {}
-        for micro in range(args.accum):
-            batch = next(batches).to(device, non_blocking=True)
-            sync = micro == args.accum - 1 or world == 1
-            with (nullcontext() if sync else model.no_sync()), autocast:
-                loss, parts, seen = compute_loss(model, batch, args.objective, args.lambd, step, args.accum)
-            (loss / args.accum).backward()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / args.accum
-            probe_seen.append((seen["probe"], seen["labels"]))  # scored before the probe learns from them
-            counts += torch.tensor([batch.packed.n_tokens, batch.n_samples, batch.n_skipped], dtype=torch.float64)
-            flops_per_token.append(model_flops_per_token(net.backbone.config, batch.packed.seqlens))
-        gnorm = torch.nn.utils.clip_grad_norm_(encoder, args.clip if args.clip > 0 else float("inf"))
-        # one host sync per step: skip a non-finite step honestly (gradients are all-reduced, so every rank agrees)
-        if torch.isfinite(gnorm).item():
-            opt.step()
-            probe_opt.step()
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            # numbered like the metrics lines (the step count after it), so a resume rewinds it with them
+    tally, skipped_total, low_rank_logs, last = Tally(), 0, 0, {}
+    while step < end:  # paper 2.2: the loss; 2.4: AdamW, warmup then cosine decay
+        parts_sum, gnorm, seen, finite = train_step(model, net, opts, batches, args, step, rank, world, device, tally)
+        bad_steps = 0 if finite else bad_steps + 1
+        if not finite:  # numbered like the metrics lines (the step count after it), so a resume rewinds it with them
             say(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
             logger.log({"step": step + 1, "skipped": "non-finite"})
-        opt.zero_grad(set_to_none=True)
-        probe_opt.zero_grad(set_to_none=True)
         step += 1
-        steps_since_log += 1
         bar.update(1)
         done = step == end
         if step % args.log_every == 0 or done:
-            last = _log_metrics(logger, bar, step, parts_sum, gnorm, opt, counts, steps_since_log,
-                                time.perf_counter() - t0, flops_per_token, device, world,
-                                health(seen, probe_seen, world))
+            last = _log_metrics(logger, bar, step, parts_sum, gnorm, opts[0], tally, seen, device, world)
             skipped_total += last["skipped_samples"]
-            counts.zero_()
-            flops_per_token, probe_seen, steps_since_log = [], [], 0
             low_rank_logs = low_rank_logs + 1 if last["rank_proj"] < COLLAPSE_RANK else 0
             if low_rank_logs == COLLAPSE_LOGS and args.objective == "lejepa":  # said once per run of low logs
-                say(f"warning: the embedding is collapsing: effective rank of the projector output below "
-                    f"{COLLAPSE_RANK} for {COLLAPSE_LOGS} logged steps ({last['rank_proj']:.2f} at step {step}); "
-                    f"SIGReg weighs {lejepa.sigreg_weight(args.lambd, n_step):.2g} against the prediction loss here, the paper "
-                    f"{lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g} (README: Embedding health and collapse)")
-            t0 = time.perf_counter()
+                say(collapse_warning(args, last["rank_proj"], step))
+            tally = Tally()
         if _any_rank(stop["signal"] is not None, device, world) and not done:  # every step: act within one step
             say(f"signal received: checkpoint at step {step} and exit")
             done = True
@@ -516,14 +570,14 @@ def health(seen: dict, probe_seen: list, world: int) -> dict:
     return out
 
 
-def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, counts, n_steps, elapsed, flops_per_token,
-                 device, world, health_record: dict) -> dict:
-    """All-reduce the step's loss parts (mean) and the counts since the last log (sum over ranks), print and
-    append one JSONL record (every --log-every steps) with the embedding health. counts: this rank's
-    tokens, samples, skipped samples."""
+def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, tally: Tally, seen: dict, device, world) -> dict:
+    """All-reduce the step's loss parts (mean) and the tally since the last log (sum over ranks), print and
+    append one JSONL record (every --log-every steps) with the embedding health."""
+    elapsed = time.perf_counter() - tally.t0
+    health_record = health(seen, tally.probe_seen, world)
     names = sorted(parts_sum)
     values = torch.stack([torch.as_tensor(parts_sum[k], dtype=torch.float32, device=device) for k in names])
-    totals = counts.to(device)
+    totals = tally.counts.to(device)
     if world > 1:
         dist.all_reduce(values)
         values /= world
@@ -531,8 +585,8 @@ def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, counts, n_steps, elap
     tokens, samples, skipped = totals.tolist()
     record = {"step": step, **dict(zip(names, values.tolist())), "lr": opt.param_groups[0]["lr"],
               "grad_norm": gnorm.item(), "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
-              "step_time_s": elapsed / max(1, n_steps), "skipped_samples": int(skipped),
-              "tflops_per_s": tokens * sum(flops_per_token) / max(1, len(flops_per_token)) / elapsed / 1e12,
+              "step_time_s": elapsed / max(1, tally.steps), "skipped_samples": int(skipped),
+              "tflops_per_s": tokens * sum(tally.flops_per_token) / max(1, len(tally.flops_per_token)) / elapsed / 1e12,
               **health_record}
     if device.type == "cuda":
         record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -1,4 +1,4 @@
-"""data.py: readers on fixture trees that mimic each real layout, preprocessing,
+"""readers.py and data.py: readers on fixture trees that mimic each real layout, preprocessing,
 the cache, phantoms, multi-crop views and the mixed loader (all on CPU, tiny sizes)."""
 import csv
 import gzip
@@ -14,6 +14,7 @@ import torch
 
 import data
 import phantom
+import readers
 
 nib = pytest.importorskip("nibabel")
 from PIL import Image  # noqa: E402
@@ -49,7 +50,7 @@ def same(a, b):
 
 
 def opt(**kw):
-    return data.Options(size=28, **kw)
+    return readers.Options(size=28, **kw)
 
 
 def real(name: str) -> Path:
@@ -106,7 +107,7 @@ def test_mimic_one_frontal_per_study_pa_first_with_label_policy(tmp_path):
     assert same(test[0].labels, [0, 1, NAN, 1, 0])
     index = json.loads((cache / "index.json").read_text())
     assert index["records"][0]["key"].startswith("aaaaaaa2")  # PA preferred over AP
-    zero = data.scan("mimic", tmp_path / "mimic", opt(uncertain="zero", blank="zero", mimic_split="official"))
+    zero = readers.scan("mimic", tmp_path / "mimic", opt(uncertain="zero", blank="zero", mimic_split="official"))
     assert same(zero[0].labels, [1, 0, 0, 0, 1])
     img = train[0].image
     assert img.shape == (1, 28, 22) and img.dtype == np.float32  # long side 28 (40x32 raw)
@@ -134,8 +135,8 @@ def mimic_tables(root: Path, subjects, studies_per_subject=3, unlabelled=()):
 def test_mimic_paper_split_is_patient_wise_80_20_stable_and_official_is_an_option(tmp_path):
     subjects = [str(10_000_000 + 7919 * n) for n in range(400)]
     mimic_tables(tmp_path / "m", subjects)
-    paper = data.scan("mimic", tmp_path / "m", opt())
-    official = data.scan("mimic", tmp_path / "m", opt(mimic_split="official"))
+    paper = readers.scan("mimic", tmp_path / "m", opt())
+    official = readers.scan("mimic", tmp_path / "m", opt(mimic_split="official"))
     assert len(paper) == len(official) == 1200 and not any(s.problem for s in paper)
     share = sum(s.split == "test" for s in paper) / len(paper)
     assert 0.16 < share < 0.24  # the paper's 20.0%; the official split gives 2%
@@ -147,10 +148,10 @@ def test_mimic_paper_split_is_patient_wise_80_20_stable_and_official_is_an_optio
     assert all(len(v) == 1 for v in side.values())  # no patient on both sides
     mimic_tables(tmp_path / "grown", subjects[::3] + [str(19_000_000 + n) for n in range(50)])
     was = {s.id: s.split for s in paper}
-    grown = data.scan("mimic", tmp_path / "grown", opt())
+    grown = readers.scan("mimic", tmp_path / "grown", opt())
     assert all(was[s.id] == s.split for s in grown if s.id in was)  # a patient keeps its side as the tree changes
     mimic_tables(tmp_path / "small", subjects[:2], unlabelled={"50000001"})
-    sources = data.scan("mimic", tmp_path / "small", opt())
+    sources = readers.scan("mimic", tmp_path / "small", opt())
     for s in sources:
         write_jpg(Path(s.path))
     assert [s.problem for s in sources if s.problem] == [
@@ -175,7 +176,7 @@ def test_chexpert_study_table_labels_every_image_and_frontal_only_option(tmp_pat
                            "patient64742/study1/view1_frontal"]
     assert same(got["patient64741/study1/view2_lateral"], [0, 1, 0, 0, 1])
     assert same(got["patient64742/study1/view1_frontal"], [1, 0, 0, 0, 0])
-    frontal = data.scan("chexpert", root, opt(frontal_only=True))
+    frontal = readers.scan("chexpert", root, opt(frontal_only=True))
     assert [s.id for s in frontal] == ["patient64741/study1/view1_frontal", "patient64742/study1/view1_frontal"]
 
 
@@ -186,7 +187,7 @@ def test_chexpert_path_table_is_accepted(tmp_path):
     write_csv(root / "test.csv", ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *ALL14],
               [["CheXpert-v1.0/test/patient1/study1/view1_frontal.jpg", "Male", 60, "Frontal", "PA",
                 *[values[c] for c in ALL14]]])
-    (src,) = data.scan("chexpert", root, opt())
+    (src,) = readers.scan("chexpert", root, opt())
     assert Path(src.path).is_file() and src.id == "patient1/study1/view1_frontal"
     assert same(src.labels, [0, 0, NAN, 1, 0])
 
@@ -291,7 +292,7 @@ def test_ctrate_v2_fixed_keeps_hu_and_reorients_by_affine(tmp_path, affine_sign)
 
 def test_folder3d_nifti_uses_affine_and_header_spacing(tmp_path):
     write_ras_volume(tmp_path / "vols" / "case1" / "ct.nii.gz", (-1, -1, 1), shape=(20, 20, 5), zooms=(1.0, 1.0, 4.0))
-    (src,) = data.scan("folder3d", tmp_path / "vols", opt())
+    (src,) = readers.scan("folder3d", tmp_path / "vols", opt())
     img = data.load_source(src, opt())
     assert src.id == "case1/ct" and img.shape == (28, 28, 28) and img[0, 0, 0] == pytest.approx(1.0, abs=2e-3)
 
@@ -323,22 +324,22 @@ def test_radchest_npz_orientation_hu_and_exact_prefix_labels(tmp_path):
 
 def test_missing_root_table_and_column_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.*root not found"):
-        data.scan("mimic", tmp_path / "nowhere", opt())
+        readers.scan("mimic", tmp_path / "nowhere", opt())
     root = tmp_path / "mimic"
     mimic_tree(root)
     (root / "mimic-cxr-2.0.0-split.csv.gz").unlink()
-    assert len(data.scan("mimic", root, opt())) == 2  # the paper's split needs no split table
+    assert len(readers.scan("mimic", root, opt())) == 2  # the paper's split needs no split table
     with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-split.csv.gz: table not found"):
-        data.scan("mimic", root, opt(mimic_split="official"))
+        readers.scan("mimic", root, opt(mimic_split="official"))
     write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id"], [], gz=True)
     with pytest.raises(ValueError, match=r"split.csv.gz: missing column\(s\) \['split'\]"):
-        data.scan("mimic", root, opt(mimic_split="official"))
+        readers.scan("mimic", root, opt(mimic_split="official"))
     rad = tmp_path / "rad"
     rad.mkdir()
     np.savez_compressed(rad / "trn00001.npz", ct=np.zeros((20, 20, 20), np.int16))
     write_csv(rad / "imgtrain_Abnormality_and_Location_Labels.csv", ["NoteAcc_DEID", "atelectasis*lung"], [["trn00001", 1]])
     with pytest.raises(ValueError, match=r"imgtrain_Abnormality_and_Location_Labels.csv: no column 'cardiomegaly\*"):
-        data.scan("radchest", rad, opt())
+        readers.scan("radchest", rad, opt())
 
 
 def test_bad_table_cells_and_files_are_errors_naming_file_row_and_column(tmp_path):
@@ -347,18 +348,18 @@ def test_bad_table_cells_and_files_are_errors_naming_file_row_and_column(tmp_pat
     values = dict.fromkeys(ALL14, "0.0") | {"Lung Opacity": "1.0"}
     table = ["Path", *ALL14]
     write_csv(root / "test.csv", table, [["CheXpert-v1.0/test/patient1/study1/view1_frontal.jpg", *values.values()]])
-    assert [s.split for s in data.scan("chexpert", root, opt())] == ["test"]
+    assert [s.split for s in readers.scan("chexpert", root, opt())] == ["test"]
     values["Cardiomegaly"] = "?"
     write_csv(root / "test.csv", table, [["CheXpert-v1.0/test/patient1/study1/view1_frontal.jpg", *values.values()]])
     with pytest.raises(ValueError, match=r"test.csv row 2, column 'Cardiomegaly': label '\?' is not 1, 0, -1 or blank"):
-        data.scan("chexpert", root, opt())
+        readers.scan("chexpert", root, opt())
     with pytest.raises(ValueError, match=r"label '2.0' is not 1, 0, -1"):
-        data.parse_label("2.0", opt())
+        readers.parse_label("2.0", opt())
     mimic = tmp_path / "mimic"
     mimic_tree(mimic)
     (mimic / "mimic-cxr-2.0.0-split.csv.gz").write_text("dicom_id,split\n")  # plain text under a .gz name
     with pytest.raises(ValueError, match=r"split.csv.gz: unreadable table \(BadGzipFile"):
-        data.scan("mimic", mimic, opt(mimic_split="official"))
+        readers.scan("mimic", mimic, opt(mimic_split="official"))
 
 
 def ctrate_v1_tree(ds: Path, names, zspacing="2.8"):
@@ -375,7 +376,7 @@ def test_ctrate_bad_metadata_row_skips_that_volume_and_versions_never_mix(tmp_pa
     root = tmp_path / "CT-RATE"
     ds = root / "dataset"
     ctrate_v1_tree(ds, ["train_1_a_1.nii.gz", "train_1_a_2.nii.gz"], zspacing="")  # volume 1: blank ZSpacing
-    sources = data.scan("ctrate", root, opt())
+    sources = readers.scan("ctrate", root, opt())
     assert [bool(s.problem) for s in sources] == [True, False]  # scanned on; volume 1 reported, not the scan aborted
     assert "bad spacing or rescale for train_1_a_1.nii.gz" in sources[0].problem
     out = tmp_path / "cache"
@@ -385,7 +386,7 @@ def test_ctrate_bad_metadata_row_skips_that_volume_and_versions_never_mix(tmp_pa
     fixed.parent.mkdir(parents=True)
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 5), np.int16), np.eye(4)), fixed)
     with pytest.raises(ValueError, match=r"valid_fixed/ \(v2\) beside train/ \(v1 only\)"):
-        data.scan("ctrate", root, opt())
+        readers.scan("ctrate", root, opt())
     (ds / "train").rename(ds / "train_fixed")  # now all v2: same file names, other HU
     ctrate_labels(ds, "valid", [])
     with pytest.raises(ValueError, match="prepared with other settings.*ctrate_version"):
@@ -400,7 +401,7 @@ def test_a_one_slice_volume_is_refused_not_taken_for_a_radiograph():
 
 def test_image_smaller_than_one_patch_is_rejected_with_its_path(tmp_path):
     write_jpg(tmp_path / "imgs" / "thin.jpg", h=300, w=8)  # long side 28 -> 28 x 1
-    (src,) = data.scan("folder2d", tmp_path / "imgs", opt())
+    (src,) = readers.scan("folder2d", tmp_path / "imgs", opt())
     with pytest.raises(ValueError, match=r"thin.jpg: image \(1, 28, 1\) is smaller than one 14-pixel patch"):
         data.load_source(src, opt())
     with pytest.raises(ValueError, match="smaller than one 14-pixel patch"):
@@ -431,7 +432,7 @@ def test_prepare_skips_a_corrupt_file_reports_exactly_it_and_resumes(tmp_path, c
     ds = data.open_dataset(str(out), "train")
     assert ds.ids == ["p0/img", "p1/img", "p2/img"] and np.isnan(ds.labels).all()
     with pytest.raises(ValueError, match="other settings"):
-        data.prepare("folder2d", root, out, data.Options(size=42))
+        data.prepare("folder2d", root, out, readers.Options(size=42))
     for p in root.rglob("*.jpg"):
         p.write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match="nothing usable"):
@@ -771,7 +772,7 @@ def nih_tree(root: Path, rows, folders=True):
         folder = root / (f"images_{k % 2 + 1:03d}" if folders else "") / "images"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name)
-    write_csv(root / data.NIH_TABLE, NIH_HEADER,
+    write_csv(root / readers.NIH_TABLE, NIH_HEADER,
               [[name, findings, 0, patient, 60, "M", "PA", 2500, 2048, 0.143, 0.143] for name, findings, patient in rows])
 
 
@@ -794,50 +795,50 @@ def test_nih_labels_official_split_and_ids_keep_the_image_index(tmp_path):
     assert np.array_equal(test[0].image, data._float32(direct.astype(np.float16)))  # the image as PIL reads it
     (root / "test_list.txt").unlink()
     with pytest.raises(FileNotFoundError, match="test_list.txt: not found beside .*train_val_list.txt"):
-        data.scan("nih", root, opt())
+        readers.scan("nih", root, opt())
 
 
 def test_nih_without_split_lists_splits_by_patient_stably_and_reports_missing_images(tmp_path):
     rows = [(f"{p:08d}_{k:03d}.png", "No Finding", str(p)) for p in range(1, 41) for k in range(3)]
     root = tmp_path / "nih"
     nih_tree(root, rows, folders=False)  # one flat images/ folder, as the real sample
-    sources = data.scan("nih", root, opt())
+    sources = readers.scan("nih", root, opt())
     side = {}
     for src in sources:
         side.setdefault(src.id.split("/")[0], set()).add(src.split)
     assert all(len(s) == 1 for s in side.values())  # no patient on both sides
     n_test = sum(s == {"test"} for s in side.values())
     assert 2 <= n_test <= 16  # ~20% of 40 patients
-    assert [s.split for s in data.scan("nih", root, opt())] == [s.split for s in sources]  # deterministic
-    assert [s.split for s in data.scan("nih", root, opt(seed=1))] != [s.split for s in sources]  # seeded
+    assert [s.split for s in readers.scan("nih", root, opt())] == [s.split for s in sources]  # deterministic
+    assert [s.split for s in readers.scan("nih", root, opt(seed=1))] != [s.split for s in sources]  # seeded
     grown = rows[::2] + [("00000099_000.png", "No Finding", "99")]  # fewer and other patients: same sides
     nih_tree(tmp_path / "nih2", grown, folders=False)
-    kept = {s.id: s.split for s in data.scan("nih", tmp_path / "nih2", opt())}
+    kept = {s.id: s.split for s in readers.scan("nih", tmp_path / "nih2", opt())}
     assert all(kept[s.id] == s.split for s in sources if s.id in kept)
     next(root.rglob("00000005_001.png")).unlink()
     report = data.check("nih", root, opt())
     assert [Path(p).name for p, _ in report["problems"]] == ["00000005_001.png"]
     assert "not found under" in report["problems"][0][1]
-    write_csv(root / data.NIH_TABLE, NIH_HEADER, [["00000001_000.png", "Cardiomegaly|Pneumothrax", 0, "1", 60, "M",
+    write_csv(root / readers.NIH_TABLE, NIH_HEADER, [["00000001_000.png", "Cardiomegaly|Pneumothrax", 0, "1", 60, "M",
                                                   "PA", 1, 1, 0.1, 0.1]])
     with pytest.raises(ValueError, match=r"Data_Entry_2017_v2020.csv row 2: Finding Labels 'Cardiomegaly\|Pneumothrax'"):
-        data.scan("nih", root, opt())
-    (root / data.NIH_TABLE).rename(root / data.NIH_TABLE_2017)  # the 2017 release's table, alone: read
+        readers.scan("nih", root, opt())
+    (root / readers.NIH_TABLE).rename(root / readers.NIH_TABLE_2017)  # the 2017 release's table, alone: read
     with pytest.raises(ValueError, match=r"Data_Entry_2017.csv row 2: Finding Labels"):
-        data.scan("nih", root, opt())
-    (root / data.NIH_TABLE_2017).unlink()
+        readers.scan("nih", root, opt())
+    (root / readers.NIH_TABLE_2017).unlink()
     with pytest.raises(FileNotFoundError, match=r"Data_Entry_2017_v2020.csv: table not found"):
-        data.scan("nih", root, opt())
+        readers.scan("nih", root, opt())
 
 
 def test_nih_real_sample_counts_labels_and_patient_disjoint_split():
     root = real("nih-cxr14-sample")
-    sources = data.scan("nih", root, opt())
+    sources = readers.scan("nih", root, opt())
     assert len(sources) == 1000 and not any(s.problem for s in sources)
     labels = np.stack([s.labels for s in sources])
     assert np.nansum(labels, 0)[[0, 1, 2, 4]].tolist() == [95, 83, 42, 170]  # the sample's README counts
     assert np.isnan(labels[:, 3]).all()
-    with open(root / data.NIH_TABLE, newline="") as f:  # a direct reading of the table
+    with open(root / readers.NIH_TABLE, newline="") as f:  # a direct reading of the table
         rows = {r[0]: r for r in csv.reader(f)}
     for src in sources[::97]:
         findings = rows[src.id.split("/")[1]][1].split("|")
@@ -847,7 +848,7 @@ def test_nih_real_sample_counts_labels_and_patient_disjoint_split():
     patients = {split: {s.id.split("/")[0] for s in sources if s.split == split} for split in ("train", "test")}
     assert not patients["train"] & patients["test"] and len(patients["train"] | patients["test"]) == 264
     assert 0.1 < sum(s.split == "test" for s in sources) / 1000 < 0.3
-    img = data.load_source(sources[0], data.Options())
+    img = data.load_source(sources[0], readers.Options())
     assert img.shape == (1, 224, 224) and img.min() == -1 and img.max() == 1  # 64 x 64 RGB, grey -> 224, min-max
 
 
@@ -931,9 +932,9 @@ def write_series(folder: Path, encoding: str, series: str, drop=(), skew_deg=0.0
 def test_dicom_ct_series_ordered_by_position_reoriented_like_nifti(tmp_path, encoding):
     write_series(tmp_path / "archive" / "study" / "series", encoding, "1.2.3.1", skew_deg=8.0)
     (tmp_path / "archive" / "README.txt").write_text("not a DICOM file")
-    (src,) = data.scan("dicom", tmp_path / "archive", opt())
+    (src,) = readers.scan("dicom", tmp_path / "archive", opt())
     assert src.kind == "dicom-ct" and not src.problem and src.id == "P1/1.2.3.1" and len(src.files) == 5
-    hu, spacing = data.read_dicom_series(src.files)
+    hu, spacing = readers.read_dicom_series(src.files)
     assert np.array_equal(hu, TRUE_HU)  # same patient geometry, whatever the encoding
     assert spacing == pytest.approx((GAP, ROW_MM, COL_MM))
     img = data.load_source(src, opt())
@@ -944,13 +945,13 @@ def test_dicom_ct_series_ordered_by_position_reoriented_like_nifti(tmp_path, enc
 def test_dicom_ct_series_in_a_nifti_file_gives_the_same_volume(tmp_path):
     """The DICOM reader's affine, written as NIfTI, read back by the NIfTI reader: one orientation path."""
     write_series(tmp_path / "dcm", "flipped", "1.2.3.2")
-    (src,) = data.scan("dicom", tmp_path / "dcm", opt())
+    (src,) = readers.scan("dicom", tmp_path / "dcm", opt())
     pydicom = pytest.importorskip("pydicom")
     slices = [pydicom.dcmread(p) for p in src.files]
-    order, affine = data.dicom_series_geometry(slices, "x")
+    order, affine = readers.dicom_series_geometry(slices, "x")
     stack = np.stack([slices[i].pixel_array.astype(np.float32) - 1024 for i in order])
     nib.save(nib.Nifti1Image(stack, affine), tmp_path / "vol.nii.gz")
-    hu, spacing = data.read_nifti(str(tmp_path / "vol.nii.gz"))
+    hu, spacing = readers.read_nifti(str(tmp_path / "vol.nii.gz"))
     assert np.array_equal(hu, TRUE_HU) and spacing == pytest.approx((GAP, ROW_MM, COL_MM))
 
 
@@ -979,7 +980,7 @@ def test_dicom_series_that_are_no_volume_are_skipped_with_the_reason(tmp_path, c
         for k in range(2):
             write_dicom(root / "jpegls" / f"{k}", TRUE_HU[0] + 1024, series="1.2.3.16", position=(0, 0, 2 * k),
                         syntax=JPEGLSLossless)
-    reasons = {Path(s.path).name: s.problem for s in data.scan("dicom", root, opt())}
+    reasons = {Path(s.path).name: s.problem for s in readers.scan("dicom", root, opt())}
     assert reasons["good"] == ""
     assert "uneven slice positions, gaps 1 to 2 mm (a missing slice?)" in reasons["gap"]
     assert "1 slice: not a volume" in reasons["single"]
@@ -991,7 +992,7 @@ def test_dicom_series_that_are_no_volume_are_skipped_with_the_reason(tmp_path, c
     out = tmp_path / "cache"
     summary = data.prepare("dicom", root, out, opt())
     assert summary["records"] == 1 and len(summary["failed"]) == len(reasons) - 1
-    assert len(data.scan("dicom", root / "good", opt())[0].files) == 5  # the scout is not a slice
+    assert len(readers.scan("dicom", root / "good", opt())[0].files) == 5  # the scout is not a slice
     report = dict(line.split("\t") for line in (out / "report.tsv").read_text().splitlines())
     assert "uneven slice positions" in report[str(root / "gap")]
     ds = data.open_dataset(str(out), "train")
@@ -1004,12 +1005,12 @@ def test_dicom_radiograph_monochrome1_is_inverted(tmp_path):
     write_dicom(tmp_path / "dx" / "m1", pixels, series="1.2.3.20", modality="DX", photometric="MONOCHROME1",
                 slope=1.0, intercept=0.0)
     write_dicom(tmp_path / "dx" / "m2", 3200 - pixels, series="1.2.3.20", modality="DX", slope=1.0, intercept=0.0)
-    sources = data.scan("dicom", tmp_path / "dx", opt(dicom_modality="2d"))
+    sources = readers.scan("dicom", tmp_path / "dx", opt(dicom_modality="2d"))
     assert [s.kind for s in sources] == ["dicom-xray"] * 2 and not any(s.problem for s in sources)
     one, two = (data.load_source(s, opt(dicom_modality="2d")) for s in sources)
     assert np.array_equal(one, two)  # MONOCHROME1 inverted == the same image stored MONOCHROME2
     assert one.shape == (1, 28, 21) and one[0, 14, 10] == pytest.approx(1) and one[0, 0, 0] == pytest.approx(-1)
-    (ct,) = data.scan("dicom", tmp_path / "dx", opt())[:1]
+    (ct,) = readers.scan("dicom", tmp_path / "dx", opt())[:1]
     assert "this run reads CT volumes" in ct.problem
 
 
@@ -1021,8 +1022,8 @@ def test_dicom_real_series_equals_a_direct_reading_in_any_file_order(tmp_path):
     shuffled.mkdir()
     for k, f in enumerate(files):
         (shuffled / f"slice{len(files) - k:02d}").symlink_to(f)
-    (src,) = data.scan("dicom", shuffled, opt())
-    hu, spacing = data.read_dicom_series(src.files)
+    (src,) = readers.scan("dicom", shuffled, opt())
+    hu, spacing = readers.read_dicom_series(src.files)
     slices = [pydicom.dcmread(f) for f in files]
     slices.sort(key=lambda d: -float(d.ImagePositionPatient[2]))  # axial, IOP (1,0,0,0,1,0): superior first
     direct = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices])
@@ -1043,7 +1044,7 @@ def test_dicom_without_pydicom_is_one_clear_error(tmp_path, monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as on a machine without the optional package
     (tmp_path / "archive").mkdir()
     with pytest.raises(ImportError, match="optional dependency: pip install pydicom"):
-        data.scan("dicom", tmp_path / "archive", opt())
+        readers.scan("dicom", tmp_path / "archive", opt())
     assert data.main(["check", "--dataset", "dicom", "--root", str(tmp_path / "archive")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install pydicom" in err  # one line, no traceback
@@ -1058,7 +1059,7 @@ def test_radchest_table_1_tests_on_every_split_and_table_2_on_the_test_split(tmp
         for k in range(2):
             np.savez_compressed(root / f"{prefix}{k:05d}.npz", ct=vol)
         write_csv(root / f"{split}_Abnormality_and_Location_Labels.csv",
-                  ["NoteAcc_DEID", *[f"{c}*lung" for c in data.RADCHEST_PREFIXES]],
+                  ["NoteAcc_DEID", *[f"{c}*lung" for c in readers.RADCHEST_PREFIXES]],
                   [[f"{prefix}{k:05d}", k, 0, 1, 0, k] for k in range(2)])
     cache = str(prepared("radchest", root, tmp_path))
     sources = probe.resolve_sources([cache], [])

@@ -15,9 +15,11 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import data
+import figures
 import probe
 from model import SparseMedicalViT
 from pack import pack
+import readers
 
 P = 14
 # small phantoms: 2D about 56 x 42 pixels (12 tokens), 3D 14-28 x 28 x 28 voxels (4-8 tokens)
@@ -307,7 +309,7 @@ def map_sets():
 
 def test_figure_2b_without_matplotlib_is_input_and_pca_map_side_by_side(tmp_path, monkeypatch, map_sets):
     no_matplotlib(monkeypatch)
-    entries = probe.figure_2b(tiny(seed=2).eval(), map_sets, 2, str(tmp_path), torch.device("cpu"))
+    entries = figures.figure_2b(tiny(seed=2).eval(), map_sets, 2, str(tmp_path), torch.device("cpu"))
     assert entries == read_json(tmp_path / "fig2b.json")
     assert sorted(e["file"] for e in entries) == ["fig2b_2d_0.png", "fig2b_2d_1.png", "fig2b_3d_0.png", "fig2b_3d_1.png"]
     for e in entries:
@@ -327,7 +329,7 @@ def test_figure_2b_without_matplotlib_is_input_and_pca_map_side_by_side(tmp_path
 
 def test_figures_with_matplotlib_are_titled_panels(tmp_path, map_sets):
     pytest.importorskip("matplotlib")
-    entries = probe.figure_2b(tiny(seed=2).eval(), map_sets, 1, str(tmp_path), torch.device("cpu"), "S3")
+    entries = figures.figure_2b(tiny(seed=2).eval(), map_sets, 1, str(tmp_path), torch.device("cpu"), "S3")
     for e in entries:
         with Image.open(tmp_path / e["file"]) as im:
             assert im.size == (1300, 540)  # three panels, not the input's 56 x 42
@@ -335,7 +337,7 @@ def test_figures_with_matplotlib_are_titled_panels(tmp_path, map_sets):
             for f in ("2D", "3D", "joint")}  # None: a fit without a probe (one class), drawn as a gap
     report = {"n_components": 3, "explained_variance_ratio": [0.9, 0.08, 0.02], "labels": {"Cardiomegaly": fits},
               "test_sets": {"mimic": "MIMIC (phantom2d test)", "ctrate": "CT-RATE (phantom3d test)"}}
-    assert probe.plot_figure_2a(report, str(tmp_path / "fig2a.png"))
+    assert figures.plot_figure_2a(report, str(tmp_path / "fig2a.png"))
     with Image.open(tmp_path / "fig2a.png") as im:
         assert im.size == (1600, 500)
 
@@ -352,19 +354,19 @@ def test_training_curves_plot_the_keys_a_log_has(tmp_path, monkeypatch):
     old = write_metrics(tmp_path / "old.jsonl", ["loss", "pred", "sigreg", "lr"])
     new = write_metrics(tmp_path / "new.jsonl", ["loss", "pred", "sigreg", "rank_emb", "rank_proj", "std_emb",
                                                  "probe_auroc"])
-    assert len(probe.read_metrics(old)) == 5
-    assert probe.figure_curves({"S1": old}, str(tmp_path / "a.png")) == [t for t, _ in probe.CURVES[:3]]
-    assert probe.figure_curves({"S1": old, "S3": new}, str(tmp_path / "b.png")) == [
-        t for t, _ in probe.CURVES[:5]] + [probe.CURVES[6][0]]
+    assert len(figures.read_metrics(old)) == 5
+    assert figures.figure_curves({"S1": old}, str(tmp_path / "a.png")) == [t for t, _ in figures.CURVES[:3]]
+    assert figures.figure_curves({"S1": old, "S3": new}, str(tmp_path / "b.png")) == [
+        t for t, _ in figures.CURVES[:5]] + [figures.CURVES[6][0]]
     assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()
     assert probe.main(["curves", f"S1={old}", str(tmp_path), "--out", str(tmp_path / "cli.png")]) == 2  # no metrics.jsonl
     (tmp_path / "metrics.jsonl").write_text(Path(new).read_text())
-    assert probe.curves([f"S1={old}", str(tmp_path), "--out", str(tmp_path / "cli.png")]) == probe.figure_curves(
+    assert probe.curves([f"S1={old}", str(tmp_path), "--out", str(tmp_path / "cli.png")]) == figures.figure_curves(
         {"S1": old, "S3": new}, str(tmp_path / "b.png"))  # a run folder: its metrics.jsonl
     assert (tmp_path / "cli.png").exists()
     no_matplotlib(monkeypatch)
-    assert probe.figure_curves({"S1": old}, str(tmp_path / "c.png")) == [] and not (tmp_path / "c.png").exists()
-    assert not probe.plot_figure_2a({}, str(tmp_path / "d.png")) and not (tmp_path / "d.png").exists()
+    assert figures.figure_curves({"S1": old}, str(tmp_path / "c.png")) == [] and not (tmp_path / "c.png").exists()
+    assert not figures.plot_figure_2a({}, str(tmp_path / "d.png")) and not (tmp_path / "d.png").exists()
 
 
 # ---------------------------------------------------------------- bad input
@@ -484,7 +486,7 @@ def test_readme_recipe_writes_files_that_features_reads(tmp_path, monkeypatch):
     recipe = re.search(r"```python\n(# python embed_resnet.py.*?)```", readme, re.S).group(1)
     monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=types.SimpleNamespace(resnet50=StubResNet)))
     torch.save(StubResNet().state_dict(), tmp_path / "resnet50.pth")
-    data.prepare("phantom", "", tmp_path / "cache", data.Options(phantom="phantom2d", n=64, size=56))
+    data.prepare("phantom", "", tmp_path / "cache", readers.Options(phantom="phantom2d", n=64, size=56))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["embed_resnet.py", "resnet50.pth", "feats", "cache"])
     exec(compile(recipe, "README recipe", "exec"), {"__name__": "__main__"})
@@ -520,7 +522,7 @@ def test_embed_gives_the_feature_path_vectors(tmp_path):
     assert list(got["ids"]) == ["a", "c", "sub/b"] and got["x"].shape == (3, 32)
     ref = {}
     for kind, size in (("folder2d", 56), ("folder3d", 28)):
-        data.prepare(kind, tmp_path / "in", tmp_path / kind, data.Options(size=size))
+        data.prepare(kind, tmp_path / "in", tmp_path / kind, readers.Options(size=size))
         ref |= dict(zip(*[(f := probe.extract_features(model, data.open_dataset(tmp_path / kind, "train"), 32768))[k]
                           for k in ("ids", "x")]))
     assert np.allclose(got["x"], [ref[i] for i in got["ids"]], atol=2e-3)
@@ -545,7 +547,7 @@ def test_embed_reads_a_dicom_series_as_prepare_does(tmp_path):
     write_series(tmp_path / "dicom" / "one", "axial", "1.2.826.0.1.3680043.8.498.7")
     assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "d.npz"), str(tmp_path / "dicom")]) == 0
     got = np.load(tmp_path / "d.npz")
-    data.prepare("dicom", tmp_path / "dicom", tmp_path / "cache", data.Options(size=28))
+    data.prepare("dicom", tmp_path / "dicom", tmp_path / "cache", readers.Options(size=28))
     ref = probe.extract_features(model, data.open_dataset(tmp_path / "cache", "train"), 32768)
     assert list(got["ids"]) == list(ref["ids"]) and len(got["ids"]) == 1
     assert np.allclose(got["x"], ref["x"], atol=2e-3)  # the cache stores float16
