@@ -2,10 +2,10 @@
 
     python probe.py --ckpt S1=runs/s1/last.pt S2=runs/s2/last.pt S3=runs/s3/last.pt Supervised=runs/sup/last.pt
 
-1. Features: each checkpoint's frozen backbone embeds every whole image or
-   volume (one view per sample; the backbone embedding, not the projector) in
-   packed batches under a token budget, cached on disk per (checkpoint,
-   dataset, split).
+1. Features (features.py): each checkpoint's frozen backbone embeds every
+   whole image or volume (one view per sample; the backbone embedding, not the
+   projector) in packed batches under a token budget, cached on disk per
+   (checkpoint, dataset, split); or another encoder's embeddings files (--features).
 2. Probes: per label, standardized features -> logistic regression, trained
    on the pre-training datasets' train split (LP 2D, 3D or ALL) where that
    label is known; C is chosen on a patient-disjoint held-out part of the
@@ -16,24 +16,16 @@
    modality, fig2a.md/.json); figures.py draws Figure 2a and 2b (fig2a.png,
    fig2b_*.png) and the training curves (curves.png, `probe.py curves RUN...`).
 
-Imports model, data, readers, figures and scikit-learn.
+Imports data, features, figures and scikit-learn; `probe.py embed` is features.embed.
 """
 import argparse
 import csv
-import functools
-import hashlib
-import importlib.util
-import inspect
 import io
 import json
 import os
-import pickle
-import re
 import sys
 import warnings
-import zipfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,12 +33,10 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from tqdm import tqdm
 
 import data
+import features
 import figures
-from model import SparseMedicalViT, backbone_from_checkpoint
-import readers
 
 SHORT = ("ATEL", "CARD", "CONS", "LO", "EFF")  # the paper's column names, in data.LABELS order
 LP_MODES = ("2D", "3D", "ALL")
@@ -185,211 +175,6 @@ def probe_scores(probes: list, x: np.ndarray) -> np.ndarray:
     return np.stack([p.decision_function(x) if p else np.full(len(x), np.nan) for p in probes], axis=1)
 
 
-# ---------------------------------------------------------------- features
-
-@dataclass
-class Checkpoint:
-    name: str
-    path: str
-    model: SparseMedicalViT
-    key: str  # content hash + model config: names its cached features
-    train_args: dict  # train.py's arguments, as saved in the checkpoint
-
-
-def checkpoint_name(args: dict, path: str) -> str:
-    if args.get("objective") == "supervised":
-        return "Supervised"
-    return f"S{args['stage']}" if args.get("stage") else os.path.splitext(os.path.basename(path))[0]
-
-
-def named(item: str) -> tuple:
-    """A command-line item `NAME=PATH` -> (NAME, PATH); a plain PATH (even one with '=' in it) -> (None, PATH)."""
-    name, sep, path = item.partition("=")
-    if not sep or os.path.exists(item) or os.sep in name:
-        return None, item
-    return name, path
-
-
-def train_sizes(args, train_args: dict):
-    """--size-2d/--size-3d left unset: the long sides the model was trained on (paper 2.4), if it says."""
-    for key in ("size_2d", "size_3d"):
-        if getattr(args, key) is None:
-            setattr(args, key, train_args.get(key))
-
-
-def load_checkpoints(items: list, attn: str) -> list:
-    """`--ckpt PATH` or `NAME=PATH` items -> Checkpoints; clear errors from model.load_checkpoint."""
-    out = []
-    for item in items:
-        name, path = named(item)
-        model, ckpt = backbone_from_checkpoint(path, "cpu", attn=attn)
-        name = name or checkpoint_name(ckpt.get("args") or {}, path)
-        if name in {c.name for c in out}:
-            name = f"{name}#{len(out) + 1}"
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        key = digest + json.dumps(ckpt["model_config"], sort_keys=True)
-        out.append(Checkpoint(name, path, model, key, ckpt.get("args") or {}))
-    return out
-
-
-def random_init(first: Checkpoint, attn: str, seed: int) -> Checkpoint:
-    """The control every trained row needs: the first checkpoint's architecture at a random initialisation
-    (the model's own init, seeded), through the same probes. A method that learned nothing scores here."""
-    torch.manual_seed(seed)
-    config = {k: v for k, v in first.model.config.items() if k != "attn"}
-    model = SparseMedicalViT(**config, attn=attn).eval()
-    key = f"random-init-seed{seed}" + json.dumps(config, sort_keys=True)
-    return Checkpoint("Random init", "", model, key, first.train_args)  # no file, no training curves
-
-
-def _identity(x):
-    return x
-
-
-def read_records(ds, workers: int):
-    """The records of ds in order; workers > 0 reads/renders them in background processes."""
-    if workers == 0:
-        return (ds[i] for i in range(len(ds)))
-    return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_identity))
-
-
-def whole_views(ds, patch: int, batch_tokens: int, workers: int = 0):
-    """Yield (views, records): whole images/volumes (1, Z, H, W) of at most batch_tokens tokens together."""
-    views, records, tokens = [], [], 0
-    for record in read_records(ds, workers):
-        view = data.whole_view(record, patch)
-        n = view.numel() // (patch ** (3 if view.shape[1] > 1 else 2))
-        if views and tokens + n > batch_tokens:
-            yield views, records
-            views, records, tokens = [], [], 0
-        views.append(view)
-        records.append(record)
-        tokens += n
-    if views:
-        yield views, records
-
-
-def extract_features(model: SparseMedicalViT, ds, batch_tokens: int, workers: int = 0) -> dict:
-    """Frozen backbone embeddings (N, dim) of every sample, on the model's device, with labels (N, L) and ids (N,)."""
-    return extract_features_of([model], ds, batch_tokens, workers)[0]
-
-
-def extract_features_of(models: list, ds, batch_tokens: int, workers: int = 0) -> list[dict]:
-    """extract_features of several models (one patch size) from one reading of ds: each record is decoded or
-    rendered once for all of them (rendering the phantoms takes longer than embedding them on a CPU)."""
-    if len(ds) == 0:
-        raise ValueError(f"{ds.name} {ds.split}: no samples")
-    feats, labels, ids = [[] for _ in models], [], []
-    with tqdm(total=len(ds), desc=f"features {ds.name}" + (f"/{ds.split}" if ds.split else ""), unit="img",
-              leave=False, disable=None) as bar:  # None: no bar when stderr is not a terminal (a log file)
-        for views, records in whole_views(ds, models[0].patch, batch_tokens, workers):
-            for out, model in zip(feats, models):
-                out.append(model.encode(views).numpy())
-            labels += [r.labels for r in records]
-            ids += [r.id for r in records]
-            bar.update(len(views))
-    y, ids = np.stack(labels).astype(np.float32), np.array(ids, dtype=str)
-    return [{"x": np.concatenate(out), "y": y, "ids": ids} for out in feats]
-
-
-@functools.lru_cache(maxsize=1)  # the same for every (checkpoint, dataset) of a run: read the sources once
-def feature_code_digest() -> str:
-    """The code that turns a stored record into a feature: model.py, rope3d.py, pack.py, data.whole_view, and
-    phantom.py, which makes the phantom records (the phantom fingerprint counts only PHANTOM_VERSION).
-
-    Part of the cache key, so a fix to any of them never leaves stale features behind.
-    """
-    sources = [inspect.getsource(sys.modules[name]) for name in ("model", "rope3d", "pack", "phantom")]
-    sources += [inspect.getsource(fn) for fn in (data.whole_view, data._patched)]
-    return hashlib.sha256("\n".join(sources).encode()).hexdigest()
-
-
-def cached_features(checkpoints: list, ds, device: torch.device, batch_tokens: int, workers: int,
-                    cache_dir: str) -> list[dict]:
-    """extract_features of each checkpoint, stored as .npz per (checkpoint content + config, dataset fingerprint,
-    split, precision, feature code); those not cached are extracted together, one reading of ds per patch size."""
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    feats, todo = {}, {}
-    for i, ck in enumerate(checkpoints):
-        key = f"{ck.key}|{ds.fingerprint}|{ds.split}|{precision}|{feature_code_digest()}"
-        key = hashlib.sha256(key.encode()).hexdigest()[:24]
-        path = os.path.join(cache_dir, re.sub(r"[^\w.-]", "_", f"{ds.name}_{ds.split}_{key}") + ".npz")
-        if os.path.exists(path):
-            with np.load(path) as f:
-                feats[i] = {k: f[k] for k in f.files}
-        else:
-            todo.setdefault(ck.model.patch, []).append((i, path))
-    for group in todo.values():
-        models = [checkpoints[i].model.to(device) for i, _ in group]
-        for (i, path), f in zip(group, extract_features_of(models, ds, batch_tokens, workers)):
-            os.makedirs(cache_dir, exist_ok=True)
-            data.atomic_write(path, lambda out: np.savez(out, **f))
-            feats[i] = f
-        for model in models:
-            model.cpu()
-    return [feats[i] for i in range(len(checkpoints))]
-
-
-# ---------------------------------------------------------------- embeddings files (--features, embed)
-
-def write_embeddings(path: str, feats: dict, **extra):
-    """The embeddings file that --features reads and `probe.py embed` writes (format in README, "External
-    features"): ids (N,) str and x (N, D) float32, plus any extra arrays (ignored by --features)."""
-    arrays = {**extra, **feats, "ids": np.asarray(feats["ids"], dtype=str), "x": np.asarray(feats["x"], np.float32)}
-    data.atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
-def read_embeddings(path: str) -> tuple:
-    """(ids (N,) str, x (N, D) float32) of an embeddings file; anything wrong is a ValueError naming the file."""
-    try:
-        f = np.load(path, allow_pickle=False)  # no pickle: reading a file never runs code
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            raise ValueError("a single array, not an .npz archive of named arrays")
-        with f:
-            arrays, found = {k: f[k] for k in ("ids", "x") if k in f.files}, f.files
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({str(e).splitlines()[0]})") from e
-    missing = [k for k in ("ids", "x") if k not in arrays]
-    if missing:
-        raise ValueError(f"{path}: no {' or '.join(repr(k) for k in missing)} array (found {found}); "
-                         "an embeddings file holds ids (N,) and x (N, D)")
-    ids, x = arrays["ids"], arrays["x"]
-    if ids.ndim != 1 or x.ndim != 2 or len(ids) != len(x) or x.shape[1] == 0:
-        raise ValueError(f"{path}: ids {ids.shape} and x {x.shape} should be (N,) and (N, D) with D > 0")
-    if x.dtype.kind not in "fiu":
-        raise ValueError(f"{path}: x holds {x.dtype}, not numbers")
-    x = x.astype(np.float32)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{path}: non-finite values in {int(bad.sum())} row(s), e.g. id {str(ids[bad][0])!r}")
-    ids = ids.astype(str)
-    uniq, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise ValueError(f"{path}: id {str(uniq[counts > 1][0])!r} appears {counts.max()} times; ids must be unique")
-    return ids, x
-
-
-def features_path(folder: str, ds) -> str:
-    """--features DIR holds one file per (dataset, split), named by our dataset name and split: mimic_test.npz."""
-    return os.path.join(folder, f"{ds.name}_{ds.split}.npz")
-
-
-def external_features(path: str, ds) -> dict:
-    """The rows of an embeddings file for every sample of ds, in ds's order, with ds's labels and ids: the
-    probe sees exactly the samples, labels and patients a checkpoint's features would (paper Table 1, note 1)."""
-    ids, x = read_embeddings(path)
-    row = dict(zip(ids.tolist(), range(len(ids))))
-    missing = [i for i in ds.ids if i not in row]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} of the {len(ds)} ids of {ds.name} {ds.split} are missing, "
-                         f"e.g. {missing[0]!r} (ids are our cache's record ids)")
-    return {"x": x[[row[i] for i in ds.ids]], "y": np.asarray(ds.labels, np.float32),
-            "ids": np.array(ds.ids, dtype=str)}
-
-
 def load_external(items: list, datasets: dict, taken: set, lps: list) -> dict:
     """`--features NAME=DIR` items -> {name: (DIR, {role: features})} for the roles whose file DIR holds.
 
@@ -397,7 +182,7 @@ def load_external(items: list, datasets: dict, taken: set, lps: list) -> dict:
     """
     out = {}
     for item in items:
-        name, folder = named(item)
+        name, folder = features.named(item)
         name = name or os.path.basename(os.path.normpath(folder))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder}: --features folder not found")
@@ -405,16 +190,16 @@ def load_external(items: list, datasets: dict, taken: set, lps: list) -> dict:
             raise ValueError(f"--features {item}: the name {name!r} is already taken; give NAME=DIR")
         feats, width = {}, None
         for role, ds in datasets.items():
-            path = features_path(folder, ds)
+            path = features.features_path(folder, ds)
             if not os.path.exists(path):
                 continue
-            feats[role] = external_features(path, ds)
+            feats[role] = features.external_features(path, ds)
             if width is not None and feats[role]["x"].shape[1] != width[1]:
                 raise ValueError(f"{path}: width {feats[role]['x'].shape[1]}, but {width[0]} has {width[1]}: "
                                  "one encoder, one width")
             width = width or (path, feats[role]["x"].shape[1])
         if not any(all(r in feats for r in LP_TRAIN[lp]) for lp in lps):
-            wanted = sorted({os.path.basename(features_path(folder, datasets[r])) for lp in lps for r in LP_TRAIN[lp]})
+            wanted = sorted({os.path.basename(features.features_path(folder, datasets[r])) for lp in lps for r in LP_TRAIN[lp]})
             raise ValueError(f"{folder}: no LP training features for --features {name} with --lp {','.join(lps)}: "
                              f"expected {' and/or '.join(wanted)}")
         out[name] = (folder, feats)
@@ -467,9 +252,6 @@ def open_datasets(sources: dict, args) -> dict:
         out[role] = data.open_dataset(src.spec, src.split, **options)
     return out
 
-
-def stack(parts: list) -> dict:
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("x", "y", "ids")}
 
 
 # ---------------------------------------------------------------- tables
@@ -611,7 +393,7 @@ def table_3(results: dict, names: list, main: str, lps: list, titles: dict, exte
 def figure_2a(feats: dict, titles: dict, out: str, seed: int = 0) -> dict:
     """Paper 3.4 / Fig. 2a: PCA of the joint 2D+3D training embeddings; a logistic regression on the top
     PCs fitted on 2D-only, 3D-only and joint features, AUROC on each modality's test set, top PCs by |coef|."""
-    joint = stack([feats["train_2d"], feats["train_3d"]])
+    joint = features.stack([feats["train_2d"], feats["train_3d"]])
     scaler = StandardScaler().fit(joint["x"])
     pca = PCA(n_components=min(N_PCS, *joint["x"].shape), random_state=seed).fit(scaler.transform(joint["x"]))
     pcs = lambda d: {**d, "x": pca.transform(scaler.transform(d["x"]))}  # noqa: E731
@@ -651,138 +433,6 @@ def fig2a_markdown(report: dict) -> str:
             lines.append(f"| {label} | {fit_name} | {aucs} | {', '.join(r['top_pcs'])} |")
     ratio = ", ".join(f"{v:.3f}" for v in report["explained_variance_ratio"])
     return "\n".join(lines + ["", f"Explained variance ratio: {ratio}", ""])
-
-
-# ---------------------------------------------------------------- embed: one's own images and volumes
-
-FILE_KINDS = {".png": "xray", ".jpg": "xray", ".jpeg": "xray", ".nii": "nifti", ".nii.gz": "nifti"}
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Radiographs (PNG/JPG, DICOM) and CT volumes (NIfTI, DICOM series) as Records, decoded and preprocessed
-    by data.load_source, the function `python data.py prepare` uses, at the long sides given (paper 2.4)."""
-
-    def __init__(self, sources: list, size_2d: int, size_3d: int, patch: int):
-        self.sources, self.name, self.split = sources, "files", ""
-        self.ids = [s.id for s in sources]
-        self.options = {kind: readers.Options(size=size or 0, min_side=patch)
-                        for kind, size in (("xray", size_2d), ("nifti", size_3d), ("dicom-xray", size_2d),
-                                           ("dicom-ct", size_3d))}
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int) -> data.Record:
-        src = self.sources[i]
-        try:
-            image = data.load_source(src, self.options[src.kind])
-        except Exception as e:  # any decoder's error on a user's file: one line that names the file
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(message if src.path in message else f"{src.path}: {message}") from e
-        return data.Record(image, src.labels, "2d" if src.kind in ("xray", "dicom-xray") else "3d", src.id)
-
-
-def file_source(path: str) -> readers.Source:
-    """One image or volume named on the command line; its id is the path as given, without the extension."""
-    ext = next((e for e in sorted(FILE_KINDS, key=len, reverse=True) if path.lower().endswith(e)), None)
-    if ext is None:
-        raise ValueError(f"{path}: not a PNG/JPG image or a NIfTI volume (.nii, .nii.gz)")
-    rid = path[: -len(ext)]
-    return readers.Source(rid, rid, "", np.full(len(data.LABELS), np.nan, np.float32), path, FILE_KINDS[ext])
-
-
-def embed_inputs(inputs: list, args, patch: int) -> list:
-    """INPUT arguments -> [(input, dataset)]: phantom names and caches by split, loose files and folders in one
-    ImageFiles per run of consecutive ones."""
-    out, files = [], []
-    for spec in inputs:
-        if spec in data.PHANTOMS or os.path.isfile(os.path.join(spec, "index.json")):
-            splits = [args.split] if args.split else data.list_splits(spec)
-            options = {}
-            if spec in data.PHANTOMS:  # the probe's phantoms: same ids, labels and images
-                options = {k: v for k, v in (("n", args.n), ("size", args.size_3d if "3d" in spec else args.size_2d),
-                                             ("seed", args.seed)) if v is not None}
-            if files:
-                out.append(("files", ImageFiles(files, args.size_2d, args.size_3d, patch)))
-                files = []
-            out += [(f"{spec}:{s}", data.open_dataset(spec, s, **options)) for s in splits]
-        elif os.path.isdir(spec):
-            found = readers.scan_folder(Path(spec), "2d") + readers.scan_folder(Path(spec), "3d") or dicom_sources(spec)
-            if not found:
-                raise FileNotFoundError(f"{spec}: no PNG/JPG images, NIfTI volumes or DICOM series in this folder")
-            files += sorted(found, key=lambda s: s.id)
-        elif os.path.isfile(spec):
-            files.append(file_source(spec))
-        else:
-            raise FileNotFoundError(f"{spec}: not found (an image, a NIfTI volume, a folder of them, a cache "
-                                    f"from `python data.py prepare` or a phantom name {data.PHANTOMS})")
-    if files:
-        out.append(("files", ImageFiles(files, args.size_2d, args.size_3d, patch)))
-    return out
-
-
-def dicom_sources(folder: str) -> list:
-    """CT series and CR/DX/DR radiographs under a folder of DICOM files (pydicom needed, as for data.py);
-    a series that is no regular volume is skipped with its reason, as `data.py prepare` does."""
-    if importlib.util.find_spec("pydicom") is None:
-        return []
-    found = []
-    for src in readers.scan_dicom(Path(folder), readers.Options(dicom_modality="any")):
-        if src.problem:
-            warnings.warn(f"skipping {src.path}: {src.problem}")
-        else:
-            found.append(src)
-    return found
-
-
-def embed(args) -> dict:
-    """`probe.py embed`: the checkpoint's frozen embeddings of every input, in the file format --features reads."""
-    model, ckpt = backbone_from_checkpoint(args.ckpt, "cpu", attn=args.attn)
-    train_sizes(args, ckpt.get("args") or {})  # preprocess at the sizes the model was trained on
-    inputs = embed_inputs(args.inputs, args, model.patch)
-    sources, seen = [], {}
-    for name, ds in inputs:  # before any work: every id once, or --features could not key the rows
-        sources += [s.path for s in ds.sources] if isinstance(ds, ImageFiles) else [name] * len(ds)
-        for rid, source in zip(ds.ids, sources[-len(ds):]):
-            if rid in seen:
-                raise ValueError(f"{args.out}: id {rid!r} comes from {seen[rid]} and {source}: embed them into "
-                                 "separate files")
-            seen[rid] = source
-    model.to(args.device)
-    feats = stack([extract_features(model, ds, args.batch_tokens, args.workers) for _, ds in inputs])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_embeddings(args.out, feats, source=np.array(sources, dtype=str))
-    print(f"wrote {len(feats['ids'])} embeddings ({feats['x'].shape[1]}-d) to {args.out}")
-    return feats
-
-
-def embed_args(argv):
-    p = argparse.ArgumentParser(
-        prog="probe.py embed",
-        description="Frozen embeddings of your own radiographs and CT volumes, preprocessed as `python data.py "
-                    "prepare` does at the checkpoint's sizes, written as FILE.npz (ids, x, y, source) in the "
-                    "format `probe.py --features` reads.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="PNG/JPG images and NIfTI volumes (.nii, .nii.gz), folders of them (searched recursively), "
-                        "caches from `python data.py prepare`, or phantom names")
-    p.add_argument("--ckpt", required=True, help="checkpoint of train.py")
-    p.add_argument("--out", required=True, help="embeddings file to write (.npz)")
-    p.add_argument("--split", default=None, help="caches and phantoms: this split only (default: all of them)")
-    p.add_argument("--size-2d", type=int, default=None,
-                   help="long side of radiographs (default: the checkpoint's training size, else 224, paper 2.4)")
-    p.add_argument("--size-3d", type=int, default=None,
-                   help="long side of CT volumes (default: the checkpoint's training size, else 112, paper 2.4)")
-    p.add_argument("--n", type=int, default=None, help="phantoms: samples per split (default: data.py's, 1024 train "
-                                                       "and 256 test)")
-    p.add_argument("--seed", type=int, default=0, help="phantoms: seed (as probe.py --seed; default: %(default)s)")
-    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per packed batch (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="processes reading and preprocessing the inputs (default: %(default)s)")
-    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen", "flash", "flex"),
-                   help="attention backend (default: %(default)s)")
-    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- main
@@ -839,7 +489,7 @@ def probe_results(f: dict, lps: list, n_boot: int, seed: int) -> tuple:
     without features (external features of one modality) are left out."""
     results = {}
     for lp in [lp for lp in lps if all(r in f for r in LP_TRAIN[lp])]:
-        probes = fit_probes(**stack([f[r] for r in LP_TRAIN[lp]]), seed=seed)
+        probes = fit_probes(**features.stack([f[r] for r in LP_TRAIN[lp]]), seed=seed)
         results[lp] = {t: evaluate(f[t]["y"], probe_scores(probes, f[t]["x"]), f[t]["ids"], n_boot, seed)
                        for t in (*TEST_SETS, "radchest_test") if t in f}
     if "radchest_train" not in f or "radchest_test" not in f:
@@ -860,7 +510,7 @@ def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) 
     main = "S3" if "S3" in names else names[0]
     feats = {name: f for name, (_, f) in external.items()}
     for role, ds in datasets.items():  # every checkpoint from one reading of each dataset
-        for c, f in zip(checkpoints, cached_features(checkpoints, ds, device, args.batch_tokens, args.workers,
+        for c, f in zip(checkpoints, features.cached_features(checkpoints, ds, device, args.batch_tokens, args.workers,
                                                      os.path.join(out, "cache"))):
             feats.setdefault(c.name, {})[role] = f
     results, adapted, before, lp_of = {}, {}, {}, {}
@@ -901,7 +551,7 @@ def curves(argv) -> list:
     args = p.parse_args(argv)
     runs = {}
     for item in args.runs:
-        name, path = named(item)
+        name, path = features.named(item)
         name = name or os.path.basename(os.path.normpath(path))
         path = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
         if not os.path.isfile(path):
@@ -920,23 +570,23 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["embed"], ["curves"]):
         try:
-            embed(embed_args(argv[1:])) if argv[0] == "embed" else curves(argv[1:])
+            features.embed(features.embed_args(argv[1:])) if argv[0] == "embed" else curves(argv[1:])
         except (FileNotFoundError, ValueError) as e:  # the last line: a reader worker's error comes with its traceback
             print(f"probe.py {argv[0]}: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
             return 2
         return 0
     args = get_args(argv)
     try:  # user errors (bad checkpoint, bad --data, bad --features) print one clear line, no traceback
-        checkpoints = load_checkpoints(args.ckpt, args.attn)
+        checkpoints = features.load_checkpoints(args.ckpt, args.attn)
         if args.random_init:
             if not checkpoints:
                 raise ValueError("--random-init needs a --ckpt: it probes that architecture at a random initialisation")
-            baseline = random_init(checkpoints[0], args.attn, args.seed)
+            baseline = features.random_init(checkpoints[0], args.attn, args.seed)
             if baseline.name in {c.name for c in checkpoints}:  # as load_checkpoints names a repeated name
                 baseline.name = f"{baseline.name}#{len(checkpoints) + 1}"
             checkpoints.append(baseline)
         if args.data == ["phantom"] and checkpoints:  # phantoms at the size the (first) model was trained on
-            train_sizes(args, checkpoints[0].train_args)
+            features.train_sizes(args, checkpoints[0].train_args)
         sources = resolve_sources(args.data, args.lp)
         datasets = open_datasets(sources, args)
         external = load_external(args.features, datasets, {c.name for c in checkpoints}, args.lp)

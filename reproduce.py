@@ -20,7 +20,7 @@ continues from its checkpoint (train.py --resume auto), probe features are cache
 whatever has finished: summary.md (the tables over seeds, the health, the claims), summary.json, and each
 seed's probe outputs in results/seed<s>/.
 
-Imports train, probe, lejepa, model, data and bench (for the GEMM rate); nothing imports it.
+Imports features, figures, lejepa, model, data and bench (for the GEMM rate); nothing imports it.
 """
 import argparse
 import json
@@ -37,7 +37,7 @@ import torch
 import data
 import figures
 import lejepa
-import probe
+import features
 from model import Projector, load_checkpoint
 
 ROWS = ("S1", "S2", "S3", "Supervised")  # trained rows; "Random init" comes from probe.py --random-init
@@ -73,7 +73,7 @@ def get_args(argv=None):
 
 def plan(args) -> list:
     """[(seed, name, kind, argv, folder)] in the order they run; kind 'train' or 'probe'."""
-    steps, out, jobs = str(args.steps), [], []
+    steps, jobs = str(args.steps), []
     common = ["--steps", steps, *(["--model", args.model] if args.model else []), "--data", *args.data,
               *shlex.split(args.train_args)]
     for seed in args.seeds:
@@ -193,15 +193,15 @@ def health(folder: str, seed: int, n: int = HEALTH_N) -> dict:
     """Each row's embedding health on held-out phantom test samples (whole views, as the probe sees them):
     effective rank of the backbone (and the LeJEPA projector) within each modality, the top direction's share
     of the variance, and the run's last logged SIGReg beside an isotropic Gaussian batch of the same size."""
-    ckpts = probe.load_checkpoints([f"{r}={os.path.join(folder, d, 'last.pt')}" for r, d in
+    ckpts = features.load_checkpoints([f"{r}={os.path.join(folder, d, 'last.pt')}" for r, d in
                                     (("S1", "s1"), ("S2", "s2"), ("S3", "s3"), ("Supervised", "supervised"))
                                     if os.path.exists(os.path.join(folder, d, "last.pt"))], "auto")
     if not ckpts:
         return {}
-    ckpts.append(probe.random_init(ckpts[0], "auto", seed))
+    ckpts.append(features.random_init(ckpts[0], "auto", seed))
     a = ckpts[0].train_args
     sets = {m: data.open_dataset(f"phantom{m}", "test", n=n, size=a.get(f"size_{m}"), seed=seed) for m in ("2d", "3d")}
-    feats = {m: probe.extract_features_of([c.model for c in ckpts], ds, 32768) for m, ds in sets.items()}
+    feats = {m: features.extract_features_of([c.model for c in ckpts], ds, 32768) for m, ds in sets.items()}
     out = {}
     for i, c in enumerate(ckpts):
         x = {m: feats[m][i]["x"] for m in sets}
@@ -341,7 +341,6 @@ def _ci(v) -> str:
 
 def _fig2a_claim(report: dict):
     card = report["labels"]["Cardiomegaly"]
-    t2, t3 = report["test_sets"]["mimic"], report["test_sets"]["ctrate"]
     a = {fit: (card[fit]["auroc"]["mimic"], card[fit]["auroc"]["ctrate"]) for fit in ("2D", "3D", "joint")}
     tops = {fit: frozenset(card[fit]["top_pcs"]) for fit in a}
     holds = (a["2D"][0] - a["2D"][1] >= 0.1 and a["3D"][1] - a["3D"][0] >= 0.1

@@ -8,6 +8,7 @@ import pytest
 
 import bench
 import data
+import features
 import probe
 import train
 
@@ -37,7 +38,7 @@ def parsers(monkeypatch, build, argv) -> list:
 
 
 SCRIPTS = {"train.py": (train.get_args, []), "bench.py": (bench.get_args, []), "data.py": (data.main, []),
-           "probe.py": (probe.get_args, []), "probe.py embed": (probe.embed_args, []), "probe.py curves": (probe.curves, [])}
+           "probe.py": (probe.get_args, []), "probe.py embed": (features.embed_args, []), "probe.py curves": (probe.curves, [])}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

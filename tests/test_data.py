@@ -1088,13 +1088,13 @@ def test_prepare_on_a_bad_root_is_one_line_and_leaves_no_out(tmp_path, capsys, c
 def test_probe_feature_cache_key_covers_phantom_py(monkeypatch):
     """Cached features of phantom records must be recomputed when the generator changes, even at one PHANTOM_VERSION."""
     import inspect
-    import probe
-    probe.feature_code_digest.cache_clear()
-    before = probe.feature_code_digest()
+    import features
+    features.feature_code_digest.cache_clear()
+    before = features.feature_code_digest()
     source = inspect.getsource
     monkeypatch.setattr(inspect, "getsource", lambda obj: source(obj) + ("\n# edited" if obj is phantom else ""))
-    probe.feature_code_digest.cache_clear()
+    features.feature_code_digest.cache_clear()
     try:
-        assert probe.feature_code_digest() != before
+        assert features.feature_code_digest() != before
     finally:
-        probe.feature_code_digest.cache_clear()
+        features.feature_code_digest.cache_clear()

@@ -16,8 +16,9 @@ from sklearn.metrics import roc_auc_score
 
 import data
 import figures
+import features
 import probe
-from model import SparseMedicalViT
+from model import SparseMedicalViT, backbone_from_checkpoint
 from pack import pack
 import readers
 
@@ -182,13 +183,13 @@ def test_features_do_not_depend_on_token_budget():
     """Packed batches under any token budget, read by worker processes or not, equal one view at a time."""
     model = tiny().eval()
     ds = data.open_dataset("phantom3d", "test", n=6, size=28)
-    small = probe.extract_features(model, ds, batch_tokens=10)
-    big = probe.extract_features(model, ds, batch_tokens=10_000, workers=2)
+    small = features.extract_features(model, ds, batch_tokens=10)
+    big = features.extract_features(model, ds, batch_tokens=10_000, workers=2)
     with torch.no_grad():
         alone = np.concatenate([model(pack([data.whole_view(ds[i], P)], P)).numpy() for i in range(len(ds))])
     assert np.allclose(small["x"], alone, atol=1e-5) and np.allclose(big["x"], alone, atol=1e-5)
     assert list(small["ids"]) == list(big["ids"]) == ds.ids and np.array_equal(small["y"], ds.labels, equal_nan=True)
-    sizes = [len(v) for v, _ in probe.whole_views(ds, P, 10)]
+    sizes = [len(v) for v, _ in features.whole_views(ds, P, 10)]
     assert max(sizes) <= 2 and sum(sizes) == len(ds)  # 4-8 tokens per volume, 10 per batch
 
 
@@ -202,14 +203,14 @@ def test_checkpoints_without_cached_features_share_one_reading_of_each_dataset(t
         reads[0] += 1
         return getitem(self, i)
 
-    checkpoints = [probe.Checkpoint(f"m{s}", "", tiny(seed=s).eval(), f"key{s}", {}) for s in (0, 1)]
-    alone = [probe.extract_features(c.model, ds, 32768)["x"] for c in checkpoints]
+    checkpoints = [features.Checkpoint(f"m{s}", "", tiny(seed=s).eval(), f"key{s}", {}) for s in (0, 1)]
+    alone = [features.extract_features(c.model, ds, 32768)["x"] for c in checkpoints]
     monkeypatch.setattr(type(ds), "__getitem__", counting)
-    got = probe.cached_features(checkpoints, ds, torch.device("cpu"), 32768, 0, str(tmp_path))
+    got = features.cached_features(checkpoints, ds, torch.device("cpu"), 32768, 0, str(tmp_path))
     assert reads[0] == len(ds)  # once for both, not once per checkpoint
     assert all(np.array_equal(f["x"], a) for f, a in zip(got, alone)) and not np.allclose(alone[0], alone[1])
     assert len(list(tmp_path.glob("*.npz"))) == 2
-    again = probe.cached_features(checkpoints, ds, torch.device("cpu"), 32768, 0, str(tmp_path))
+    again = features.cached_features(checkpoints, ds, torch.device("cpu"), 32768, 0, str(tmp_path))
     assert reads[0] == len(ds) and all(np.array_equal(f["x"], a) for f, a in zip(again, alone))  # from the cache
 
 
@@ -389,7 +390,7 @@ def test_bad_checkpoints_give_one_clear_line(run, tmp_path, capsys):
 
 
 def test_checkpoint_names(run):
-    named, unnamed = probe.load_checkpoints([f"Stage one={run['random']}", run["trained"]], "sdpa")
+    named, unnamed = features.load_checkpoints([f"Stage one={run['random']}", run["trained"]], "sdpa")
     assert (named.name, unnamed.name) == ("Stage one", "Supervised")
     assert named.key != unnamed.key
 
@@ -408,10 +409,10 @@ def write_features_dir(folder, model, datasets, roles=None, seed=0):
     folder.mkdir(exist_ok=True)
     for role, ds in datasets.items():
         if roles is None or role in roles:
-            f = probe.extract_features(model, ds, batch_tokens=32768)
+            f = features.extract_features(model, ds, batch_tokens=32768)
             order = rng.permutation(len(f["ids"]))
             extra = {"ids": np.r_[f["ids"][order], ["not-in-the-split"]], "x": np.r_[f["x"][order], f["x"][:1]]}
-            probe.write_embeddings(probe.features_path(str(folder), ds), extra)
+            features.write_embeddings(features.features_path(str(folder), ds), extra)
     return str(folder)
 
 
@@ -422,7 +423,7 @@ def macro_rows(out, table="table1"):
 
 def test_features_of_one_modality_give_its_rows_with_its_lp(run, tmp_path):
     """A 2D-only encoder (the paper's BiomedCLIP rows): LP 2D, the 2D test sets only."""
-    model, _ = probe.backbone_from_checkpoint(run["trained"], attn="sdpa")
+    model, _ = backbone_from_checkpoint(run["trained"], attn="sdpa")
     folder = write_features_dir(tmp_path / "feats", model, role_datasets(run["argv"]), roles=("train_2d", "mimic", "chexpert"))
     out = tmp_path / "out"
     assert probe.main(["--features", f"Ext2D={folder}", "--out", str(out), "--bootstrap", "50", "--device", "cpu",
@@ -451,9 +452,9 @@ def test_bad_features_files_give_one_clear_line(run, tmp_path, capsys):
         folder.mkdir()
         for role, d in datasets.items():
             if role != "mimic":
-                probe.write_embeddings(probe.features_path(str(folder), d),
+                features.write_embeddings(features.features_path(str(folder), d),
                                        {"ids": np.array(d.ids), "x": np.zeros((len(d), 8), np.float32)})
-        path = probe.features_path(str(folder), ds)
+        path = features.features_path(str(folder), ds)
         data.atomic_write(path, lambda f: np.savez(f, **content))
         assert probe.main(["--features", f"E={folder}", "--device", "cpu", *PHANTOM]) == 2, case
         err = capsys.readouterr().err
@@ -523,7 +524,7 @@ def test_embed_gives_the_feature_path_vectors(tmp_path):
     ref = {}
     for kind, size in (("folder2d", 56), ("folder3d", 28)):
         data.prepare(kind, tmp_path / "in", tmp_path / kind, readers.Options(size=size))
-        ref |= dict(zip(*[(f := probe.extract_features(model, data.open_dataset(tmp_path / kind, "train"), 32768))[k]
+        ref |= dict(zip(*[(f := features.extract_features(model, data.open_dataset(tmp_path / kind, "train"), 32768))[k]
                           for k in ("ids", "x")]))
     assert np.allclose(got["x"], [ref[i] for i in got["ids"]], atol=2e-3)
     assert np.abs(got["x"][0] - got["x"][2]).max() > 0.1  # the tolerance is far below what tells images apart
@@ -534,7 +535,7 @@ def test_embed_gives_the_feature_path_vectors(tmp_path):
 
     cache = data.open_dataset(tmp_path / "folder2d", "train")
     assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "cache.npz"), str(tmp_path / "folder2d")]) == 0
-    emb, feat = np.load(tmp_path / "cache.npz"), probe.extract_features(model, cache, 32768)
+    emb, feat = np.load(tmp_path / "cache.npz"), features.extract_features(model, cache, 32768)
     assert np.array_equal(emb["ids"], feat["ids"]) and np.array_equal(emb["x"], feat["x"])
 
 
@@ -548,7 +549,7 @@ def test_embed_reads_a_dicom_series_as_prepare_does(tmp_path):
     assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "d.npz"), str(tmp_path / "dicom")]) == 0
     got = np.load(tmp_path / "d.npz")
     data.prepare("dicom", tmp_path / "dicom", tmp_path / "cache", readers.Options(size=28))
-    ref = probe.extract_features(model, data.open_dataset(tmp_path / "cache", "train"), 32768)
+    ref = features.extract_features(model, data.open_dataset(tmp_path / "cache", "train"), 32768)
     assert list(got["ids"]) == list(ref["ids"]) and len(got["ids"]) == 1
     assert np.allclose(got["x"], ref["x"], atol=2e-3)  # the cache stores float16
 
@@ -561,12 +562,12 @@ def test_embed_of_a_checkpoint_through_features_gives_its_tables(run, tmp_path):
     datasets = role_datasets(run["argv"])
     for role, ds in datasets.items():
         n = "128" if ds.split == "train" else "64"
-        assert probe.main(["embed", "--ckpt", run["trained"], "--out", probe.features_path(str(folder), ds),
+        assert probe.main(["embed", "--ckpt", run["trained"], "--out", features.features_path(str(folder), ds),
                            ds.name, "--split", ds.split, "--n", n, "--size-2d", "56", "--size-3d", "28"]) == 0
-    path = probe.features_path(str(folder), datasets["mimic"])
+    path = features.features_path(str(folder), datasets["mimic"])
     f = dict(np.load(path))
     order = np.random.default_rng(0).permutation(len(f["ids"]))
-    probe.write_embeddings(path, {"ids": np.r_[f["ids"][order], ["not-in-the-split"]], "x": np.r_[f["x"][order], f["x"][:1]]})
+    features.write_embeddings(path, {"ids": np.r_[f["ids"][order], ["not-in-the-split"]], "x": np.r_[f["x"][order], f["x"][:1]]})
     out = tmp_path / "out"
     shutil.copytree(run["out"] / "cache", out / "cache")  # S3's own features: from the cache, as in the run
     assert probe.main(["--ckpt", f"S3={run['trained']}", "--features", f"Ext={folder}", "--out", str(out),
