@@ -1,12 +1,13 @@
 """Data for MultiMedVision (paper 2.4): the preprocessing shared by real images (read from disk by readers.py)
 and phantom chests (rendered by phantom.py), a preprocessed cache, multi-crop views (2.4.1), the mixed 2D/3D
-loader, and the `prepare` / `check` command line.
+loader, the `prepare` / `check` command line, and `drr` (a radiograph of a CT, drr.py; beyond the paper).
 
     python data.py check   --dataset mimic --root /data/mimic-cxr-jpg
     python data.py prepare --dataset mimic --root /data/mimic-cxr-jpg --out cache/mimic --workers 16
     python data.py prepare --dataset nih   --root /data/nih-cxr14 --out cache/nih     # public, labelled 2D
     python data.py prepare --dataset dicom --root /data/archive   --out cache/dicom   # CT series (pip install pydicom)
     python data.py prepare --dataset phantom --phantom phantom3d --n 512 --out cache/phantom3d
+    python data.py drr /data/ct/series-folder drr.png                                 # a CT's frontal DRR
 
 Every source yields a Record: image float32 (Z, H, W) in [-1, 1] (Z == 1 for a
 2D image), the five LABELS as float32 with NaN where unknown, the modality and
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import drr
 from pack import Packed, pack
 from phantom import PHANTOM_VERSION, PHANTOMS, phantom_rng, render, sample_patient
 import readers
@@ -694,6 +696,48 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# ---------------------------------------------------------------- DRR: a radiograph of a CT (beyond the paper, drr.py)
+
+def hu_of_window(img: np.ndarray) -> np.ndarray:
+    """window_ct inverted: a preprocessed CT (Z, Y, X) in [-1, 1] back to HU (exact within -1000..1500 HU)."""
+    return (img.astype(np.float32) + 1) / 2 * WINDOW_WIDTH + WINDOW_LEVEL - WINDOW_WIDTH / 2
+
+
+def drr_record(record: Record, size: int = XRAY_SIZE) -> Record:
+    """The DRR of a preprocessed CT record (cache or phantom: isotropic voxels) as a radiograph record of the same
+    patient, preprocessed as an X-ray is (paper 2.4: long side `size`, min-max to [-1, 1]); same labels and id."""
+    if record.modality != "3d":
+        raise ValueError(f"{record.id}: a DRR needs a CT volume, got a {record.modality} image")
+    image = minmax(drr.drr(hu_of_window(record.image), (1.0, 1.0, 1.0), size), record.id)[None]
+    return Record(image, record.labels, "2d", record.id)
+
+
+def drr_file(path: str, out: str, size: int = XRAY_SIZE) -> np.ndarray:
+    """`data.py drr`: a NIfTI volume or a folder holding one DICOM CT series -> OUT.png, its frontal DRR at long
+    side `size` (raw HU, spacing and orientation as `prepare` reads them: readers.read_ct)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found")
+    if os.path.isdir(path):
+        found = [s for s in readers.scan_dicom(Path(path), readers.Options(dicom_modality="3d"))
+                 if s.kind == "dicom-ct"]
+        usable = [s for s in found if not s.problem]
+        if not usable:
+            why = f": {found[0].problem}" if found else ""
+            raise ValueError(f"{path}: no readable DICOM CT series in this folder{why}")
+        if len(usable) > 1:
+            raise ValueError(f"{path}: {len(usable)} CT series in this folder; name the folder of one")
+        src = usable[0]
+    elif path.lower().endswith((".nii", ".nii.gz")):
+        src = readers.Source(path, path, "", np.full(len(LABELS), np.nan, np.float32), path, "nifti")
+    else:
+        raise ValueError(f"{path}: not a NIfTI volume (.nii, .nii.gz) or a folder holding a DICOM CT series")
+    hu, spacing = readers.read_ct(src, readers.Options())
+    image = drr.drr(hu, spacing, size)
+    from PIL import Image
+    atomic_write(out, lambda f: Image.fromarray(drr.to_uint8(image)).save(f, format="PNG"))
+    return image
+
+
 # ---------------------------------------------------------------- command line
 
 def check(name: str, root, opt: readers.Options, full: bool = False) -> dict:
@@ -731,7 +775,7 @@ def check(name: str, root, opt: readers.Options, full: bool = False) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Prepare (convert once into a cache) or check a dataset.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{prepare,check}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{prepare,check,drr}")
     helps = {"prepare": "convert a raw dataset once into a cache of preprocessed arrays that training and probing "
                         "read (parallel, resumable; failures listed in OUT/report.tsv)",
              "check": "what a raw dataset holds, before a long run: counts, label prevalence per split, and every "
@@ -752,7 +796,22 @@ def main(argv=None) -> int:
             p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="conversion processes (default: %(default)s, the CPUs)")
         else:
             p.add_argument("--full", action="store_true", help="decode every file, not only headers")
+    drr_help = ("a digitally reconstructed radiograph of a CT: the frontal (anterior-posterior) line integral of "
+                "attenuation from HU, as a chest film is read (patient's right on the image's left, superior at the "
+                "top, dense tissue bright); no scatter or detector response: a stand-in for a radiograph (drr.py)")
+    p = sub.add_parser("drr", help=drr_help, description=drr_help[0].upper() + drr_help[1:] + ".")
+    p.add_argument("input", metavar="INPUT", help="a NIfTI volume (.nii, .nii.gz) or a folder holding one DICOM CT series")
+    p.add_argument("out", metavar="OUT.png", help="the radiograph to write (8-bit PNG)")
+    p.add_argument("--size", type=int, default=XRAY_SIZE, help="long side in pixels (default: %(default)s, the X-ray's, paper 2.4)")
     args = ap.parse_args(argv)
+    if args.command == "drr":
+        try:
+            image = drr_file(args.input, args.out, args.size)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            print(f"data.py drr: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}: {image.shape[0]} x {image.shape[1]} DRR of {args.input}")
+        return 0
     opt = readers.Options(**{f.name: getattr(args, f.name) for f in fields(readers.Options)})  # every field is a flag
     try:  # a user's mistake (missing root, table or column, no pydicom) is one line, not a traceback
         if args.command == "prepare":
