@@ -10,9 +10,10 @@
   code), so a fix to the code that makes a feature never leaves stale ones behind.
 - Embeddings files: the .npz format (ids (N,), x (N, D)) that `probe.py --features` reads, for another encoder's
   features, and that `probe.py embed` writes, for radiographs (PNG/JPG, DICOM) and CT (NIfTI, DICOM series)
-  decoded and preprocessed as `python data.py prepare` does (paper 2.4).
+  decoded and preprocessed as `python data.py prepare` does (paper 2.4). An input that cannot be read is
+  skipped, named and counted (Unreadable), the rest written.
 
-Imports model, data, readers, numpy, torch and tqdm; pydicom only where a folder of DICOM files is embedded.
+Imports model, data, readers, numpy, torch and tqdm; pydicom only where DICOM files are embedded.
 probe.py imports this module; nothing here imports probe.py.
 """
 import argparse
@@ -25,9 +26,8 @@ import os
 import pickle
 import re
 import sys
-import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -107,10 +107,30 @@ def read_records(ds, workers: int):
     return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_identity))
 
 
-def whole_views(ds, patch: int, batch_tokens: int, workers: int = 0):
-    """Yield (views, records): whole images/volumes (1, Z, H, W) of at most batch_tokens tokens together."""
+@dataclass
+class Unreadable:
+    """What ImageFiles gives for an input it cannot read (in place of a Record, so that worker processes carry it
+    too): the input and why."""
+    path: str
+    problem: str  # the decoder's message, one line
+
+    def __str__(self) -> str:  # one line that names the file once
+        return self.problem if self.path in self.problem else f"{self.path}: {self.problem}"
+
+
+def whole_views(ds, patch: int, batch_tokens: int, workers: int = 0, skipped: list = None):
+    """Yield (views, records): whole images/volumes (1, Z, H, W) of at most batch_tokens tokens together.
+
+    An Unreadable input is appended to skipped and named on stderr as it is met; without a skipped list it is
+    the error (ValueError, its one line)."""
     views, records, tokens = [], [], 0
     for record in read_records(ds, workers):
+        if isinstance(record, Unreadable):
+            if skipped is None:
+                raise ValueError(str(record))
+            skipped.append(record)
+            tqdm.write(f"skipping {record.path}: {record.problem}", file=sys.stderr)
+            continue
         view = data.whole_view(record, patch)
         n = view.numel() // (patch ** (3 if view.shape[1] > 1 else 2))
         if views and tokens + n > batch_tokens:
@@ -123,26 +143,28 @@ def whole_views(ds, patch: int, batch_tokens: int, workers: int = 0):
         yield views, records
 
 
-def extract_features(model: SparseMedicalViT, ds, batch_tokens: int, workers: int = 0) -> dict:
-    """Frozen backbone embeddings (N, dim) of every sample, on the model's device, with labels (N, L) and ids (N,)."""
-    return extract_features_of([model], ds, batch_tokens, workers)[0]
+def extract_features(model: SparseMedicalViT, ds, batch_tokens: int, workers: int = 0, skipped: list = None) -> dict:
+    """Frozen backbone embeddings (N, dim) of every sample, on the model's device, with labels (N, L) and ids (N,);
+    with a skipped list, the inputs that cannot be read are left out and listed there (whole_views)."""
+    return extract_features_of([model], ds, batch_tokens, workers, skipped)[0]
 
 
-def extract_features_of(models: list, ds, batch_tokens: int, workers: int = 0) -> list[dict]:
+def extract_features_of(models: list, ds, batch_tokens: int, workers: int = 0, skipped: list = None) -> list[dict]:
     """extract_features of several models (one patch size) from one reading of ds: each record is decoded or
     rendered once for all of them (rendering the phantoms takes longer than embedding them on a CPU)."""
     if len(ds) == 0:
         raise ValueError(f"{ds.name} {ds.split}: no samples")
-    feats, labels, ids = [[] for _ in models], [], []
+    feats, labels, ids = [[np.zeros((0, m.dim), np.float32)] for m in models], [], []
     with tqdm(total=len(ds), desc=f"features {ds.name}" + (f"/{ds.split}" if ds.split else ""), unit="img",
               leave=False, disable=None) as bar:  # None: no bar when stderr is not a terminal (a log file)
-        for views, records in whole_views(ds, models[0].patch, batch_tokens, workers):
+        for views, records in whole_views(ds, models[0].patch, batch_tokens, workers, skipped):
             for out, model in zip(feats, models):
                 out.append(model.encode(views).numpy())
             labels += [r.labels for r in records]
             ids += [r.id for r in records]
             bar.update(len(views))
-    y, ids = np.stack(labels).astype(np.float32), np.array(ids, dtype=str)
+    y = np.stack(labels).astype(np.float32) if labels else np.zeros((0, len(data.LABELS)), np.float32)
+    ids = np.array(ids, dtype=str)
     return [{"x": np.concatenate(out), "y": y, "ids": ids} for out in feats]
 
 
@@ -268,23 +290,56 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, i: int) -> data.Record:
+    def __getitem__(self, i: int):
+        """The Record of input i, or Unreadable: one bad file among many is skipped and named, not the end of the
+        job (whole_views decides), also when worker processes read it."""
         src = self.sources[i]
         try:
             image = data.load_source(src, self.options[src.kind])
         except Exception as e:  # any decoder's error on a user's file: one line that names the file
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(message if src.path in message else f"{src.path}: {message}") from e
+            return Unreadable(src.path, message.removeprefix(f"{src.path}: "))
         return data.Record(image, src.labels, "2d" if src.kind in ("xray", "dicom-xray") else "3d", src.id)
 
 
 def file_source(path: str) -> readers.Source:
-    """One image or volume named on the command line; its id is the path as given, without the extension."""
+    """One image or volume named on the command line. A PNG/JPG or NIfTI file's id is the path as given, without
+    the extension; a DICOM file (any name) is read as in a folder of DICOM files (dicom_file_source)."""
     ext = next((e for e in sorted(FILE_KINDS, key=len, reverse=True) if path.lower().endswith(e)), None)
     if ext is None:
-        raise ValueError(f"{path}: not a PNG/JPG image or a NIfTI volume (.nii, .nii.gz)")
+        if path.lower().endswith(".dcm") or is_dicom(path):
+            return dicom_file_source(path)
+        raise ValueError(f"{path}: not a PNG/JPG image, a NIfTI volume (.nii, .nii.gz) or a DICOM file")
     rid = path[: -len(ext)]
     return readers.Source(rid, rid, "", np.full(len(data.LABELS), np.nan, np.float32), path, FILE_KINDS[ext])
+
+
+def is_dicom(path: str) -> bool:
+    """A file of any name that starts as DICOM files do (the 'DICM' prefix scan_dicom's reader needs)."""
+    if importlib.util.find_spec("pydicom") is None:
+        return False
+    from pydicom.misc import is_dicom as has_dicom_prefix
+    return has_dicom_prefix(path)
+
+
+def dicom_file_source(path: str) -> readers.Source:
+    """A single DICOM file: a CR/DX radiograph, or a CT series of that one file, found by readers.scan_dicom in
+    the file's folder (the series a file belongs to is known only from its neighbours), with the id `data.py
+    prepare --dataset dicom` gives it. One slice of a longer series is an error that names the folder to give."""
+    file = Path(path).resolve()
+    try:
+        found = readers.scan_dicom(file.parent, readers.Options(dicom_modality="any"))
+    except ImportError as e:  # no pydicom: one line, as for every other input
+        raise ValueError(f"{path}: {e}") from None
+    for src in found:
+        if src.kind == "dicom-xray" and Path(src.path).resolve() == file:
+            return replace(src, path=path)
+        if src.kind == "dicom-ct" and file in [Path(f).resolve() for f in src.files]:
+            if len(src.files) > 1:
+                raise ValueError(f"{path}: one slice of a CT series of {len(src.files)} files: give its folder "
+                                 f"({file.parent}) to embed the volume")
+            return replace(src, path=path)
+    raise ValueError(f"{path}: no CR/DX/DR radiograph or CT image in this file (not DICOM, or no image in it)")
 
 
 def embed_inputs(inputs: list, args, patch: int) -> list:
@@ -310,44 +365,52 @@ def embed_inputs(inputs: list, args, patch: int) -> list:
         elif os.path.isfile(spec):
             files.append(file_source(spec))
         else:
-            raise FileNotFoundError(f"{spec}: not found (an image, a NIfTI volume, a folder of them, a cache "
-                                    f"from `python data.py prepare` or a phantom name {data.PHANTOMS})")
+            raise FileNotFoundError(f"{spec}: not found (an image, a NIfTI volume, a DICOM file, a folder of them, "
+                                    f"a cache from `python data.py prepare` or a phantom name {data.PHANTOMS})")
     if files:
         out.append(("files", ImageFiles(files, args.size_2d, args.size_3d, patch)))
     return out
 
 
 def dicom_sources(folder: str) -> list:
-    """CT series and CR/DX/DR radiographs under a folder of DICOM files (pydicom needed, as for data.py);
-    a series that is no regular volume is skipped with its reason, as `data.py prepare` does."""
+    """CT series and CR/DX/DR radiographs under a folder of DICOM files (pydicom needed, as for data.py); one
+    with a known problem (no regular volume, another modality) is skipped and named when read, as any bad input."""
     if importlib.util.find_spec("pydicom") is None:
         return []
-    found = []
-    for src in readers.scan_dicom(Path(folder), readers.Options(dicom_modality="any")):
-        if src.problem:
-            warnings.warn(f"skipping {src.path}: {src.problem}")
-        else:
-            found.append(src)
-    return found
+    return readers.scan_dicom(Path(folder), readers.Options(dicom_modality="any"))
+
+
+def skipped_names(skipped: list, shown: int = 5) -> str:
+    names = [s.path for s in skipped]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def embed(args) -> dict:
-    """`probe.py embed`: the checkpoint's frozen embeddings of every input, in the file format --features reads."""
+    """`probe.py embed`: the checkpoint's frozen embeddings of every input, in the file format --features reads.
+
+    An input that cannot be read is skipped and named (one line each, then how many of all), the rest written;
+    a run of one input, or one in which no input could be read, is an error."""
     model, ckpt = backbone_from_checkpoint(args.ckpt, "cpu", attn=args.attn)
     train_sizes(args, ckpt.get("args") or {})  # preprocess at the sizes the model was trained on
     inputs = embed_inputs(args.inputs, args, model.patch)
-    sources, seen = [], {}
+    seen = {}  # id -> the input it comes from
     for name, ds in inputs:  # before any work: every id once, or --features could not key the rows
-        sources += [s.path for s in ds.sources] if isinstance(ds, ImageFiles) else [name] * len(ds)
-        for rid, source in zip(ds.ids, sources[-len(ds):]):
+        sources = [s.path for s in ds.sources] if isinstance(ds, ImageFiles) else [name] * len(ds)
+        for rid, source in zip(ds.ids, sources):
             if rid in seen:
                 raise ValueError(f"{args.out}: id {rid!r} comes from {seen[rid]} and {source}: embed them into "
                                  "separate files")
             seen[rid] = source
     model.to(args.device)
-    feats = stack([extract_features(model, ds, args.batch_tokens, args.workers) for _, ds in inputs])
+    skipped = [] if len(seen) > 1 else None  # one input: its problem is the error itself
+    feats = stack([extract_features(model, ds, args.batch_tokens, args.workers, skipped) for _, ds in inputs])
+    if skipped and len(skipped) == len(seen):
+        raise ValueError(f"none of the {len(seen)} inputs could be read (each is named above): "
+                         f"{skipped_names(skipped)}")
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(seen)} inputs: {skipped_names(skipped)}", file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_embeddings(args.out, feats, source=np.array(sources, dtype=str))
+    write_embeddings(args.out, feats, source=np.array([seen[i] for i in feats["ids"]], dtype=str))
     print(f"wrote {len(feats['ids'])} embeddings ({feats['x'].shape[1]}-d) to {args.out}")
     return feats
 
@@ -359,8 +422,11 @@ def embed_args(argv):
                     "prepare` does at the checkpoint's sizes, written as FILE.npz (ids, x, y, source) in the "
                     "format `probe.py --features` reads.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="PNG/JPG images and NIfTI volumes (.nii, .nii.gz), folders of them (searched recursively), "
-                        "caches from `python data.py prepare`, or phantom names")
+                   help="PNG/JPG radiographs, NIfTI volumes (.nii, .nii.gz), DICOM radiographs (CR/DX; .dcm or "
+                        "any name), folders of PNG/JPG/NIfTI files or of DICOM files and series (searched "
+                        "recursively; each CT series is one volume, read as `data.py prepare --dataset dicom` does; "
+                        "DICOM needs pydicom), caches from `python data.py prepare`, or phantom names. An input "
+                        "that cannot be read is skipped and named, the rest written")
     p.add_argument("--ckpt", required=True, help="checkpoint of train.py")
     p.add_argument("--out", required=True, help="embeddings file to write (.npz)")
     p.add_argument("--split", default=None, help="caches and phantoms: this split only (default: all of them)")

@@ -43,6 +43,7 @@ LP_MODES = ("2D", "3D", "ALL")
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strength of the probe, chosen on held-out training data
 HELD_OUT = 0.2  # fraction of training patients held out to choose C
 N_PCS = 10  # Figure 2a: principal components the logistic regression sees
+MIN_POSITIVES = 10  # fewer positives of a label in a test set are too few to score: AUROC flagged, not in Macro
 # role: (paper name, real dataset, its split, phantom stand-in, its split, kind)
 ROLES = {
     "train_2d": ("MIMIC", "mimic", "train", "phantom2d", "train", "LP training"),
@@ -95,12 +96,17 @@ def patients(ids: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Result:
-    """AUROC of one probe on one test set; NaN marks a label with one class (n/a)."""
-    auroc: list    # (L,) per label
-    ci: list       # (L, 2) 95% bootstrap CI per label
-    macro: float   # mean over the defined labels
+    """AUROC of one probe on one test set. NaN marks n/a: one class of the label in the test set, no probe, or a
+    label the dataset does not have (n_known 0). A label with fewer than MIN_POSITIVES positives keeps its AUROC
+    but is too few to score: left out of the macro (in_macro False)."""
+    auroc: list     # (L,) per label
+    ci: list        # (L, 2) 95% bootstrap CI per label
+    macro: float    # mean over the labels in_macro
     macro_ci: list  # (2,)
     n: int
+    n_pos: list     # (L,) positives per label in the test set (n+)
+    n_known: list   # (L,) test samples labelled for it; 0: the dataset has no such label (NIH: Lung Opacity)
+    in_macro: list  # (L,) bool: AUROC defined and at least MIN_POSITIVES positives
 
 
 def evaluate(y: np.ndarray, scores: np.ndarray, ids: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Result:
@@ -109,6 +115,8 @@ def evaluate(y: np.ndarray, scores: np.ndarray, ids: np.ndarray, n_boot: int = 1
     known = ~np.isnan(y) & ~np.isnan(scores)
     point = np.array([auroc(y[known[:, j], j], scores[known[:, j], j]) for j in range(n_labels)])
     defined = ~np.isnan(point)
+    n_pos = (y > 0.5).sum(axis=0)  # NaN (unknown) is no positive
+    in_macro = defined & (n_pos >= MIN_POSITIVES)
     uniq, inv = np.unique(patients(ids), return_inverse=True)
     rng = np.random.default_rng(seed)
     boot = np.full((n_labels, n_boot), np.nan)
@@ -120,14 +128,16 @@ def evaluate(y: np.ndarray, scores: np.ndarray, ids: np.ndarray, n_boot: int = 1
             k = known[:, j]
             boot[j, b0:b0 + len(w)] = weighted_auroc(y[k, j], scores[k, j], w[:, k])
     ci, macro, macro_ci = np.full((n_labels, 2), np.nan), np.nan, [np.nan, np.nan]
-    if defined.any():  # a label with one class (NaN) is left out of the macro and its CI
-        macro = float(point[defined].mean())
-    if defined.any() and n_boot > 0:
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN when a resample drew one class only
+    if in_macro.any():  # n/a labels and labels too few to score are left out of the macro and its CI
+        macro = float(point[in_macro].mean())
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN when a resample drew one class only
+        if defined.any() and n_boot > 0:
             ci[defined] = np.nanpercentile(boot[defined], [2.5, 97.5], axis=1).T
-            macro_ci = np.nanpercentile(np.nanmean(boot[defined], axis=0), [2.5, 97.5]).tolist()
-    return Result(point.tolist(), ci.tolist(), macro, macro_ci, n)
+        if in_macro.any() and n_boot > 0:
+            macro_ci = np.nanpercentile(np.nanmean(boot[in_macro], axis=0), [2.5, 97.5]).tolist()
+    return Result(point.tolist(), ci.tolist(), macro, macro_ci, n, n_pos.tolist(),
+                  (~np.isnan(y)).sum(axis=0).tolist(), in_macro.tolist())
 
 
 # ---------------------------------------------------------------- probes
@@ -311,37 +321,74 @@ def _clean(v):
     return None if isinstance(v, float) and np.isnan(v) else v
 
 
+FEW = "†"  # marks an AUROC of a label with fewer than MIN_POSITIVES positives: shown, too few to score
+
+
+def flag(r: Result, j: int) -> str:
+    """FEW after label j's cells when its AUROC is defined but its positives are too few for the macro."""
+    return FEW if not np.isnan(r.auroc[j]) and not r.in_macro[j] else ""
+
+
 def result_cells(r: Result) -> list:
-    return [fmt(a) for a in r.auroc] + [fmt_ci(r.macro, r.macro_ci)]
+    return [fmt(a) + flag(r, j) for j, a in enumerate(r.auroc)] + [fmt_ci(r.macro, r.macro_ci)]
+
+
+def positives(r: Result, j: int) -> str:
+    """Label j's n+ cell: its positives in the test set; n/a for a label the dataset does not have."""
+    return str(r.n_pos[j]) if r.n_known[j] else "n/a"
 
 
 def result_data(r: Result, **where) -> dict:
     return {**where, **{k: _clean(v) for k, v in asdict(r).items()}}
 
 
-NA_NOTE = "n/a: only one class of that label in the test set (or in the LP training data); excluded from Macro."
+NA_NOTE = ("n/a: only one class of that label in the test set, or no probe for it (one class in the LP training "
+           "data); excluded from Macro.")
 
 
-def end_notes(rows: list, names: list, external: dict) -> list:
-    """The notes every table ends with: which rows are external features, and n/a where a cell is n/a."""
+def end_notes(names: list, external: dict, tested: list) -> list:
+    """The notes every table ends with: which rows are external features, the labels a test set's dataset does
+    not have, the labels too few to score, and n/a for any other reason. tested: (test set title, Result) per row."""
     notes = [f"{name}: external features read from {external[name]} (another encoder's frozen embeddings, "
              "through the same probes, splits and bootstrap)" for name in names if name in external]
-    return notes + ([NA_NOTE] if any("n/a" in cell for row in rows for cell in row) else [])
+    absent, few, na = {}, {}, False
+    for title, r in tested:
+        for j, a in enumerate(r.auroc):
+            if r.n_known[j] == 0:  # not one test sample labelled: the dataset has no such label (NIH: Lung Opacity)
+                absent.setdefault(title, {})[data.LABELS[j]] = SHORT[j]
+            elif flag(r, j):
+                few.setdefault(title, {})[SHORT[j]] = r.n_pos[j]
+            na |= bool(np.isnan(a)) and r.n_known[j] > 0
+    notes += [f"{title} has no {' or '.join(labels)} label ({', '.join(labels.values())} n/a: no test sample is "
+              "labelled for it); excluded from Macro." for title, labels in absent.items()]
+    if few:
+        counts = "; ".join(f"{title}: " + ", ".join(f"{label} (n+ {k})" for label, k in labels.items())
+                           for title, labels in few.items())
+        notes.append(f"{FEW}: fewer than {MIN_POSITIVES} positives (n+) in the test set, too few to score: the "
+                     f"AUROC is shown, but excluded from Macro. {counts}.")
+    return notes + ([NA_NOTE] if na else [])
 
 
 def table_1(results: dict, names: list, lp_of: dict, titles: dict, external: dict) -> Table:
-    """Per test set, one row per model: per-label AUROC and macro (95% CI), LP lp_of[name]."""
-    rows, rdata = [], []
+    """Per test set, its positives per label (n+), then one row per model: per-label AUROC and macro (95% CI),
+    LP lp_of[name]."""
+    rows, rdata, tested = [], [], []
     for t in [t for t in TEST_SETS if t in titles]:
+        counted = False
         for name in names:
             lp = lp_of[name]
             if t not in results[name][lp]:  # external features without this test set
                 continue
             r = results[name][lp][t]
+            if not counted:  # every row of a test set has its labels: count them once
+                rows.append([titles[t], f"n+ (of {r.n})", "", *[positives(r, j) for j in range(len(SHORT))], ""])
+                counted = True
             rows.append([titles[t], name, lp, *result_cells(r)])
             rdata.append(result_data(r, test_set=titles[t], model=name, lp=lp))
+            tested.append((titles[t], r))
     notes = ["LP=Linear Probing, ATEL=Atelectasis, CARD=Cardiomegaly, CONS=Consolidation, LO=Lung Opacity, "
-             "EFF=Pleural Effusion. 95% CI: bootstrap over patients.", *end_notes(rows, names, external)]
+             "EFF=Pleural Effusion; n+: the positives of each label in the test set (of n samples). "
+             "95% CI: bootstrap over patients.", *end_notes(names, external, tested)]
     if "radchest" in titles:
         notes.append("RAD-ChestCT: every split of the release (trn + val + tst, n=3,630 in the paper, 2.4.1); "
                      "Table 2 tests on its test split only. The phantom stand-in is phantom3d-ext test.")
@@ -349,22 +396,28 @@ def table_1(results: dict, names: list, lp_of: dict, titles: dict, external: dic
                  *SHORT, "Macro (95% CI)"], rows, notes, rdata)
 
 
+def gain(after: float, before: float) -> float:
+    """paper Table 2 reports the AUROC difference x 100, not a relative change: its macro 0.66 -> 0.75 is 9.12."""
+    return 100 * (after - before) if not (np.isnan(after) or np.isnan(before)) else np.nan
+
+
 def table_2(adapted: dict, before: dict, train: str, test: str, external: dict) -> Table:
     """Domain adaptation: probe retrained on the external set's train split, improvement over the un-adapted probe."""
-    rows, rdata = [], []
+    rows, rdata, tested = [], [], []
     for name, r in adapted.items():
-        b = before[name]
-        for label, a, c, p in [*zip(SHORT, r.auroc, r.ci, b.auroc), ("Macro", r.macro, r.macro_ci, b.macro)]:
-            # paper Table 2 reports the AUROC difference x 100, not a relative change: its macro 0.66 -> 0.75 is 9.12
-            gain = 100 * (a - p) if not (np.isnan(a) or np.isnan(p)) else np.nan
-            rows.append([name, label, fmt_ci(a, c), fmt(gain, 2), fmt(p)])
+        b = before[name]  # the same test split: the same labels, n+ and flags
+        for j, (label, a, c, p) in enumerate(zip(SHORT, r.auroc, r.ci, b.auroc)):
+            rows.append([name, label, positives(r, j), fmt_ci(a, c) + flag(r, j), fmt(gain(a, p), 2) + flag(r, j),
+                         fmt(p) + flag(b, j)])
+        rows.append([name, "Macro", "", fmt_ci(r.macro, r.macro_ci), fmt(gain(r.macro, b.macro), 2), fmt(b.macro)])
         rdata.append({"model": name, "adapted": result_data(r), "before": result_data(b)})
+        tested += [(test, r), (test, b)]
     notes = [f"Probe retrained on {train}, tested on {test}; the improvement and 'AUROC before adaptation' "
              "refer to the probe trained on the pre-training data (Table 1's probe) scored on the same test split "
              "(the paper's 0.66 before is its Table 1 figure, on every split). The improvement is the AUROC "
-             "difference x 100, the paper's 'Improvement (%)' (0.66 -> 0.75: 9.12).",
-             *end_notes(rows, list(adapted), external)]
-    columns = ["Model", "Label", "AUROC (95% CI)", "Improvement (AUROC points x 100)", "AUROC before adaptation"]
+             "difference x 100, the paper's 'Improvement (%)' (0.66 -> 0.75: 9.12). n+: the positives of each "
+             "label in the test split.", *end_notes(list(adapted), external, tested)]
+    columns = ["Model", "Label", "n+", "AUROC (95% CI)", "Improvement (AUROC points x 100)", "AUROC before adaptation"]
     return Table(f"Table 2: domain adaptation on {test}", columns, rows, notes, rdata)
 
 
@@ -376,7 +429,7 @@ def table_3(results: dict, names: list, main: str, lps: list, titles: dict, exte
                          ("Table 3 (right): modality robustness", [(main, lp) for lp in lps if lp in results[main]])):
         if not pairs:
             continue
-        rows, rdata = [], []
+        rows, rdata, tested = [], [], []
         for t in [t for t in TEST_SETS if t in titles]:
             for name, lp in pairs:
                 if t not in results[name][lp]:
@@ -384,7 +437,8 @@ def table_3(results: dict, names: list, main: str, lps: list, titles: dict, exte
                 r = results[name][lp][t]
                 rows.append([titles[t], name, lp, fmt_ci(r.macro, r.macro_ci)])
                 rdata.append(result_data(r, test_set=titles[t], model=name, lp=lp))
-        halves.append(Table(title, cols, rows, end_notes(rows, [n for n, _ in pairs], external), rdata))
+                tested.append((titles[t], r))
+        halves.append(Table(title, cols, rows, end_notes([n for n, _ in pairs], external, tested), rdata))
     return halves
 
 

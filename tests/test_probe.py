@@ -135,13 +135,65 @@ def test_single_class_label_is_na_not_a_crash():
     assert np.isnan(probe.auroc(np.zeros(0), np.zeros(0)))
 
 
+def table_1_of(r, title="MIMIC"):
+    return probe.table_1({"S3": {"ALL": {"mimic": r}}}, ["S3"], {"S3": "ALL"}, {"mimic": title}, {})
+
+
+def separable(n_pos=(20, 20, 20, 20, 20), n=60):
+    """Test labels (n, 5) with n_pos[j] positives of label j, and scores that rank them perfectly."""
+    y = np.zeros((n, 5), np.float32)
+    for j, k in enumerate(n_pos):
+        y[:k, j] = 1
+    return y, y + 0.1 * np.arange(n)[:, None] / n, np.arange(n).astype(str)
+
+
 def test_na_footnote_only_under_a_table_with_an_na_cell():
-    r = probe.evaluate(*[np.array(v) for v in ([[0.0] * 5, [1.0] * 5], [[0.1] * 5, [0.9] * 5], ["a", "b"])], n_boot=0)
-    na = probe.Result([np.nan, *r.auroc[1:]], r.ci, r.macro, r.macro_ci, r.n)
-    tables = {key: probe.table_1({"S3": {"ALL": {"mimic": res}}}, ["S3"], {"S3": "ALL"}, {"mimic": "MIMIC"}, {})
-              for key, res in (("clean", r), ("na", na))}
+    y, s, ids = separable()
+    r = probe.evaluate(y, s, ids, n_boot=0)
+    s[:, 0] = np.nan  # no probe for ATEL (one class in the LP training data)
+    na = probe.evaluate(y, s, ids, n_boot=0)
+    tables = {"clean": table_1_of(r), "na": table_1_of(na)}
     assert probe.NA_NOTE not in tables["clean"].notes and probe.NA_NOTE in tables["na"].notes
     assert "n/a" not in probe.to_markdown(tables["clean"]) and "| n/a |" in probe.to_markdown(tables["na"])
+
+
+def test_a_label_with_few_positives_is_shown_flagged_and_left_out_of_macro():
+    """CARD with 3 positives: its AUROC shown with the mark, n+ 3 in the table and the note, and the macro and its
+    CI exactly those of the same test set without CARD labels at all."""
+    y, s, ids = separable((20, 3, 20, 20, 20))
+    s += np.random.default_rng(0).normal(size=s.shape)  # imperfect: CIs of some width
+    r = probe.evaluate(y, s, ids, n_boot=200)
+    without = y.copy()
+    without[:, 1] = np.nan
+    ref = probe.evaluate(without, s, ids, n_boot=200)
+    assert r.n_pos == [20, 3, 20, 20, 20] and r.in_macro == [True, False, True, True, True]
+    assert np.isfinite(r.auroc[1]) and r.auroc[1] != r.macro
+    assert r.macro == ref.macro and r.macro_ci == ref.macro_ci
+    assert r.auroc[0] == ref.auroc[0] and np.isfinite(r.ci[1]).all()
+    t = table_1_of(r)
+    md = probe.to_markdown(t)
+    assert f"| {probe.fmt(r.auroc[1])}{probe.FEW} |" in md and md.count(probe.FEW) == 2  # the cell and its note
+    assert "| n+ (of 60) |  | 20 | 3 | 20 | 20 | 20 |  |" in md
+    assert any(n.startswith(probe.FEW) and "fewer than 10 positives" in n and "MIMIC: CARD (n+ 3)" in n
+               for n in t.notes)
+    assert t.data[0]["n_pos"] == r.n_pos and t.data[0]["in_macro"] == r.in_macro  # table1.json says it too
+    assert not any(probe.FEW in n for n in table_1_of(ref).notes)  # n/a is not "too few"
+
+
+def test_a_label_the_dataset_does_not_have_is_named_not_one_class():
+    """NIH has no Lung Opacity (unknown in every test sample): the note says so; one class in the test set is
+    another note."""
+    y, s, ids = separable()
+    nih = y.copy()
+    nih[:, 3] = np.nan  # as readers.NIH_COLUMNS leaves it
+    absent = table_1_of(probe.evaluate(nih, s, ids, n_boot=0), "NIH ChestX-ray14 (internal test set)")
+    one_class = y.copy()
+    one_class[:, 3] = 0
+    single = table_1_of(probe.evaluate(one_class, s, ids, n_boot=0))
+    assert "NIH ChestX-ray14 (internal test set) has no Lung Opacity label" in " ".join(absent.notes)
+    assert probe.NA_NOTE not in absent.notes and probe.NA_NOTE in single.notes
+    assert not any("has no" in n for n in single.notes)
+    assert absent.rows[0][6] == "n/a" and single.rows[0][6] == "0"  # n+ of LO
 
 
 def test_bootstrap_ci_contains_estimate_and_narrows_as_n_grows():
@@ -175,6 +227,26 @@ def test_held_out_part_is_patient_disjoint():
     held = probe.patient_holdout(ids, 0.2, seed=0)
     who = probe.patients(ids)
     assert set(who[held]).isdisjoint(who[~held]) and held.sum() == 30
+
+
+def test_real_nih_tables_count_positives_and_say_nih_has_no_lung_opacity(tmp_path):
+    """The NIH ChestX-ray14 sample as the 2D test set: n+ counted from its labels, Lung Opacity n/a because NIH
+    has no such label (not "one class"), and the macro over the four labels it has."""
+    from test_data import real
+    cache = tmp_path / "nih"
+    data.prepare("nih", real("nih-cxr14-sample"), cache, readers.Options(size=56))
+    ckpt = save(tiny(seed=3).eval(), tmp_path / "m.pt", stage=3, size_2d=56, size_3d=28)
+    assert probe.main(["--ckpt", ckpt, "--data", str(cache), "--lp", "2D", "--bootstrap", "20", "--maps", "0",
+                       "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    (table,) = read_json(tmp_path / "out" / "table1.json")
+    y = data.open_dataset(cache, "test").labels
+    counts = [str(int(k)) for k in np.nansum(y, axis=0)]
+    assert table["rows"][0][1:] == ["n+ (of 198)", "", *counts[:3], "n/a", counts[4], ""]
+    assert "NIH ChestX-ray14 (internal test set) has no Lung Opacity label" in " ".join(table["notes"])
+    assert probe.NA_NOTE not in table["notes"]
+    d = table["data"][0]
+    assert d["n_known"][3] == 0 and d["in_macro"] == [True, True, True, False, True]
+    assert d["macro"] == pytest.approx(np.mean([d["auroc"][j] for j in (0, 1, 2, 4)]))
 
 
 # ---------------------------------------------------------------- features
@@ -257,23 +329,38 @@ def test_tables_have_the_papers_rows_and_columns(run):
     with open(out / "table1.csv") as f:
         t1 = list(csv.reader(f))
     assert t1[0] == COLUMNS_1
-    assert [(r[0], r[1], r[2]) for r in t1[1:]] == [(t, m, "ALL") for t in TEST_SETS for m in ("S3", "Random")]
-    assert all(r[-1].count("(") == 1 and r[-1].endswith(")") for r in t1[1:])  # "0.812 (0.754-0.866)"
+    counts, t1 = [r for r in t1[1:] if r[1].startswith("n+")], [r for r in t1[1:] if not r[1].startswith("n+")]
+    assert [(r[0], r[1], r[2]) for r in t1] == [(t, m, "ALL") for t in TEST_SETS for m in ("S3", "Random")]
+    assert all(r[-1].count("(") == 1 and r[-1].endswith(")") for r in t1)  # "0.812 (0.754-0.866)"
     md = (out / "table1.md").read_text()
     assert "| Model | LP Training Data | ATEL | CARD | CONS | LO | EFF | Macro (95% CI) |" in md
     assert all(f"| **{t}** |" in md for t in TEST_SETS)
-    assert ("excluded from Macro" in md) == any("n/a" in cell for r in t1[1:] for cell in r)  # footnote iff n/a
+    # each test set's positives per label, counted from its labels; a label with fewer than 10 is marked
+    rows, datasets = read_json(out / "table1.json")[0]["data"], role_datasets(run["argv"])
+    for t, role in zip(TEST_SETS, probe.TEST_SETS):
+        y = datasets[role].labels
+        assert [r[3:8] for r in counts if r[0] == t] == [[str(int(k)) for k in np.nansum(y, axis=0)]]
+        for r in [r for r in t1 if r[0] == t]:
+            assert [c.endswith(probe.FEW) for c in r[3:8]] == [0 < k < 10 for k in np.nansum(y, axis=0)]
+    assert any(c.endswith(probe.FEW) for r in t1 for c in r)  # 64 test samples: CONS has fewer than 10
+    for d in rows:  # Macro: the labels with enough positives only
+        assert d["macro"] == pytest.approx(np.mean([a for a, used in zip(d["auroc"], d["in_macro"]) if used]))
+    assert ("fewer than 10 positives" in md) == any(probe.FEW in c for r in t1 for c in r)
+    assert (probe.NA_NOTE in md) == any("n/a" in cell for r in t1 for cell in r)  # footnote iff n/a
 
     with open(out / "table2.csv") as f:
         t2 = list(csv.reader(f))
-    assert t2[0] == ["Model", "Label", "AUROC (95% CI)", "Improvement (AUROC points x 100)", "AUROC before adaptation"]
+    assert t2[0] == ["Model", "Label", "n+", "AUROC (95% CI)", "Improvement (AUROC points x 100)",
+                     "AUROC before adaptation"]
     assert [r[1] for r in t2[1:7]] == ["ATEL", "CARD", "CONS", "LO", "EFF", "Macro"]
+    y = datasets["radchest_test"].labels
+    assert [r[2] for r in t2[1:6]] == [str(int(k)) for k in np.nansum(y, axis=0)]
     before = read_json(out / "table1.json")[0]["data"]
     s3_rad = next(r for r in before if r["model"] == "S3" and r["test_set"].startswith("RAD-ChestCT"))
     after = read_json(out / "table2.json")[0]["data"][0]
     assert after["before"]["macro"] == s3_rad["macro"]
     gain = 100 * (after["adapted"]["macro"] - s3_rad["macro"])  # AUROC points x 100, as the paper's 9.12
-    assert t2[6][3] == f"{gain:.2f}"
+    assert t2[6][4] == f"{gain:.2f}"
 
     with open(out / "table3.csv") as f:
         t3 = list(csv.reader(f))
@@ -283,7 +370,7 @@ def test_tables_have_the_papers_rows_and_columns(run):
     assert left == [[t, m, "ALL"] for t in TEST_SETS for m in ("S3", "Random")]
     assert right == [[t, "S3", lp] for t in TEST_SETS for lp in ("2D", "3D", "ALL")]
     s3_all = {r[1]: r[4] for r in t3[1:] if "right" in r[0] and r[3] == "ALL"}
-    assert s3_all == {r[0]: r[-1] for r in t1[1:] if r[1] == "S3"}  # the same probe as Table 1
+    assert s3_all == {r[0]: r[-1] for r in t1 if r[1] == "S3"}  # the same probe as Table 1
 
 
 def test_figure_2a_reports_each_fit_on_each_modality(run):
@@ -554,6 +641,72 @@ def test_embed_reads_a_dicom_series_as_prepare_does(tmp_path):
     assert np.allclose(got["x"], ref["x"], atol=2e-3)  # the cache stores float16
 
 
+def test_embed_skips_an_unreadable_file_and_names_it_also_with_workers(tmp_path, capsys):
+    """A folder with one bad file among good ones: the good files' embeddings == those of the folder without it
+    (read in worker processes too), the bad one named with its reason and counted; nothing readable: one error."""
+    ckpt = save(tiny(seed=3).eval(), tmp_path / "m.pt", stage=3, size_2d=56, size_3d=28)
+    write_inputs(tmp_path / "clean")
+    shutil.copytree(tmp_path / "clean", tmp_path / "in")
+    (tmp_path / "in" / "sub" / "text.png").write_text("not an image")
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "clean.npz"), str(tmp_path / "clean")]) == 0
+    clean = np.load(tmp_path / "clean.npz")
+    capsys.readouterr()
+    for workers in ("0", "2"):
+        out = tmp_path / f"in{workers}.npz"
+        assert probe.main(["embed", "--ckpt", ckpt, "--out", str(out), str(tmp_path / "in"), "--workers", workers]) == 0
+        got, err = np.load(out), capsys.readouterr().err.splitlines()
+        assert list(got["ids"]) == list(clean["ids"]) == ["a", "c", "sub/b"]
+        assert np.allclose(got["x"], clean["x"], atol=1e-6)
+        assert [Path(s).relative_to(tmp_path / "in") for s in got["source"]] == \
+            [Path(s).relative_to(tmp_path / "clean") for s in clean["source"]]
+        bad = str(tmp_path / "in" / "sub" / "text.png")
+        assert err == [f"skipping {bad}: cannot identify image file '{bad}'", f"skipped 1 of 4 inputs: {bad}"], err
+    (tmp_path / "in" / "a.png").write_text("")
+    (tmp_path / "in" / "c.nii.gz").write_bytes(b"\x1f\x8b cut")
+    (tmp_path / "in" / "sub" / "b.jpg").unlink()
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "none.npz"), str(tmp_path / "in")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and all(line.startswith("skipping ") for line in err[:3]), err
+    assert err[3].startswith("probe.py embed: error: none of the 3 inputs could be read") and "Traceback" not in err[3]
+    assert not (tmp_path / "none.npz").exists()
+
+
+def test_embed_reads_a_single_dicom_file_as_the_folder_holding_it(tmp_path, capsys):
+    """A DICOM radiograph named alone (.dcm or any name) == the same file in a folder; one slice of a CT series is
+    one line naming the folder to give; a series that is no volume, in a folder, is skipped and named."""
+    pytest.importorskip("pydicom")
+    from test_data import write_dicom, write_series
+    ckpt = save(tiny(seed=3).eval(), tmp_path / "m.pt", stage=3, size_2d=56, size_3d=28)
+    pixels = (np.random.default_rng(0).random((90, 70)) * 3000).astype(np.uint16)
+    write_dicom(tmp_path / "dx" / "chest.dcm", pixels, series="1.2.3.30", modality="DX", patient="P9")
+    write_dicom(tmp_path / "dx" / "mr" / "a", pixels, series="1.2.3.31", modality="MR")
+    write_dicom(tmp_path / "dx" / "mr" / "b", pixels, series="1.2.3.31", modality="MR", position=(0, 0, 2))
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "folder.npz"), str(tmp_path / "dx")]) == 0
+    err = capsys.readouterr().err
+    assert "modality MR: only CT series and CR/DX/DR radiographs are read" in err and "skipped 1 of 2 inputs" in err
+    folder = np.load(tmp_path / "folder.npz")
+    shutil.copy(tmp_path / "dx" / "chest.dcm", tmp_path / "chest")  # DICOM without the extension
+    for name in ("dx/chest.dcm", "chest"):
+        out = tmp_path / f"{name.replace('/', '_')}.npz"
+        assert probe.main(["embed", "--ckpt", ckpt, "--out", str(out), str(tmp_path / name)]) == 0, capsys.readouterr()
+        one = np.load(out)
+        assert list(one["ids"]) == list(folder["ids"]) and one["ids"][0].startswith("P9/")
+        assert np.array_equal(one["x"], folder["x"]) and list(one["source"]) == [str(tmp_path / name)]
+    write_series(tmp_path / "ct", "axial", "1.2.3.32")
+    slice_ = tmp_path / "ct" / "IM0003"
+    assert probe.main(["embed", "--ckpt", ckpt, "--out", str(tmp_path / "s.npz"), str(slice_)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{slice_}: one slice of a CT series of 5 files: give its folder" in err, err
+
+
+def test_embed_help_names_dicom_files_and_series(capsys):
+    with pytest.raises(SystemExit):
+        features.embed_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "DICOM radiographs (CR/DX; .dcm or any name)" in text and "DICOM files and series" in text
+    assert "skipped and named" in text
+
+
 def test_embed_of_a_checkpoint_through_features_gives_its_tables(run, tmp_path):
     """Issue 17's round trip: `embed` of every (dataset, split) into DIR (one file's rows then shuffled, with an id
     the probe must ignore), read back through --features: the same Table 1, 2 and 3 numbers as --ckpt, the rows
@@ -591,7 +744,7 @@ def test_embed_bad_inputs_give_one_clear_line(run, tmp_path, capsys):
     Image.fromarray(np.full((30, 30), 7, np.uint8)).save(tmp_path / "flat.png")
     (tmp_path / "notes.txt").write_text("hello")
     cases = {"broken.png": "cannot identify image file", "flat.png": "constant image", "missing.png": "not found",
-             "notes.txt": "not a PNG/JPG image or a NIfTI volume"}
+             "notes.txt": "not a PNG/JPG image, a NIfTI volume (.nii, .nii.gz) or a DICOM file"}
     for name, says in cases.items():
         argv = ["embed", "--ckpt", run["random"], "--out", str(tmp_path / "e.npz"), str(tmp_path / name)]
         assert probe.main(argv) == 2
