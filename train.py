@@ -23,6 +23,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,8 +39,31 @@ import lejepa
 from model import CKPT_FORMAT, PRESETS, Projector, SparseMedicalViT, load_checkpoint, model_flops_per_token
 
 STAGE_BATCH = {1: (256, 0), 2: (192, 64), 3: (192, 64)}  # paper 2.4: (2D, 3D) samples per step
+PAPER_DEFAULTS = dict(model="small", depth=None, steps=100_000, size_2d=224, size_3d=112, n_2d=20_000, n_3d=5_000,
+                      log_every=20)
+# Without CUDA, phantoms or caches alike: the paper's 256 samples per step need tens of GB there (issue 24)
 CPU_DEMO = dict(model="tiny", depth=6, steps=100, size_2d=112, size_3d=56, n_2d=512, n_3d=256, log_every=10)
 CPU_DEMO_BATCH_DIVISOR = 8  # the paper's batches / 8: 32 samples per step, same 2D:3D ratio
+PHANTOM_ONLY = ("size_2d", "size_3d", "n_2d", "n_3d")  # flags that shape the phantoms and mean nothing for a cache
+# A step's peak memory (step_memory): a least-squares fit to the peak resident memory (VmHWM) of
+# `train.py --steps 2` on caches of the NIH and DICOM samples (224 x 224 radiographs, an 81 x 112 x 112 CT), 2-core
+# AMD EPYC, torch 2.13.0+cpu, fp32, 2026-12-02; within 6% (120 MB) of every run. Tokens per step (2D + 3D), layers x
+# width: peak MB
+#   5,862 + 0, 6 x 192: 1,088     16,459 + 0, 6 x 192: 2,235     32,855 + 0, 6 x 192: 3,907     16,459 + 0, 2 x 192: 1,183
+#   0 + 2,080, 6 x 192:   769      0 + 7,817, 6 x 192: 1,379     16,459 + 7,817, 6 x 192: 2,995 (3,240 after 6 steps)
+#   5,862 + 0, 12 x 384: 2,907    16,459 + 0, 12 x 192: 3,702
+# --act-ckpt: 32,855 + 0, 2 x 192: 1,715; 6 x 192: 2,066; 12 x 192: 4,315; 16,459 + 0, 12 x 192: 2,657.
+# Over a run the peak grows further, to a plateau after about 10 steps (the allocator's caching, the largest crops
+# drawn): 8 + 2 samples, 6 x 192: 1,333 MB after 2 steps, 1,523 MB from step 10 to 16, hence STEADY_FACTOR.
+# Not measured on a GPU: there activations are taken as bf16 (autocast), and the process's own memory is not counted.
+BASE_BYTES = 376 * 2**20  # the process before its first step: Python, torch, the data's index
+ACT_FLOATS = 18.8  # activations kept for backward, in floats per token, per layer and per unit of width
+ACT_CKPT_FLOATS = 9.0  # the same with --act-ckpt (a block keeps its input; one recomputes at a time): 3.2 per
+#                        layer at 2 and 6 layers, 9-11 at 12 (the presets' depth), where the allocator keeps more
+TOKEN_FLOATS = 26.6  # outside the layers (embedding, RoPE tables, final norm, index tensors), per token and unit of width
+PATCH_FLOATS = 0.65  # the step's packed patches, per input value of a token (2D: P^2 values, 3D: P^3)
+STATE_FLOATS = 4  # per parameter: weight, gradient, AdamW's two moments
+STEADY_FACTOR = 1.2  # a run's plateau over its first 2 steps, for what a step allocates (activations, patches)
 PROBE_LR = 1e-3  # online linear probe's AdamW learning rate, as the official LeJEPA example
 COLLAPSE_RANK, COLLAPSE_LOGS = 1.5, 3  # projector rank below this for this many logged steps: say so
 
@@ -48,8 +72,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2, 3), default=3, help="1: 2D only; 2: mixed from --init; 3: mixed from scratch (default: %(default)s)")
     p.add_argument("--objective", choices=("lejepa", "supervised"), default="lejepa", help="LeJEPA (paper 2.2) or the supervised baseline (default: %(default)s)")
-    p.add_argument("--model", choices=sorted(PRESETS), default=None, help="model size (default: small; tiny on a CPU demo)")
-    p.add_argument("--depth", type=int, default=None, help="override the preset's depth")
+    p.add_argument("--model", choices=sorted(PRESETS), default=None, help="model size (default: small; tiny without CUDA)")
+    p.add_argument("--depth", type=int, default=None, help="override the preset's depth (default: the preset's; 6 without CUDA)")
     p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (paper 2.2 head; default: %(default)s)")
     p.add_argument("--proj-out", type=int, default=128, help="projector output size K, where the LeJEPA loss is computed (default: %(default)s)")
     p.add_argument("--data", nargs="+", default=["phantom"], help="'phantom' or cache dirs from `python data.py prepare` (2D and/or 3D; default: phantom)")
@@ -57,9 +81,13 @@ def get_args(argv=None):
     p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default 112; 56 on a CPU demo)")
     p.add_argument("--n-2d", type=int, default=None, help="phantom 2D training images (default 20000; 512 on a CPU demo)")
     p.add_argument("--n-3d", type=int, default=None, help="phantom 3D training volumes (default 5000; 256 on a CPU demo)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100000; 100 on a CPU demo)")
-    p.add_argument("--batch-2d", type=int, default=None, help="global 2D samples per step (paper: 256 stage 1, 192 stages 2-3)")
-    p.add_argument("--batch-3d", type=int, default=None, help="global 3D samples per step (paper: 0 stage 1, 64 stages 2-3)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100000; 100 without CUDA)")
+    p.add_argument("--batch-2d", type=int, default=None,
+                   help="global 2D samples per step (default: the paper's 192, 256 for --stage 1; divided by 8 "
+                        "without CUDA: 24, 32)")
+    p.add_argument("--batch-3d", type=int, default=None,
+                   help="global 3D samples per step (default: the paper's 64, 0 for --stage 1; divided by 8 "
+                        "without CUDA: 8)")
     p.add_argument("--n-global", type=int, default=2, help="global views per sample, V_g (paper 2.4.1; default: %(default)s)")
     p.add_argument("--n-local", type=int, default=8, help="local views per sample, V_l (paper 2.4.1; default: %(default)s)")
     p.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=False,
@@ -84,7 +112,7 @@ def get_args(argv=None):
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out) or a checkpoint path")
     p.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many steps, and at the end (default: %(default)s)")
     p.add_argument("--stop-at", type=int, default=None, help="checkpoint and exit after this step (job time limits); resume with --resume auto")
-    p.add_argument("--log-every", type=int, default=None, help="log metrics every this many steps (default 20; 10 on a CPU demo)")
+    p.add_argument("--log-every", type=int, default=None, help="log metrics every this many steps, and the first step of a run (default 20; 10 without CUDA)")
     p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data order, the crops and the phantoms (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="data-loader workers per process (default: 0 on CPU, 8 on GPU)")
@@ -95,19 +123,19 @@ def get_args(argv=None):
 
 
 def resolve_defaults(args, cuda: bool) -> list[str]:
-    """Fill the flags left unset: paper defaults, or a CPU demo that finishes in minutes on 2 cores."""
-    demo = not cuda and args.data == ["phantom"]
-    full = dict(model="small", depth=None, steps=100_000, size_2d=224, size_3d=112, n_2d=20_000, n_3d=5_000, log_every=20)
+    """Fill the flags left unset: the paper's defaults, or without CUDA a CPU demo that finishes in minutes on
+    2 cores (tiny model, the paper's batches / 8; on phantoms also small phantoms), said in the first line."""
+    phantom = args.data == ["phantom"]
+    demo = {} if cuda else {k: v for k, v in CPU_DEMO.items() if phantom or k not in PHANTOM_ONLY}
+    b2, b3 = (b // (1 if cuda else CPU_DEMO_BATCH_DIVISOR) for b in STAGE_BATCH[args.stage])
+    if not cuda:
+        demo.update(batch_2d=b2, batch_3d=b3)
     chosen = []
-    for key, value in (CPU_DEMO if demo else full).items():
+    for key, value in {**PAPER_DEFAULTS, "batch_2d": b2, "batch_3d": b3, **demo}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-            chosen.append(f"{key}={value}")
-    b2, b3 = (b // (CPU_DEMO_BATCH_DIVISOR if demo else 1) for b in STAGE_BATCH[args.stage])
-    for key, value in (("batch_2d", b2), ("batch_3d", b3)):
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-            chosen.append(f"{key}={value}")
+            if key in demo:
+                chosen.append(f"{key}={value}")
     if args.lambd is None:  # SIGReg is N-scaled: the paper's lambda means the paper's balance only at its batch
         args.lambd = lejepa.balanced_lambd(args.batch_2d + args.batch_3d)
         if args.batch_2d + args.batch_3d != lejepa.PAPER_BATCH:
@@ -118,8 +146,9 @@ def resolve_defaults(args, cuda: bool) -> list[str]:
         raise ValueError("--stage 1 is 2D only: --batch-3d must be 0")
     if args.stage == 2 and not args.init:
         raise ValueError("--stage 2 starts from a stage-1 checkpoint: pass --init PATH")
-    if demo:
-        return ["CPU demo on phantoms: " + ", ".join(chosen)] if chosen else []
+    if not cuda:
+        where = "phantoms" if phantom else " ".join(args.data)
+        return [f"CPU demo on {where}: " + ", ".join(chosen)] if chosen else []
     return [f"SIGReg weight {chosen[-1]}"] if chosen and chosen[-1].startswith("lambd=") else []
 
 
@@ -209,6 +238,25 @@ def param_groups(net: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def dataset_name(ds) -> str:
+    """A cache by its folder, a phantom by its name."""
+    return str(getattr(ds, "root", None) or ds.name)
+
+
+def check_prepared(spec: str):
+    """A cache folder in which `data.py prepare` converted no file at all is said as such: data.py sees only
+    a folder without index.json and advises rerunning prepare, which fails on the same files again."""
+    root = Path(spec)
+    report = root / "report.tsv"
+    if (root / "index.json").exists() or not report.is_file() or any((root / "arrays").glob("*.npy")):
+        return
+    failed = [line.split("\t", 1) for line in report.read_text().splitlines() if "\t" in line]
+    if failed:
+        raise ValueError(f"{root}: `data.py prepare` could not convert any of its {len(failed)} files (e.g. "
+                         f"{failed[0][0]}: {failed[0][1]}; all in {report}): rerunning it will not help; fix or "
+                         f"remove those files, or check prepare's --dataset and --root")
+
+
 def open_training_data(args):
     """(2D dataset or None, 3D dataset or None) from --data."""
     if args.data == ["phantom"]:
@@ -217,6 +265,7 @@ def open_training_data(args):
     else:
         found = {"2d": [], "3d": []}
         for spec in args.data:
+            check_prepared(spec)
             found[data.describe(spec)["modality"]].append(data.open_dataset(spec, "train"))
         if len(found["2d"]) > 1 or len(found["3d"]) > 1:
             raise ValueError(f"--data: give at most one 2D and one 3D cache, got {args.data}")
@@ -227,7 +276,7 @@ def open_training_data(args):
         raise ValueError(f"--batch-3d {args.batch_3d} but no 3D dataset in --data {args.data} (stage 1 needs none)")
     for ds, batch in ((ds2, args.batch_2d), (ds3, args.batch_3d)):
         if args.objective == "supervised" and batch and np.isnan(ds.labels).all():
-            raise ValueError(f"--objective supervised: {getattr(ds, 'root', None) or ds.name} has no known label at all")
+            raise ValueError(f"--objective supervised: {dataset_name(ds)} has no known label at all")
     return (ds2 if args.batch_2d else None), (ds3 if args.batch_3d else None)
 
 
@@ -338,6 +387,10 @@ def resolve_inputs(args, cuda: bool, world: int, say) -> tuple:
     ds2, ds3 = open_training_data(args)
     for note in notes:
         say(note)
+    for ds, batch, flag in ((ds2, args.batch_2d, "--batch-2d"), (ds3, args.batch_3d, "--batch-3d")):
+        if ds is not None and len(ds) < batch:  # allowed (each step repeats samples, with other crops), but said
+            say(f"warning: {dataset_name(ds)} has {len(ds)} training sample{'s' * (len(ds) != 1)}, fewer than the "
+                f"{batch} per step of {flag}: every step repeats samples")
     n_step = args.batch_2d + args.batch_3d
     if args.objective == "lejepa" and lejepa.sigreg_weight(args.lambd, n_step) < lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH) / 2:
         say(f"warning: lambda {args.lambd:g} at {n_step} samples per step weighs SIGReg "
@@ -367,7 +420,94 @@ def build_or_resume(args, device, say) -> tuple:
     if resume:
         step, bad_steps = resume_from(resume, net, opts, device)
         say(f"resumed from {resume} at step {step}")
+    elif args.resume == "auto":
+        say(f"--resume auto: no checkpoint in {args.out} (no last.pt there), starting fresh at step 0")
     return net, opts, step, bad_steps
+
+
+def view_tokens(view: torch.Tensor, patch: int) -> int:
+    """Tokens of a view (1, z, h, w): patches along every axis longer than one (z == 1: a 2D image)."""
+    return math.prod(n // patch for n in view.shape[1:] if n > 1)
+
+
+def tokens_per_sample(ds, args, patch: int, draws: int = 16) -> float:
+    """Mean tokens of one sample's views (paper 2.4.1), drawn by data.make_views, with the loader's crop
+    scales, on the dataset's image shapes (a cache's index has them; a phantom is rendered once)."""
+    records = getattr(ds, "records", None)
+    if records:
+        shapes = [tuple(records[i]["shape"]) for i in np.linspace(0, len(records) - 1, draws).astype(int)]
+    else:
+        shapes = [ds[0].image.shape] * draws
+    n_global, n_local = (1, 0) if args.objective == "supervised" else (args.n_global, args.n_local)
+    rng, counts = np.random.default_rng(args.seed), []
+    for shape in shapes:
+        try:
+            views = data.make_views(np.zeros(shape, np.float32), rng, patch, n_global, n_local)
+        except ValueError:  # smaller than a patch: the loader skips such a record
+            continue
+        counts.append(sum(view_tokens(v, patch) for v in views))
+    return float(np.mean(counts)) if counts else 0.0
+
+
+def step_memory(net: Net, tokens_2d: float, tokens_3d: float, cuda: bool, act_ckpt: bool) -> float:
+    """Peak bytes of one process's (micro-)steps of these tokens, once a run has settled: activations of every
+    layer and outside them, the patches, and parameters with their gradients and AdamW moments (the constants
+    above; the projector's activations, a few MB, are in the fit). On CUDA, activations in bf16 (autocast) and no
+    process overhead (the free memory excludes it)."""
+    dim, depth, patch = net.backbone.dim, len(net.backbone.blocks), net.backbone.patch
+    floats_per_dim = TOKEN_FLOATS + (depth * ACT_CKPT_FLOATS + ACT_FLOATS if act_ckpt else depth * ACT_FLOATS)
+    act_bytes = 2 if cuda else 4
+    activations = (tokens_2d + tokens_3d) * dim * floats_per_dim * act_bytes
+    patches = (tokens_2d * patch**2 + tokens_3d * patch**3) * PATCH_FLOATS * 4
+    state = sum(p.numel() for p in net.parameters()) * STATE_FLOATS * 4
+    return (0 if cuda else BASE_BYTES) + state + STEADY_FACTOR * (activations + patches)
+
+
+def available_memory(device) -> tuple:
+    """(bytes one process may use, where the figure comes from), None where unknown (not Linux).
+    CUDA: the device's free memory and what this process holds; CPU: MemAvailable and this process's resident
+    memory, shared by the processes of this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_allocated(device), f"free on {device}"
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        with open("/proc/self/status") as f:
+            resident = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return (available + resident) / local, "MemAvailable in /proc/meminfo" + (f" / {local} processes" if local > 1 else "")
+
+
+def check_step_memory(args, net: Net, ds2, ds3, world: int, device):
+    """Refuse, before the first step allocates it, a step whose estimated peak memory exceeds what this
+    machine has: one line with both figures, the flags that lower it and, where one does, the --accum that fits."""
+    found = available_memory(device)
+    if found is None:
+        return
+    available, where = found
+    patch, views = net.backbone.patch, 1 if args.objective == "supervised" else args.n_global + args.n_local
+    per_sample = [0.0 if ds is None else tokens_per_sample(ds, args, patch) for ds in (ds2, ds3)]
+
+    def need(accum: int, act_ckpt: bool) -> float:
+        b2, b3 = args.batch_2d / (world * accum), args.batch_3d / (world * accum)
+        return step_memory(net, b2 * per_sample[0], b3 * per_sample[1], device.type == "cuda", act_ckpt)
+
+    needed = need(args.accum, args.act_ckpt)
+    if needed <= available:
+        return
+    gb = lambda n: f"{n / 2**30:.1f} GB"  # noqa: E731
+    fits = [k for k in range(args.accum + 1, 1 + max(args.batch_2d, args.batch_3d) // world)
+            if not (args.batch_2d % (world * k) or args.batch_3d % (world * k)) and need(k, args.act_ckpt) <= available]
+    tokens = (args.batch_2d * per_sample[0] + args.batch_3d * per_sample[1]) / (world * args.accum)
+    raise ValueError(f"a step needs about {gb(needed)} per process (estimated: {tokens:,.0f} tokens of "
+                     f"{args.batch_2d} 2D + {args.batch_3d} 3D samples x {views} views through "
+                     f"{len(net.backbone.blocks)} layers of width {net.backbone.dim}), but {gb(available)} "
+                     f"are available ({where}): lower --batch-2d/--batch-3d, split the step with --accum"
+                     + (f" (--accum {fits[0]}: about {gb(need(fits[0], args.act_ckpt))})" if fits else "")
+                     + ("" if args.act_ckpt else f", or add --act-ckpt (about {gb(need(args.accum, True))})"))
 
 
 def open_out(args, rank: int, world: int, device, step: int) -> Logger:
@@ -394,19 +534,56 @@ def open_batches(args, ds2, ds3, patch: int, step: int, rank: int, world: int, c
         seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda, photometric=args.photometric))
 
 
-def catch_stop_signals() -> dict:
-    """First Ctrl-C or SIGTERM: finish the step, checkpoint, exit; second: stop now.
-    -> {"signal": the first signal, None until one comes}, which the loop reads after every step."""
-    stop = {"signal": None}
+class StopNow(BaseException):
+    """A second Ctrl-C or SIGTERM, raised where the weights are those of `step`, the last finished step.
+    Not an Exception: nothing on the way (the data loader, autograd) may catch it."""
 
-    def on_signal(sig, frame):  # data-loader workers ignore both: they would die with the job's signal before the checkpoint
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = sig
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    return stop
+
+class StopSignals:
+    """Ctrl-C and SIGTERM during the loop, as a job scheduler sends them (to loader workers too: they ignore both).
+
+    First: finish the step, checkpoint, exit 128 + the signal (130, 143: the shell's convention, so that
+    `train.py ... && probe.py ...` does not probe a half-trained model). Second: stop now, with a checkpoint
+    of the last finished step: StopNow is raised at once wherever the weights are that step's (the forward,
+    the backward, the data), and at the end of an optimizer update that was under way (microseconds), never
+    inside it.
+    """
+
+    def __init__(self, step: int, announce):
+        self.signal, self.again, self.finished, self.announce = None, False, step, announce
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _on_signal(self, sig, frame):
+        if self.signal is None:
+            self.signal = sig
+            self.announce(f"{signal.Signals(sig).name}: finishing this step, then checkpoint and exit "
+                          f"(again: stop now, keeping the last finished step)")
+        elif not self.again:
+            self.again = True
+            if self.finished is not None:
+                raise StopNow(self.finished)
+
+    def updating(self):
+        """The optimizer is changing the weights: from here to reached(), no step's state is whole."""
+        self.finished = None
+
+    def reached(self, step: int):
+        """The weights are those of `step`, finished."""
+        self.finished = step
+        if self.again:
+            raise StopNow(step)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal or signal.SIGTERM)  # SIGTERM: a rank that only heard of another's signal
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -419,9 +596,10 @@ class Tally:
     t0: float = field(default_factory=time.perf_counter)
 
 
-def train_step(model, net: Net, opts, batches, args, step: int, rank: int, world: int, device, tally: Tally) -> tuple:
+def train_step(model, net: Net, opts, batches, args, step: int, rank: int, world: int, device, tally: Tally,
+               stop: StopSignals) -> tuple:
     """One optimizer step over --accum micro-batches -> (loss parts, gradient norm, what the last micro-batch
-    saw, whether the step was taken: a non-finite gradient skips it)."""
+    saw, whether the step was taken: a non-finite gradient skips it). The caller says stop.reached(step + 1)."""
     opt, probe_opt = opts
     net.train()
     for group in opt.param_groups:
@@ -444,6 +622,7 @@ def train_step(model, net: Net, opts, batches, args, step: int, rank: int, world
     gnorm = torch.nn.utils.clip_grad_norm_(encoder, args.clip if args.clip > 0 else float("inf"))
     # one host sync per step: skip a non-finite step honestly (gradients are all-reduced, so every rank agrees)
     finite = torch.isfinite(gnorm).item()
+    stop.updating()
     if finite:
         opt.step()
         probe_opt.step()
@@ -462,7 +641,8 @@ def collapse_warning(args, rank_proj: float, step: int) -> str:
 
 def train(args) -> dict:
     """Pretrain as paper 2.3-2.4 describe: AdamW steps on the mixed 2D/3D stream of one stage, logged and
-    checkpointed as they go -> the last logged metrics record."""
+    checkpointed as they go -> the last logged metrics record. Stopped by a signal (StopSignals): SystemExit
+    with 128 + the signal once the checkpoint is written."""
     rank, world, local_rank = setup_distributed()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -470,6 +650,7 @@ def train(args) -> dict:
     try:  # the user's inputs (flags, --data, --init, --resume) first: a one-line error, and no --out made for nothing
         ds2, ds3 = resolve_inputs(args, cuda, world, say)
         net, opts, step, bad_steps = build_or_resume(args, device, say)  # paper 2.3: the stage's start
+        check_step_memory(args, net, ds2, ds3, world, device)  # before the first step allocates it
     except (ValueError, FileNotFoundError) as e:
         rank_tag = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # under torchrun: which rank
         raise SystemExit(f"{rank_tag}train.py: error: {e}") from None
@@ -478,50 +659,90 @@ def train(args) -> dict:
     model = DDP(net, device_ids=[local_rank] if cuda else None) if world > 1 else net
     if args.compile:
         net.backbone.compile(dynamic=True)
-    say(f"model {args.model} ({sum(p.numel() for p in net.backbone.parameters()) / 1e6:.1f}M params), "
-        f"{world} process(es) on {device.type}, stage {args.stage}, {args.objective}, "
-        f"{args.batch_2d} 2D + {args.batch_3d} 3D samples per step, data {args.data}")
+    say(model_line(args, net, world, device))
     batches = open_batches(args, ds2, ds3, net.backbone.patch, step, rank, world, cuda)
-    stop = catch_stop_signals()
     end = min(args.steps, args.steps if args.stop_at is None else args.stop_at)
     ckpt_path = os.path.join(args.out, "last.pt")
-    bar = _progress(step, end, rank)
-    tally, skipped_total, low_rank_logs, last = Tally(), 0, 0, {}
-    while step < end:  # paper 2.2: the loss; 2.4: AdamW, warmup then cosine decay
-        parts_sum, gnorm, seen, finite = train_step(model, net, opts, batches, args, step, rank, world, device, tally)
-        bad_steps = 0 if finite else bad_steps + 1
-        if not finite:  # numbered like the metrics lines (the step count after it), so a resume rewinds it with them
-            say(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-            logger.log({"step": step + 1, "skipped": "non-finite"})
-        step += 1
-        bar.update(1)
-        done = step == end
-        if step % args.log_every == 0 or done:
-            last = _log_metrics(logger, bar, step, parts_sum, gnorm, opts[0], tally, seen, device, world)
-            skipped_total += last["skipped_samples"]
-            low_rank_logs = low_rank_logs + 1 if last["rank_proj"] < COLLAPSE_RANK else 0
-            if low_rank_logs == COLLAPSE_LOGS and args.objective == "lejepa":  # said once per run of low logs
-                say(collapse_warning(args, last["rank_proj"], step))
-            tally = Tally()
-        if _any_rank(stop["signal"] is not None, device, world) and not done:  # every step: act within one step
-            say(f"signal received: checkpoint at step {step} and exit")
-            done = True
-        if bad_steps >= args.max_bad_steps:
-            if rank == 0:
+    bar = _progress(step, args.steps, rank)
+    stop = StopSignals(step, _announcer(bar, rank))
+    first, tally, skipped_total, low_rank_logs, last, interrupted = step + 1, Tally(), 0, 0, {}, False
+    try:
+        while step < end:  # paper 2.2: the loss; 2.4: AdamW, warmup then cosine decay
+            parts_sum, gnorm, seen, finite = train_step(model, net, opts, batches, args, step, rank, world, device,
+                                                        tally, stop)
+            bad_steps = 0 if finite else bad_steps + 1
+            step += 1
+            stop.reached(step)  # a second signal during the update stops here, with the step whole
+            if not finite:  # numbered like the metrics lines (the step count after it), so a resume rewinds it with them
+                say(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+                logger.log({"step": step, "skipped": "non-finite"})
+            bar.update(1)
+            done = step == end
+            if step % args.log_every == 0 or done or step == first:  # the first: time per step and finish, early
+                last = _log_metrics(logger, bar, step, end, parts_sum, gnorm, opts[0], tally, seen, device, world)
+                skipped_total += last["skipped_samples"]
+                low_rank_logs = low_rank_logs + 1 if last["rank_proj"] < COLLAPSE_RANK else 0
+                if low_rank_logs == COLLAPSE_LOGS and args.objective == "lejepa":  # said once per run of low logs
+                    say(collapse_warning(args, last["rank_proj"], step))
+                tally = Tally()
+            if _any_rank(stop.signal is not None, device, world) and not done:  # every step: act within one step
+                interrupted = done = True
+            if bad_steps >= args.max_bad_steps:
+                if rank == 0:
+                    save_checkpoint(ckpt_path, net, opts, step, args, bad_steps)
+                raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping "
+                                   f"(lower --lr, set --clip, or check the data with `python data.py check`)")
+            if rank == 0 and (step % args.ckpt_every == 0 or done):
                 save_checkpoint(ckpt_path, net, opts, step, args, bad_steps)
-            raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping "
-                               f"(lower --lr, set --clip, or check the data with `python data.py check`)")
-        if rank == 0 and (step % args.ckpt_every == 0 or done):
-            save_checkpoint(ckpt_path, net, opts, step, args, bad_steps)
-        if done:
-            break
+            if done:
+                break
+    except StopNow as now:  # the second signal: the weights are those of now.step (bad_steps is that step's too)
+        bar.close()
+        if rank == 0:
+            save_checkpoint(ckpt_path, net, opts, now.step, args, bad_steps)
+        say(stopped_line(stop, now.step, args, ckpt_path, second=True))
+        raise SystemExit(stop.exit_code) from None
+    finally:  # the caller's handlers back: the checkpoint is written
+        stop.restore()
+    bar.close()
     if rank == 0 and step == 0:  # --steps 0: the initialisation itself, e.g. a random-init probe baseline
         save_checkpoint(ckpt_path, net, opts, step, args, bad_steps)
-    bar.close()
     if skipped_total:
         say(f"{skipped_total:.0f} unreadable samples were skipped, all ranks (see the warnings above)")
-    say(f"done at step {step}: checkpoint {ckpt_path}")
+    if interrupted:  # not 0: `train.py ... && probe.py ...` must not go on with a half-trained model
+        say(stopped_line(stop, step, args, ckpt_path))
+        raise SystemExit(stop.exit_code)
+    resume = " (--stop-at: continue with --resume auto)" if step < args.steps else ""
+    say(f"done at step {step}{resume}: checkpoint {ckpt_path}")
     return last
+
+
+def model_line(args, net: Net, world: int, device) -> str:
+    """The run's first line after the defaults: the model's size (backbone and head apart), where, what."""
+    def params(module):
+        n = sum(p.numel() for p in module.parameters())
+        return f"{n / 1e6:.1f}M" if n >= 50_000 else f"{n:,}"
+    head = "projector" if args.objective == "lejepa" else "linear head"
+    return (f"model {args.model}, depth {len(net.backbone.blocks)} (backbone {params(net.backbone)} + {head} "
+            f"{params(net.head)} params), {world} process(es) on {device.type}, stage {args.stage}, {args.objective}, "
+            f"{args.batch_2d} 2D + {args.batch_3d} 3D samples per step, data {args.data}")
+
+
+def stopped_line(stop: StopSignals, step: int, args, ckpt_path: str, second: bool = False) -> str:
+    """The last line of a run stopped by a signal: where it stopped, its exit status, how to go on."""
+    name = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
+    name = f"a second {name}" if second else name
+    return (f"interrupted by {name} at step {step} of {args.steps}{', the last finished one' if second else ''} "
+            f"(exit {stop.exit_code}): checkpoint {ckpt_path}; to continue, run the same command with --resume auto")
+
+
+def _announcer(bar, rank: int):
+    """What a signal handler may print: one write to stderr, never through Python's buffers (a handler can
+    interrupt a write to them), on a line of its own below the bar."""
+    def announce(text: str):
+        if rank == 0:
+            os.write(2, (("" if bar.disable else "\n") + text + "\n").encode())
+    return announce
 
 
 def _any_rank(flag: bool, device, world: int) -> bool:
@@ -570,7 +791,7 @@ def health(seen: dict, probe_seen: list, world: int) -> dict:
     return out
 
 
-def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, tally: Tally, seen: dict, device, world) -> dict:
+def _log_metrics(logger, bar, step, end, parts_sum, gnorm, opt, tally: Tally, seen: dict, device, world) -> dict:
     """All-reduce the step's loss parts (mean) and the tally since the last log (sum over ranks), print and
     append one JSONL record (every --log-every steps) with the embedding health."""
     elapsed = time.perf_counter() - tally.t0
@@ -594,14 +815,25 @@ def _log_metrics(logger, bar, step, parts_sum, gnorm, opt, tally: Tally, seen: d
     bar.set_postfix(loss=f"{record['loss']:.4f}", rank=f"{record['rank_proj']:.2f}",
                     auroc=f"{record.get('probe_auroc', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
     if bar.disable and logger.path:  # rank 0 without a bar (stderr is not a terminal: a log file): one plain line
+        left = f", about {_duration(record['step_time_s'] * (end - step))} to step {end}" if step < end else ""
         print(f"step {step}/{bar.total}: loss {record['loss']:.4f}, projector rank {record['rank_proj']:.2f}, "
-              f"probe AUROC {record.get('probe_auroc', float('nan')):.3f}, {record['tokens_per_s']:.0f} tokens/s", flush=True)
+              f"probe AUROC {record.get('probe_auroc', float('nan')):.3f}, {record['tokens_per_s']:.0f} tokens/s, "
+              f"{record['step_time_s']:.2f} s/step{left}", flush=True)
     return record
 
 
-def _progress(start, end, rank):
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 2 * 86400 else f"{seconds / 86400:.1f} days"
+
+
+def _progress(start, total, rank):
+    # total: --steps, not --stop-at (a run stopped at 6 of 300 is not done at "6/6")
     # disable=None: no bar when stderr is not a terminal, so a log file gets no line of carriage returns
-    return tqdm(total=end, initial=start, disable=True if rank != 0 else None, dynamic_ncols=True, desc="train")
+    return tqdm(total=total, initial=start, disable=True if rank != 0 else None, dynamic_ncols=True, desc="train")
 
 
 def main(argv=None):

@@ -59,7 +59,7 @@ def test_default_lambda_keeps_spread_where_the_paper_lambda_collapses_at_a_small
     said_default = capsys.readouterr().out
     paper, _ = run(tmp_path, "paper", *common, "--lambd", "0.025")
     said_paper = capsys.readouterr().out
-    late = lambda out, key: sum(r[key] for r in health_log(out)[2:]) / 4  # noqa: E731  steps 15..30
+    late = lambda out, key: sum(r[key] for r in health_log(out) if r["step"] >= 15) / 4  # noqa: E731  steps 15..30
     assert late(paper, "rank_proj") < 1.1 and late(paper, "pred") < 0.01  # collapsed: nothing left to predict
     assert late(default, "rank_proj") > 1.4 and late(default, "pred") > 0.05
     assert late(default, "sigreg") < late(paper, "sigreg")
@@ -180,11 +180,13 @@ def test_supervised_batch_without_known_labels_is_a_zero_loss_not_nan():
     assert loss.item() == 0.0 and all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
-def test_sigterm_to_the_job_checkpoints_with_loader_workers(tmp_path):
-    """A scheduler signals the whole process group, data-loader workers included: the run still checkpoints."""
-    out = tmp_path / "job"
-    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--workers", "2", "--steps", "100000", "--out", str(out)],
-                            cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def test_sigterm_to_the_job_checkpoints_with_loader_workers_and_exits_143(tmp_path):
+    """A scheduler signals the whole process group, data-loader workers included: the run still checkpoints,
+    then exits 128 + SIGTERM, so that a chained `&& probe.py` does not run on a half-trained model."""
+    out, log = tmp_path / "job", tmp_path / "stdout.txt"
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--workers", "2", "--steps", "100000", "--out", str(out)],
+                                cwd=ROOT, start_new_session=True, stdout=stdout, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
@@ -195,8 +197,103 @@ def test_sigterm_to_the_job_checkpoints_with_loader_workers(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err.decode()[-2000:]
-    assert 0 < load_checkpoint(str(out / "last.pt"))["step"] < 100000
+    assert proc.returncode == 128 + signal.SIGTERM == 143, err.decode()[-2000:]
+    step = load_checkpoint(str(out / "last.pt"))["step"]
+    assert 0 < step < 100000
+    last = log.read_text().splitlines()[-1]
+    assert f"SIGTERM at step {step} of 100000" in last and "--resume auto" in last
+
+
+def test_second_ctrl_c_stops_at_once_with_a_checkpoint_and_no_traceback(tmp_path):
+    """Ctrl-C twice, whenever the second comes (in the forward, the backward, the update or the checkpoint):
+    exit 130, one line, and a whole checkpoint of the step that line names."""
+    out, log = tmp_path / "run", tmp_path / "stdout.txt"
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--steps", "100000", "--out", str(out)],
+                                cwd=ROOT, start_new_session=True, stdout=stdout, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "Traceback" not in err.decode() and not list(out.glob(".*tmp"))  # no half-written file either
+    step = load_checkpoint(str(out / "last.pt"))["step"]
+    last = log.read_text().splitlines()[-1]
+    assert f"SIGINT at step {step} of 100000" in last and "--resume auto" in last
+
+
+def _signal_at(monkeypatch, at_step: int, times: int, sig=signal.SIGINT):
+    """Send `sig` to this process `times` times from inside the forward pass of step `at_step` (0-based)."""
+    compute_loss = train.compute_loss
+
+    def compute_and_signal(net, batch, objective, lambd, step, *rest):
+        if step == at_step and not sent:
+            sent.append(step)
+            for _ in range(times):
+                os.kill(os.getpid(), sig)  # the handler runs here, in this thread, before os.kill returns
+        return compute_loss(net, batch, objective, lambd, step, *rest)
+
+    sent = []
+    monkeypatch.setattr(train, "compute_loss", compute_and_signal)
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path, monkeypatch, capsys):
+    _signal_at(monkeypatch, at_step=2, times=1)
+    out, handler = str(tmp_path / "run"), signal.getsignal(signal.SIGINT)
+    with pytest.raises(BaseException) as stopped:  # not SystemExit alone: a KeyboardInterrupt must fail, not abort
+        train.main([*TINY, "--steps", "10", "--out", out])
+    assert stopped.type is SystemExit and stopped.value.code == 130  # `train.py ... && probe.py ...` stops here
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 3  # step 3 (0-based 2) was finished
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "SIGINT at step 3 of 10" in last and "--resume auto" in last
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+
+
+def test_second_ctrl_c_keeps_the_last_finished_step_and_resume_continues_exactly(tmp_path, monkeypatch):
+    common = ["--steps", "6", "--warmup", "2", "--drop-path", "0.1"]
+    straight, _ = run(tmp_path, "straight", *common)
+    _signal_at(monkeypatch, at_step=3, times=2)  # twice inside the forward pass of the 4th step
+    with pytest.raises(BaseException) as stopped:
+        run(tmp_path, "split", *common)
+    assert stopped.type is SystemExit and stopped.value.code == 130
+    split = str(tmp_path / "split")
+    assert load_checkpoint(os.path.join(split, "last.pt"))["step"] == 3  # the 4th step was abandoned, not saved half-done
+    monkeypatch.undo()
+    run(tmp_path, "split", *common, "--resume", "auto")
+    a = load_checkpoint(os.path.join(straight, "last.pt"))
+    b = load_checkpoint(os.path.join(split, "last.pt"))
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    assert losses(straight) == pytest.approx(losses(split), rel=1e-5)
+
+
+def test_a_second_signal_during_the_update_stops_at_its_end_not_inside_it():
+    stop = train.StopSignals(5, announce=lambda text: None)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the first: noted, the step goes on
+        assert stop.signal == signal.SIGTERM and stop.exit_code == 143
+        stop.updating()
+        os.kill(os.getpid(), signal.SIGTERM)  # the second, while the optimizer writes the weights: no exception here
+        with pytest.raises(train.StopNow) as now:
+            stop.reached(6)
+        assert now.value.step == 6
+    finally:
+        stop.restore()
+
+
+def test_resume_auto_with_nothing_to_resume_says_it_starts_fresh(tmp_path, capsys):
+    out, _ = run(tmp_path, "fresh", "--steps", "1", "--resume", "auto")
+    said = [line for line in capsys.readouterr().out.splitlines() if "--resume auto" in line]
+    assert len(said) == 1 and "starting fresh" in said[0] and out in said[0]
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 1
 
 
 class Exploit:
@@ -312,3 +409,88 @@ def test_cpu_demo_defaults_are_valid_for_every_stage(stage):
 def test_zero_steps_writes_the_initialisation(tmp_path):
     out, _ = run(tmp_path, "init", "--steps", "0")
     assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 0
+
+
+def test_without_cuda_caches_get_the_cpu_demo_sizes_as_phantoms_do():
+    """The paper's 192 + 64 samples per step need tens of GB on a CPU (issue 24: killed at 24 GB)."""
+    phantom, cache = train.get_args([]), train.get_args(["--data", "cache/nih", "cache/dicom"])
+    phantom_notes, cache_notes = train.resolve_defaults(phantom, cuda=False), train.resolve_defaults(cache, cuda=False)
+    for key in ("model", "depth", "steps", "log_every", "batch_2d", "batch_3d", "lambd"):
+        assert getattr(cache, key) == getattr(phantom, key), key
+    assert (cache.batch_2d, cache.batch_3d, cache.model, cache.log_every) == (24, 8, "tiny", 10)
+    assert cache_notes[0].startswith("CPU demo on cache/nih cache/dicom: model=tiny")
+    assert "batch_2d=24" in cache_notes[0] and "size_2d" not in cache_notes[0]  # phantom sizes mean nothing here
+    gpu = train.get_args(["--data", "cache/nih", "cache/dicom"])
+    train.resolve_defaults(gpu, cuda=True)
+    assert (gpu.batch_2d, gpu.batch_3d, gpu.model) == (192, 64, "small")  # the paper's, where it fits
+
+
+def test_step_memory_estimate_grows_with_the_batch_and_falls_with_act_ckpt():
+    args = train.get_args(TINY)
+    train.resolve_defaults(args, cuda=False)
+    net, (ds2, ds3) = train.build_net(args), train.open_training_data(args)
+    per_2d, per_3d = (train.tokens_per_sample(ds, args, net.backbone.patch) for ds in (ds2, ds3))
+    # the views of a sample as the loader draws them: 2 global crops of 30-100%, 4 local of 5-30% of the image
+    whole = (56 // 14) ** 2
+    assert whole * (2 * 0.3 + 4 * 0.05) < per_2d < whole * (2 * 1.0 + 4 * 0.3) and per_3d > 0
+    small, big = (train.step_memory(net, n * per_2d, n * per_3d, cuda=False, act_ckpt=False) for n in (8, 16))
+    ckpt = train.step_memory(net, 16 * per_2d, 16 * per_3d, cuda=False, act_ckpt=True)
+    assert train.BASE_BYTES < small < big and ckpt < big
+    fixed = train.BASE_BYTES + sum(p.numel() for p in net.parameters()) * train.STATE_FLOATS * 4
+    step_part = lambda n: train.step_memory(net, n * per_2d, 0, cuda=False, act_ckpt=False) - fixed  # noqa: E731
+    assert step_part(16) == pytest.approx(2 * step_part(8), rel=1e-9)  # what a step allocates is per token
+
+
+def test_a_step_that_does_not_fit_in_memory_is_refused_before_it_starts(tmp_path, monkeypatch):
+    big = ["--steps", "1", "--batch-2d", "16", "--batch-3d", "8"]
+    monkeypatch.setattr(train, "available_memory", lambda device: (100 * 2**20, "MemAvailable in /proc/meminfo"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as refused:
+        train.main([*TINY, *big, "--out", str(out)])
+    message = str(refused.value)
+    assert message.startswith("train.py: error: a step needs about ") and "\n" not in message
+    assert "0.1 GB are available (MemAvailable" in message
+    assert all(flag in message for flag in ("--batch-2d/--batch-3d", "--accum", "--act-ckpt"))
+    assert not out.exists()  # refused before anything was allocated or written
+    monkeypatch.setattr(train, "available_memory", lambda device: (64 * 2**30, "MemAvailable in /proc/meminfo"))
+    run(tmp_path, "fits", *big)  # the same run where the memory is there
+
+
+def test_fewer_samples_than_a_step_asks_for_is_said(tmp_path, capsys):
+    run(tmp_path, "few", "--steps", "1", "--n-3d", "2")
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: phantom3d")]
+    assert len(said) == 1 and "has 2 training samples, fewer than the 4 per step of --batch-3d" in said[0]
+
+
+def test_first_step_is_logged_with_time_per_step_and_finish(tmp_path, capsys):
+    out, _ = run(tmp_path, "run", "--steps", "6", "--log-every", "5")
+    assert [r["step"] for r in health_log(out)] == [1, 5, 6]  # the first step too, not only every --log-every
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 1/6:"))
+    assert " s/step, about " in first and first.endswith(" to step 6")
+
+
+def test_progress_counts_to_steps_not_to_stop_at(tmp_path, capsys):
+    run(tmp_path, "run", "--steps", "300", "--stop-at", "2")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("step ")] == ["step 1/300", "step 2/300"]
+    assert lines[-1].startswith("done at step 2 (--stop-at: continue with --resume auto)")
+
+
+def test_first_line_counts_backbone_and_projector_apart(tmp_path, capsys):
+    run(tmp_path, "run", "--steps", "1")
+    net = train.build_net(train.get_args(TINY))
+    count = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"  # noqa: E731
+    assert f"(backbone {count(net.backbone)} + projector {count(net.head)} params)" in capsys.readouterr().out
+
+
+def test_a_cache_whose_every_file_failed_is_not_sent_back_to_prepare(tmp_path):
+    import data
+    root, cache = tmp_path / "images", tmp_path / "cache"
+    root.mkdir()
+    (root / "text.png").write_text("not an image")
+    assert data.main(["prepare", "--dataset", "folder2d", "--root", str(root), "--out", str(cache)]) != 0
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--data", str(cache), "--out", str(tmp_path / "run")])
+    message = str(refused.value)
+    assert message.startswith(f"train.py: error: {cache}: `data.py prepare` could not convert any of its 1 files")
+    assert "text.png" in message and "will not help" in message and "\n" not in message
