@@ -56,6 +56,9 @@ LABELS = readers.CHEXPERT_COLUMNS    # paper 2.4: the five labels, named and ord
 XRAY_SIZE, CT_SIZE = 224, 112          # long side after preprocessing (paper 2.4)
 WINDOW_LEVEL, WINDOW_WIDTH = 250.0, 2500.0  # CT window (paper 2.4)
 PHANTOM_N = {"train": 1024, "test": 256}
+# beyond the paper: the patients of a 3D phantom as radiographs, one patient both ways (same ids and labels)
+PAIRED_SUFFIX = "-xray"
+PAIRED_PHANTOMS = tuple(f"{name}{PAIRED_SUFFIX}" for name in PHANTOMS if "3d" in name)
 CACHE_FORMAT = 1
 
 
@@ -157,11 +160,13 @@ def preprocess_phantom(raw: np.ndarray, modality: str, size: int) -> np.ndarray:
     return preprocess_xray(Image.fromarray(raw), size, "phantom")
 
 
-def phantom_record(name: str, split: str, index: int, size: int, seed: int) -> Record:
-    """Sample `index` of a phantom split; rounded through float16 like a cache array."""
+def phantom_record(name: str, split: str, index: int, size: int, seed: int, radiograph: bool = False) -> Record:
+    """Sample `index` of a phantom split; rounded through float16 like a cache array. radiograph: the same
+    patient of a 3D phantom as a frontal radiograph (same id and labels, same acquisition), for the paired
+    cross-modal measurements (beyond the paper)."""
     rng = phantom_rng(name, split, index, seed)
     p = sample_patient(rng)
-    modality = "3d" if "3d" in name else "2d"
+    modality = "2d" if radiograph or "3d" not in name else "3d"
     img = preprocess_phantom(render(p, rng, modality, size, name.endswith("-ext")), modality, size)
     return Record(_float32(img.astype(np.float16)), p["labels"], modality, f"{name}-{split}-{index:06d}")
 
@@ -401,23 +406,26 @@ class PhantomDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, name: str, split: str, n: int = None, size: int = None, seed: int = 0,
-                 memo_bytes: int = 1 << 30):
+                 memo_bytes: int = 1 << 30, radiograph: bool = False):
         if name not in PHANTOMS:
             raise ValueError(f"unknown phantom {name!r}; one of {PHANTOMS}")
         if split not in ("train", "test"):
             raise ValueError(f"{name}: no split {split!r}; it has ['train', 'test']")
-        self.name, self.split, self.seed = name, split, seed
-        self.modality = "3d" if "3d" in name else "2d"
+        if radiograph and "3d" not in name:
+            raise ValueError(f"{name}: radiograph=True renders a 3D phantom's patients as radiographs")
+        self.split, self.seed, self.radiograph, self.phantom = split, seed, radiograph, name
+        self.name = f"{name}{PAIRED_SUFFIX}" if radiograph else name
+        self.modality = "2d" if radiograph or "3d" not in name else "3d"
         self.n = PHANTOM_N[split] if n is None else int(n)
         self.size = size or (CT_SIZE if self.modality == "3d" else XRAY_SIZE)
-        self.ids = [f"{name}-{split}-{i:06d}" for i in range(self.n)]
-        self.fingerprint = _digest([PHANTOM_VERSION, name, split, self.n, self.size, seed])
+        self.ids = [f"{name}-{split}-{i:06d}" for i in range(self.n)]  # a paired radiograph has its CT's id
+        self.fingerprint = _digest([PHANTOM_VERSION, name, split, self.n, self.size, seed, *(["xray"] * radiograph)])
         self._labels, self._memo, self._memo_left = None, {}, memo_bytes
 
     @property
     def labels(self) -> np.ndarray:  # (n, 5), from the patients' parameters: no rendering
         if self._labels is None:
-            self._labels = np.stack([sample_patient(phantom_rng(self.name, self.split, i, self.seed))["labels"]
+            self._labels = np.stack([sample_patient(phantom_rng(self.phantom, self.split, i, self.seed))["labels"]
                                      for i in range(self.n)]).reshape(-1, len(LABELS))
         return self._labels
 
@@ -430,7 +438,7 @@ class PhantomDataset(torch.utils.data.Dataset):
         if i in self._memo:
             image, labels = self._memo[i]
             return Record(_float32(image), labels, self.modality, self.ids[i])
-        rec = phantom_record(self.name, self.split, i, self.size, self.seed)
+        rec = phantom_record(self.phantom, self.split, i, self.size, self.seed, self.radiograph)
         if rec.image.size * 2 <= self._memo_left:
             self._memo[i] = (rec.image.astype(np.float16), rec.labels)
             self._memo_left -= rec.image.size * 2
@@ -438,16 +446,19 @@ class PhantomDataset(torch.utils.data.Dataset):
 
 
 def open_dataset(spec: str, split: str, **phantom_options) -> torch.utils.data.Dataset:
-    """A phantom name (options n, size, seed) or a cache directory from `python data.py prepare`."""
+    """A phantom name (options n, size, seed), a 3D phantom's patients as radiographs ("phantom3d-xray",
+    PAIRED_PHANTOMS) or a cache directory from `python data.py prepare`."""
     if spec in PHANTOMS:
         return PhantomDataset(spec, split, **phantom_options)
+    if spec in PAIRED_PHANTOMS:
+        return PhantomDataset(spec[: -len(PAIRED_SUFFIX)], split, radiograph=True, **phantom_options)
     if phantom_options:
         raise ValueError(f"{spec}: options {sorted(phantom_options)} apply to phantom datasets only")
     return CacheDataset(spec, split)
 
 
 def list_splits(spec: str) -> list:
-    return ["train", "test"] if spec in PHANTOMS else _splits_of(_read_index(Path(spec))["records"])
+    return ["train", "test"] if spec in PHANTOMS or spec in PAIRED_PHANTOMS else _splits_of(_read_index(Path(spec))["records"])
 
 
 def describe(spec: str, **phantom_options) -> dict:
@@ -710,6 +721,23 @@ def drr_record(record: Record, size: int = XRAY_SIZE) -> Record:
         raise ValueError(f"{record.id}: a DRR needs a CT volume, got a {record.modality} image")
     image = minmax(drr.drr(hu_of_window(record.image), (1.0, 1.0, 1.0), size), record.id)[None]
     return Record(image, record.labels, "2d", record.id)
+
+
+class DrrDataset(torch.utils.data.Dataset):
+    """The DRRs of a CT dataset (a cache or a phantom) as radiographs of the same patients: same ids, labels."""
+
+    def __init__(self, ct, size: int = XRAY_SIZE):
+        if getattr(ct, "modality", "3d") != "3d":
+            raise ValueError(f"{ct.name}: DRRs need CT volumes, this dataset holds {ct.modality} images")
+        self.ct, self.size, self.modality = ct, size, "2d"
+        self.name, self.split, self.ids, self.labels = f"{ct.name}-drr", ct.split, ct.ids, ct.labels
+        self.fingerprint = _digest(["drr", ct.fingerprint, size])
+
+    def __len__(self) -> int:
+        return len(self.ct)
+
+    def __getitem__(self, i: int) -> Record:
+        return drr_record(self.ct[i], self.size)
 
 
 def drr_file(path: str, out: str, size: int = XRAY_SIZE) -> np.ndarray:

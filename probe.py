@@ -37,6 +37,7 @@ from sklearn.preprocessing import StandardScaler
 import data
 import features
 import figures
+import retrieval
 
 SHORT = ("ATEL", "CARD", "CONS", "LO", "EFF")  # the paper's column names, in data.LABELS order
 LP_MODES = ("2D", "3D", "ALL")
@@ -56,7 +57,11 @@ ROLES = {
     "radchest": ("RAD-ChestCT", "radchest", data.ALL_SPLITS, "phantom3d-ext", "test", "external test set, all splits"),
     "radchest_train": ("RAD-ChestCT", "radchest", "train", "phantom3d-ext", "train", "Table 2 LP training"),
     "radchest_test": ("RAD-ChestCT", "radchest", "test", "phantom3d-ext", "test", "Table 2 test set"),
+    # beyond the paper: the internal 3D test patients as radiographs (phantoms rendered both ways; for a cache,
+    # the DRRs of its CT volumes), paired with "ctrate" by id: cross-modal retrieval and label transfer
+    "paired_2d": ("CT-RATE", "ctrate", "valid", "phantom3d-xray", "test", "radiographs of the internal 3D test patients"),
 }
+PAIRED = ("paired_2d", "ctrate")  # (radiographs, CTs) of the same patients
 TEST_SETS = ("mimic", "chexpert", "ctrate", "radchest")
 # a public dataset that takes a paper dataset's roles when that one is not in --data: NIH ChestX-ray14 (no
 # credentials, four of the five labels, Lung Opacity unknown) as the labelled 2D set in MIMIC's place
@@ -236,7 +241,8 @@ def resolve_sources(data_args: list, lps: list) -> dict:
     for name, (stand_in, title) in STAND_INS.items():
         if name not in by_name and stand_in in by_name:
             by_name[name], shown[name] = by_name[stand_in], title
-    sources = {role: Source(f"{shown.get(name, paper)} ({kind})" if "test" in kind else
+    sources = {role: Source("CT-RATE (DRRs of the internal test set)" if role == PAIRED[0] else
+                            f"{shown.get(name, paper)} ({kind})" if "test" in kind else
                             f"{shown.get(name, paper)} {split}", by_name[name], split)
                for role, (paper, name, split, _, _, kind) in ROLES.items()
                if name in by_name and (split == data.ALL_SPLITS or split in data.list_splits(by_name[name]))}
@@ -255,10 +261,13 @@ def open_datasets(sources: dict, args) -> dict:
     out = {}
     for role, src in sources.items():
         options = {}
-        if src.spec in data.PHANTOMS:
+        if src.spec in data.PHANTOMS or src.spec in data.PAIRED_PHANTOMS:
             n = args.n_train if src.split == "train" else args.n_test
-            size = args.size_3d if "3d" in src.spec else args.size_2d
+            size = args.size_3d if src.spec in data.PHANTOMS and "3d" in src.spec else args.size_2d
             options = {k: v for k, v in (("n", n), ("size", size)) if v is not None} | {"seed": args.seed}
+        elif role == PAIRED[0]:  # a CT cache's own patients as radiographs: the DRR of each volume
+            out[role] = data.DrrDataset(data.open_dataset(src.spec, src.split), args.size_2d or data.XRAY_SIZE)
+            continue
         out[role] = data.open_dataset(src.spec, src.split, **options)
     return out
 
@@ -421,6 +430,53 @@ def table_2(adapted: dict, before: dict, train: str, test: str, external: dict) 
     return Table(f"Table 2: domain adaptation on {test}", columns, rows, notes, rdata)
 
 
+def table_retrieval(feats: dict, titles: dict, n_boot: int, seed: int) -> Table:
+    """Cross-modal retrieval on the paired test patients (retrieval.py), uncentred and with each modality's mean
+    removed; chance beside it."""
+    metrics = [f"R@{k}" for k in retrieval.RECALL_AT] + ["median rank"]
+    rows, rdata, n = [], [], 0
+    for name, f in feats.items():
+        x2, x3 = f[PAIRED[0]], f[PAIRED[1]]
+        if list(x2["ids"]) != list(x3["ids"]):
+            raise ValueError(f"{name}: the paired radiographs and CTs are not the same patients in the same order")
+        for centre in (False, True):
+            r = retrieval.cross_modal(x2["x"], x3["x"], centre, n_boot, seed)
+            n = r["n"]
+            for direction in ("2D -> 3D", "3D -> 2D"):
+                cells = [fmt_ci(v, ci) if m != "median rank" else f"{v:.0f} ({ci[0]:.0f}-{ci[1]:.0f})"
+                         for m, (v, ci) in r[direction].items()]
+                rows.append([name, direction, "yes" if centre else "no", *cells])
+                rdata.append({"model": name, "direction": direction, "centred": centre, "n": n,
+                              **{m: {"value": v, "ci": list(ci)} for m, (v, ci) in r[direction].items()}})
+    c = retrieval.chance(n)
+    rows.append(["chance", "either", "", *[f"{c[m]:.3f}" if m != "median rank" else f"{c[m]:.0f}" for m in metrics]])
+    notes = [f"Each of the {n} radiographs of {titles[PAIRED[0]]} is a query; its own patient's CT in {titles[PAIRED[1]]} "
+             "is ranked among all of them by cosine similarity of the frozen backbone embeddings (3D -> 2D: the "
+             "reverse). R@k: fraction ranked within the first k; 95% CIs: bootstrap over patients. Centred: each "
+             "modality's mean embedding over these test sets removed first (the modality gap is one direction)."]
+    return Table("Cross-modal retrieval: a patient's radiograph and CT (beyond the paper)",
+                 ["Model", "Query -> gallery", "Modality means removed", *metrics], rows, notes, rdata)
+
+
+def table_transfer(results: dict, names: list, titles: dict, external: dict) -> Table:
+    """Label transfer on the paired patients: each single-modality LP on its own modality and on the other's."""
+    rows, rdata, tested = [], [], []
+    for name in names:
+        for lp, same, cross in (("2D", PAIRED[0], PAIRED[1]), ("3D", PAIRED[1], PAIRED[0])):
+            if lp not in results[name]:
+                continue
+            a, b = results[name][lp][same], results[name][lp][cross]
+            rows.append([name, lp, fmt_ci(a.macro, a.macro_ci), fmt_ci(b.macro, b.macro_ci)])
+            rdata.append({"model": name, "lp": lp, "same_modality": result_data(a), "other_modality": result_data(b)})
+            tested += [(titles[same], a), (titles[cross], b)]
+    notes = [f"The same patients both ways: {titles[PAIRED[0]]} and {titles[PAIRED[1]]}. LP 2D and LP 3D are Table 3's "
+             "probes (trained on the 2D or the 3D training set only); macro AUROC (95% CI). The paper's Table 3 right "
+             "measures the cross-modal drop on different patients (0.58 and 0.53).", *end_notes(names, external, tested)]
+    return Table("Cross-modal label transfer on paired patients (beyond the paper)",
+                 ["Model", "LP Training Data", "Macro on its own modality", "Macro on the other modality"],
+                 rows, notes, rdata)
+
+
 def table_3(results: dict, names: list, main: str, lps: list, titles: dict, external: dict) -> list:
     """Left: each model with LP ALL (training strategy); right: one model with LP 2D/3D/ALL."""
     cols = ["Test set", "Model", "LP Training Data", "Macro (95% CI)"]
@@ -545,7 +601,7 @@ def probe_results(f: dict, lps: list, n_boot: int, seed: int) -> tuple:
     for lp in [lp for lp in lps if all(r in f for r in LP_TRAIN[lp])]:
         probes = fit_probes(**features.stack([f[r] for r in LP_TRAIN[lp]]), seed=seed)
         results[lp] = {t: evaluate(f[t]["y"], probe_scores(probes, f[t]["x"]), f[t]["ids"], n_boot, seed)
-                       for t in (*TEST_SETS, "radchest_test") if t in f}
+                       for t in (*TEST_SETS, "radchest_test", PAIRED[0]) if t in f}
     if "radchest_train" not in f or "radchest_test" not in f:
         return results, None
     probes = fit_probes(**f["radchest_train"], seed=seed)  # paper Table 2: LP retrained on the external train split
@@ -580,6 +636,11 @@ def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) 
         t2 = table_2(adapted, before, titles["radchest_train"], titles["radchest_test"], folders)
         written["table2"] = write_tables(out, "table2", [t2])
     written["table3"] = write_tables(out, "table3", table_3(results, names, main, args.lp, titles, folders))
+    paired = [n for n in names if all(r in feats[n] for r in PAIRED)]
+    if paired:
+        written["retrieval"] = write_tables(out, "retrieval", [
+            table_retrieval({n: feats[n] for n in paired}, titles, args.bootstrap, args.seed),
+            table_transfer(results, paired, titles, folders)])
     if all(r in feats[main] for r in ("train_2d", "train_3d", "mimic", "ctrate")):
         figure_2a(feats[main], titles, out, args.seed)
     maps = {m: datasets[r] for m, r in (("2d", "mimic"), ("3d", "ctrate")) if r in datasets}

@@ -755,3 +755,23 @@ def test_embed_bad_inputs_give_one_clear_line(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "id 'a' comes from" in err and str(tmp_path / "two" / "a.png") in err
     assert not (tmp_path / "e.npz").exists()
+
+
+def test_retrieval_table_is_the_ranks_of_each_patients_own_ct_among_the_features(run):
+    """The probe's cross-modal table == retrieval.ranks of the same model's features of the paired test patients
+    (radiographs rendered from the CT phantom's own patients: same ids, same labels)."""
+    import retrieval
+    args = probe.get_args(run["argv"])
+    features.train_sizes(args, torch.load(run["trained"], weights_only=False)["args"])
+    datasets = probe.open_datasets(probe.resolve_sources(["phantom"], args.lp), args)
+    xray, ct = datasets["paired_2d"], datasets["ctrate"]
+    assert xray.ids == ct.ids and xray.modality == "2d" and np.array_equal(xray.labels, ct.labels, equal_nan=True)
+    model, _ = backbone_from_checkpoint(run["trained"], attn="sdpa")
+    f2, f3 = (features.extract_features(model, ds, 32768) for ds in (xray, ct))
+    r = retrieval.ranks(f2["x"], f3["x"])
+    rows = read_json(run["out"] / "retrieval.json")
+    got = next(d for d in rows[0]["data"] if d["model"] == "S3" and d["direction"] == "2D -> 3D" and not d["centred"])
+    assert got["n"] == len(ct) and got["R@5"]["value"] == pytest.approx((r <= 5).mean())
+    assert got["median rank"]["value"] == pytest.approx(np.median(r))
+    transfer = {(d["model"], d["lp"]) for d in rows[1]["data"]}
+    assert transfer == {("S3", "2D"), ("S3", "3D"), ("Random", "2D"), ("Random", "3D")}
