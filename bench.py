@@ -14,7 +14,7 @@ Prints Markdown tables (device, torch version, date and settings first); --json 
    padded (2D and 3D as two padded batches). Out of memory: all three again on half the batch.
 2. Attention backends on the same packed batch: step time and agreement with sdpa.
 3. Tokens and attention work of each scheme, counted from the view lengths: why the ratio is what it is.
-4. The data pipeline (crops + collate + packing, data.make_loader, workers=0): samples/s per core.
+4. The data pipeline (crops + collate + packing, views.make_loader, workers=0): samples/s per core.
 5. CUDA only: MFU (model FLOPs/s over the dense bf16 peak), peak memory, largest batch for small and base.
 6. --profile: one packed step under torch.profiler, its time by kind of operation (matmul, attention,
    RoPE, norms, casts, ...): GPU kernel time on CUDA (eager, and compiled with --compile), aten
@@ -63,6 +63,7 @@ from model import PRESETS, available_backends, model_flops_per_token, resolve_ba
 from pack import Packed, dense_layout, pack, pack_rows
 from train import build_net, compute_loss
 from train import get_args as train_args
+from views import Batch, make_loader, make_views
 
 PAPER_BATCH = (192, 64)  # paper 2.4: 2D and 3D samples of a mixed step
 N_GLOBAL, N_LOCAL, LAMBD = 2, 8, 0.025  # paper 2.2, 2.4.1
@@ -187,7 +188,7 @@ def pad_views(packed: Packed, keep: list[int]) -> tuple[Packed, torch.Tensor]:
     return padded, real_id
 
 
-def padded_batch(batch: data.Batch, per_modality: bool) -> data.Batch:
+def padded_batch(batch: Batch, per_modality: bool) -> Batch:
     """The batch with all views padded to the longest one, or 2D and 3D views each to their own longest."""
     p = batch.packed
     groups = [[i for i, f in enumerate(p.is_3d) if f == flag] for flag in (False, True)] if per_modality \
@@ -315,17 +316,17 @@ class Workload:
         return tuple(max(1, round(b * scale)) for b in PAPER_BATCH)
 
     def loader(self, n_2d: int, n_3d: int, steps: int = 1):
-        return data.make_loader(self.ds_2d if n_2d else None, self.ds_3d if n_3d else None, batch_2d=n_2d,
-                                batch_3d=n_3d, steps=steps, n_global=N_GLOBAL, n_local=N_LOCAL, patch=self.patch,
-                                seed=self.args.seed, workers=0)
+        return make_loader(self.ds_2d if n_2d else None, self.ds_3d if n_3d else None, batch_2d=n_2d,
+                           batch_3d=n_3d, steps=steps, n_global=N_GLOBAL, n_local=N_LOCAL, patch=self.patch,
+                           seed=self.args.seed, workers=0)
 
     def views(self, scale: float) -> list[torch.Tensor]:
         """A step's samples at this scale as separate views (1, Z, H, W), for models that take a list."""
         rng = np.random.default_rng(self.args.seed)
         return [v for ds, n in zip((self.ds_2d, self.ds_3d), self.samples(scale)) for i in range(n)
-                for v in data.make_views(ds[i % len(ds)].image, rng, self.patch, N_GLOBAL, N_LOCAL)]
+                for v in make_views(ds[i % len(ds)].image, rng, self.patch, N_GLOBAL, N_LOCAL)]
 
-    def batch(self, scale: float) -> data.Batch:
+    def batch(self, scale: float) -> Batch:
         """Step 0 at this scale (a dataset smaller than the batch is cycled, with new crops)."""
         return next(iter(self.loader(*self.samples(scale))))
 
@@ -580,7 +581,7 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
-def traffic_section(args, net, batch: data.Batch) -> tuple[list[dict], str]:
+def traffic_section(args, net, batch: Batch) -> tuple[list[dict], str]:
     """Section 7 (--traffic GPU): what one eager bf16 step of the packed batch asks of a GPU, counted, not timed.
 
     The step (forward + backward of the LeJEPA loss under bf16 autocast) runs on fake tensors: shapes
@@ -854,7 +855,7 @@ def timed_sections(args, net, work: Workload, device, report: dict, show):
     per_step = work.n_2d / report["data"][0]["samples/s per core"] + work.n_3d / report["data"][1]["samples/s per core"]
     feed = f"One {work.n_2d} + {work.n_3d} step takes {per_step:.3g} core-seconds to prepare"
     feed += f": {per_step / packed['step (s)']:.3g} cores keep the packed step fed." if packed["step (s)"] else "."
-    show("4. Data pipeline (make_views + pack via data.make_loader, workers=0, one thread; phantom records "
+    show("4. Data pipeline (make_views + pack via views.make_loader, workers=0, one thread; phantom records "
          "rendered beforehand, as read from a cache)", report["data"], feed)
     report["peers"] = peer_section(args, net, work.views(last[0]["scale"]), device)
     show(f"8. Peers: the backbone alone, forward + backward, on the same views (scale {last[0]['scale']:g})",

@@ -4,7 +4,7 @@
 
 - Checkpoints: load_checkpoints reads train.py's checkpoints (named S<stage> or Supervised), random_init is the
   same architecture at a seeded random initialisation (the control every trained row must beat).
-- Features: each sample whole (data.whole_view: one view per image or volume, snapped to whole patches), in
+- Features: each sample whole (views.whole_view: one view per image or volume, snapped to whole patches), in
   packed batches under a token budget, through the frozen backbone: the backbone embedding, not the projector
   (paper 2.2, 3). cached_features stores them per (checkpoint, dataset fingerprint, split, precision, feature
   code), so a fix to the code that makes a feature never leaves stale ones behind.
@@ -13,7 +13,7 @@
   decoded and preprocessed as `python data.py prepare` does (paper 2.4). An input that cannot be read is
   skipped, named and counted (Unreadable), the rest written.
 
-Imports model, data, readers, numpy, torch and tqdm; pydicom only where DICOM files are embedded.
+Imports model, data, views, readers, numpy, torch and tqdm; pydicom only where DICOM files are embedded.
 probe.py imports this module; nothing here imports probe.py.
 """
 import argparse
@@ -37,6 +37,7 @@ from tqdm import tqdm
 import data
 import readers
 from model import SparseMedicalViT, backbone_from_checkpoint
+from views import _patched, whole_view  # _patched: its source is part of feature_code_digest
 
 # ---------------------------------------------------------------- checkpoints
 
@@ -131,7 +132,7 @@ def whole_views(ds, patch: int, batch_tokens: int, workers: int = 0, skipped: li
             skipped.append(record)
             tqdm.write(f"skipping {record.path}: {record.problem}", file=sys.stderr)
             continue
-        view = data.whole_view(record, patch)
+        view = whole_view(record, patch)
         n = view.numel() // (patch ** (3 if view.shape[1] > 1 else 2))
         if views and tokens + n > batch_tokens:
             yield views, records
@@ -170,13 +171,13 @@ def extract_features_of(models: list, ds, batch_tokens: int, workers: int = 0, s
 
 @functools.lru_cache(maxsize=1)  # the same for every (checkpoint, dataset) of a run: read the sources once
 def feature_code_digest() -> str:
-    """The code that turns a stored record into a feature: model.py, rope3d.py, pack.py, data.whole_view, and
+    """The code that turns a stored record into a feature: model.py, rope3d.py, pack.py, views.whole_view, and
     phantom.py, which makes the phantom records (the phantom fingerprint counts only PHANTOM_VERSION).
 
     Part of the cache key, so a fix to any of them never leaves stale features behind.
     """
     sources = [inspect.getsource(sys.modules[name]) for name in ("model", "rope3d", "pack", "phantom")]
-    sources += [inspect.getsource(fn) for fn in (data.whole_view, data._patched)]
+    sources += [inspect.getsource(fn) for fn in (whole_view, _patched)]
     return hashlib.sha256("\n".join(sources).encode()).hexdigest()
 
 

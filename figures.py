@@ -12,8 +12,8 @@
 
 Imports, and why: numpy; pillow (Figure 2b's PNG when matplotlib is absent); torch, pack and model (Figure 2b
 runs the frozen backbone on its examples: it needs patch tokens, which the probe's features do not keep);
-scikit-learn's PCA (Figure 2b's colours); data (LABELS, whole_view: each sample as the probe sees it,
-atomic_write). matplotlib is imported lazily and optional: without it every figure has a fallback (a Pillow
+scikit-learn's PCA (Figure 2b's colours); data (LABELS, atomic_write); views (whole_view: each sample as the
+probe sees it). matplotlib is imported lazily and optional: without it every figure has a fallback (a Pillow
 PNG, or the Markdown and JSON it plots). Nothing here imports probe.py: probe.py imports this module.
 """
 import json
@@ -27,6 +27,7 @@ from sklearn.decomposition import PCA
 import data
 from model import SparseMedicalViT
 from pack import pack
+from views import whole_view
 
 # ---------------------------------------------------------------- drawing with matplotlib (optional)
 
@@ -142,7 +143,7 @@ def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device:
     p = model.patch
     items = [(mod, ds, i) for mod, ds in sets.items() for i in pick_examples(ds, count)]
     records = [ds[i] for _, ds, i in items]
-    views = [data.whole_view(r, p) for r in records]
+    views = [whole_view(r, p) for r in records]
     packed = pack(views, p)
     model.to(device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -37,6 +37,7 @@ from tqdm import tqdm
 import data
 import lejepa
 from model import CKPT_FORMAT, PRESETS, Projector, SparseMedicalViT, load_checkpoint, model_flops_per_token
+from views import make_loader, make_views
 
 STAGE_BATCH = {1: (256, 0), 2: (192, 64), 3: (192, 64)}  # paper 2.4: (2D, 3D) samples per step
 PAPER_DEFAULTS = dict(model="small", depth=None, steps=100_000, size_2d=224, size_3d=112, n_2d=20_000, n_3d=5_000,
@@ -92,7 +93,7 @@ def get_args(argv=None):
     p.add_argument("--n-local", type=int, default=8, help="local views per sample, V_l (paper 2.4.1; default: %(default)s)")
     p.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=False,
                    help="also brightness/contrast jitter, blur and solarization of every view, as the official LeJEPA "
-                        "example (data.photometric; the paper names only the crops, and on phantoms it cost 2D "
+                        "example (views.photometric; the paper names only the crops, and on phantoms it cost 2D "
                         "AUROC: README; default: off)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (paper 2.4; default: %(default)s)")
     p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine decay (default: %(default)s)")
@@ -431,7 +432,7 @@ def view_tokens(view: torch.Tensor, patch: int) -> int:
 
 
 def tokens_per_sample(ds, args, patch: int, draws: int = 16) -> float:
-    """Mean tokens of one sample's views (paper 2.4.1), drawn by data.make_views, with the loader's crop
+    """Mean tokens of one sample's views (paper 2.4.1), drawn by views.make_views, with the loader's crop
     scales, on the dataset's image shapes (a cache's index has them; a phantom is rendered once)."""
     records = getattr(ds, "records", None)
     if records:
@@ -442,7 +443,7 @@ def tokens_per_sample(ds, args, patch: int, draws: int = 16) -> float:
     rng, counts = np.random.default_rng(args.seed), []
     for shape in shapes:
         try:
-            views = data.make_views(np.zeros(shape, np.float32), rng, patch, n_global, n_local)
+            views = make_views(np.zeros(shape, np.float32), rng, patch, n_global, n_local)
         except ValueError:  # smaller than a patch: the loader skips such a record
             continue
         counts.append(sum(view_tokens(v, patch) for v in views))
@@ -527,7 +528,7 @@ def open_out(args, rank: int, world: int, device, step: int) -> Logger:
 def open_batches(args, ds2, ds3, patch: int, step: int, rank: int, world: int, cuda: bool):
     """This rank's micro-batches from `step` on, --accum per step: the stage's 2D and 3D samples
     (paper 2.3, 2.4) as multi-crop views (2.4.1)."""
-    return iter(data.make_loader(
+    return iter(make_loader(
         ds2, ds3, batch_2d=args.batch_2d // args.accum, batch_3d=args.batch_3d // args.accum,
         steps=args.steps * args.accum, start_step=step * args.accum,
         mode=args.objective, n_global=args.n_global, n_local=args.n_local, patch=patch,

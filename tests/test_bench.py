@@ -12,13 +12,14 @@ from model import Projector, SparseMedicalViT
 from pack import row_mask
 from model import model_flops_per_token
 from train import Net, compute_loss
+import views
 
 @pytest.fixture(scope="module")
 def batch():
     """One mixed LeJEPA step of small phantoms: 3 2D + 2 3D samples, 2 global + 8 local views each."""
     ds_2d = data.open_dataset("phantom2d", "train", n=3, size=56, seed=0)
     ds_3d = data.open_dataset("phantom3d", "train", n=2, size=42, seed=0)
-    loader = data.make_loader(ds_2d, ds_3d, batch_2d=3, batch_3d=2, steps=1, n_global=2, n_local=8, patch=14, seed=0)
+    loader = views.make_loader(ds_2d, ds_3d, batch_2d=3, batch_3d=2, steps=1, n_global=2, n_local=8, patch=14, seed=0)
     b = next(iter(loader))
     assert len(set(b.packed.seqlens)) > 3 and any(b.packed.is_3d) and not all(b.packed.is_3d)
     return b

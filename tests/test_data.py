@@ -1,4 +1,4 @@
-"""readers.py and data.py: readers on fixture trees that mimic each real layout, preprocessing,
+"""readers.py, data.py and views.py: readers on fixture trees that mimic each real layout, preprocessing,
 the cache, phantoms, multi-crop views and the mixed loader (all on CPU, tiny sizes)."""
 import csv
 import gzip
@@ -15,6 +15,7 @@ import torch
 import data
 import phantom
 import readers
+from views import Batch, make_loader, make_views, photometric, whole_view
 
 nib = pytest.importorskip("nibabel")
 from PIL import Image  # noqa: E402
@@ -405,7 +406,7 @@ def test_image_smaller_than_one_patch_is_rejected_with_its_path(tmp_path):
     with pytest.raises(ValueError, match=r"thin.jpg: image \(1, 28, 1\) is smaller than one 14-pixel patch"):
         data.load_source(src, opt())
     with pytest.raises(ValueError, match="smaller than one 14-pixel patch"):
-        data.whole_view(data.Record(np.zeros((1, 10, 40), np.float32), np.zeros(5, np.float32), "2d", "x"), 14)
+        whole_view(data.Record(np.zeros((1, 10, 40), np.float32), np.zeros(5, np.float32), "2d", "x"), 14)
 
 
 def test_prepare_skips_a_corrupt_file_reports_exactly_it_and_resumes(tmp_path, capsys):
@@ -497,7 +498,7 @@ def test_cache_fingerprint_changes_with_content_and_corrupt_array_is_skipped(tmp
     assert data.open_dataset(str(out), "train").fingerprint != fingerprint
     ok = data.open_dataset(str(out), "train")
     with pytest.warns(UserWarning, match="non-finite") as caught:
-        batches = list(data.make_loader(None, ok, batch_2d=0, batch_3d=4, steps=4, patch=14))
+        batches = list(make_loader(None, ok, batch_2d=0, batch_3d=4, steps=4, patch=14))
     assert sum(b.n_skipped for b in batches) >= 1 and ds.ids[0] not in sum((b.ids for b in batches), [])
     assert sum(str(path) in str(w.message) for w in caught) == 1  # warned once, with its path
 
@@ -594,7 +595,7 @@ def test_views_scales_within_bounds_for_2d_and_3d(shape):
     image = np.zeros(shape, np.float32)
     rng = np.random.default_rng(0)
     for _ in range(20):
-        views = data.make_views(image, rng, patch=1)
+        views = make_views(image, rng, patch=1)
         frac = np.array([v[0].numel() / image.size for v in views])
         assert len(views) == 10
         assert np.all((0.3 * 0.9 <= frac[:2]) & (frac[:2] <= 1.0))
@@ -608,7 +609,7 @@ def test_views_scales_within_bounds_for_2d_and_3d(shape):
 @pytest.mark.parametrize("shape", [(1, 224, 182), (84, 112, 112), (14, 30, 100)])
 def test_views_counts_and_whole_patches_at_native_resolution(shape):
     image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)  # every voxel unique
-    views = data.make_views(image, np.random.default_rng(1), patch=14, n_global=3, n_local=5)
+    views = make_views(image, np.random.default_rng(1), patch=14, n_global=3, n_local=5)
     assert len(views) == 8
     for v in views:
         assert v.dtype == torch.float32 and v.shape[0] == 1
@@ -623,9 +624,9 @@ def test_views_counts_and_whole_patches_at_native_resolution(shape):
 
 def test_whole_view_is_a_centred_crop_to_whole_patches():
     image = np.arange(20 * 30 * 45, dtype=np.float32).reshape(20, 30, 45)
-    v = data.whole_view(data.Record(image, np.zeros(5, np.float32), "3d", "x"), 14)
+    v = whole_view(data.Record(image, np.zeros(5, np.float32), "3d", "x"), 14)
     assert v.shape == (1, 14, 28, 42) and torch.equal(v[0], torch.from_numpy(image[3:17, 1:29, 1:43]))
-    flat = data.whole_view(data.Record(image[:1], np.zeros(5, np.float32), "2d", "x"), 14)
+    flat = whole_view(data.Record(image[:1], np.zeros(5, np.float32), "2d", "x"), 14)
     assert flat.shape == (1, 1, 28, 42)
 
 
@@ -643,7 +644,7 @@ def packed_equal(a, b):
 
 def test_loader_batch_is_view_major_with_2d_first():
     d2, d3 = small_sets()
-    loader = data.make_loader(d2, d3, batch_2d=4, batch_3d=2, steps=1, patch=14)
+    loader = make_loader(d2, d3, batch_2d=4, batch_3d=2, steps=1, patch=14)
     (batch,) = list(loader)
     ids, labels, is_3d, views, _ = loader.dataset.sample(0)
     assert (batch.n_samples, batch.n_views, batch.n_global, batch.packed.n_views) == (6, 10, 2, 60)
@@ -654,14 +655,14 @@ def test_loader_batch_is_view_major_with_2d_first():
             assert batch.packed.view_grid[v * 6 + n].tolist() == [max(1, views[n][v].shape[1] // 14),
                                                                   views[n][v].shape[2] // 14, views[n][v].shape[3] // 14]
     moved = batch.to("cpu")
-    assert isinstance(moved, data.Batch) and moved.step == 0
+    assert isinstance(moved, Batch) and moved.step == 0
 
 
 def test_loader_two_ranks_cover_the_global_batch_without_overlap_and_same_views():
     d2, d3 = small_sets()
     kw = dict(batch_2d=4, batch_3d=2, steps=3, patch=14, seed=5)
-    whole = data.make_loader(d2, d3, **kw).dataset
-    ranks = [data.make_loader(d2, d3, rank=r, world=2, **kw).dataset for r in range(2)]
+    whole = make_loader(d2, d3, **kw).dataset
+    ranks = [make_loader(d2, d3, rank=r, world=2, **kw).dataset for r in range(2)]
     for step in range(3):
         ids, labels, _, views, _ = whole.sample(step)
         parts = [r.sample(step) for r in ranks]
@@ -673,18 +674,18 @@ def test_loader_two_ranks_cover_the_global_batch_without_overlap_and_same_views(
     seen = [i for s in range(2) for i in whole.sample(s)[0] if i.startswith("phantom2d")]
     assert len(set(seen)) == 8  # two steps of one epoch's permutation: no repeats
     with pytest.raises(ValueError, match="batch_3d=3 is not divisible by world=2"):
-        data.make_loader(d2, d3, batch_2d=4, batch_3d=3, steps=1, world=2)
+        make_loader(d2, d3, batch_2d=4, batch_3d=3, steps=1, world=2)
 
 
 def test_loader_resume_equals_the_uninterrupted_stream_and_workers_agree():
     d2, d3 = small_sets()
     kw = dict(batch_2d=2, batch_3d=2, steps=5, patch=14, seed=3)
-    full = list(data.make_loader(d2, d3, **kw))
-    resumed = list(data.make_loader(d2, d3, start_step=3, **kw))
+    full = list(make_loader(d2, d3, **kw))
+    resumed = list(make_loader(d2, d3, start_step=3, **kw))
     assert [b.step for b in resumed] == [3, 4]
     for a, b in zip(full[3:], resumed):
         assert a.ids == b.ids and packed_equal(a.packed, b.packed) and torch.equal(a.labels, b.labels)
-    in_worker = list(data.make_loader(d2, d3, start_step=3, workers=1, **kw))
+    in_worker = list(make_loader(d2, d3, start_step=3, workers=1, **kw))
     assert all(packed_equal(a.packed, b.packed) for a, b in zip(resumed, in_worker))
     epochs = [i for b in full for i in b.ids if i.startswith("phantom3d")]  # 10 draws over 6 volumes
     assert sorted(epochs[:6]) == sorted(d3.ids)
@@ -692,7 +693,7 @@ def test_loader_resume_equals_the_uninterrupted_stream_and_workers_agree():
 
 def test_loader_supervised_mode_gives_one_global_view_with_labels():
     d2, _ = small_sets()
-    (batch,) = list(data.make_loader(d2, None, batch_2d=4, batch_3d=8, steps=1, mode="supervised", patch=14))
+    (batch,) = list(make_loader(d2, None, batch_2d=4, batch_3d=8, steps=1, mode="supervised", patch=14))
     assert (batch.n_views, batch.n_global, batch.packed.n_views, batch.n_samples) == (1, 1, 4, 4)
     assert not batch.is_3d.any()
     expected = np.stack([d2[d2.ids.index(i)].labels for i in batch.ids])
@@ -718,17 +719,17 @@ def test_photometric_keeps_shape_and_range_and_blurs_the_patched_axes_only(monke
     for shape in [(1, 1, 28, 42), (1, 28, 14, 42)]:
         view = torch.rand(shape) * 2 - 1
         for _ in range(20):
-            out = data.photometric(view, rng)
+            out = photometric(view, rng)
             assert out.shape == view.shape and out.min() >= -1 and out.max() <= 1
-    monkeypatch.setattr(data, "JITTER_P", 0.0)
-    monkeypatch.setattr(data, "SOLARIZE_P", 0.0)
-    monkeypatch.setattr(data, "BLUR_P", 1.0)
+    monkeypatch.setattr("views.JITTER_P", 0.0)
+    monkeypatch.setattr("views.SOLARIZE_P", 0.0)
+    monkeypatch.setattr("views.BLUR_P", 1.0)
     flat = torch.full((1, 14, 14, 14), 0.3)
-    assert torch.allclose(data.photometric(flat, rng), flat, atol=1e-6)  # blur keeps a uniform region
+    assert torch.allclose(photometric(flat, rng), flat, atol=1e-6)  # blur keeps a uniform region
     for z in (1, 15):
         delta = torch.full((1, z, 21, 21), -1.0)
         delta[0, z // 2, 10, 10] = 1.0
-        light = (data.photometric(delta, rng) + 1) / 2
+        light = (photometric(delta, rng) + 1) / 2
         assert light.sum() == pytest.approx(1.0, abs=1e-5)  # blur moves light, never makes or loses it
         assert light[0, z // 2, 10, 10] < 1.0 and light[0, z // 2, 10, 11] > 0
         assert (z == 1) or light[0, z // 2 + 1, 10, 10] > 0  # volumes blur across slices, radiographs cannot
@@ -738,7 +739,7 @@ def test_photometric_views_are_the_same_crops():
     ds = data.open_dataset("phantom2d", "train", n=4, size=56)
     shapes = {}
     for on in (False, True):
-        batch = next(iter(data.make_loader(ds, None, batch_2d=4, batch_3d=0, steps=1, patch=14, photometric=on)))
+        batch = next(iter(make_loader(ds, None, batch_2d=4, batch_3d=0, steps=1, patch=14, photometric=on)))
         shapes[on] = batch.packed.view_grid.tolist()
         assert batch.packed.patches_2d.abs().max() <= 1
     assert shapes[False] == shapes[True]

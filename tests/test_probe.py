@@ -21,6 +21,7 @@ import probe
 from model import SparseMedicalViT, backbone_from_checkpoint
 from pack import pack
 import readers
+import views
 
 P = 14
 # small phantoms: 2D about 56 x 42 pixels (12 tokens), 3D 14-28 x 28 x 28 voxels (4-8 tokens)
@@ -44,7 +45,7 @@ def briefly_trained(seed=0, steps=150):
     """A tiny backbone trained with a supervised linear head on the phantom train splits (full batch, a few s)."""
     records = [ds[i] for name, size in (("phantom2d", 56), ("phantom3d", 28))
                for ds in [data.open_dataset(name, "train", n=256, size=size)] for i in range(len(ds))]
-    packed = pack([data.whole_view(r, P) for r in records], P)
+    packed = pack([views.whole_view(r, P) for r in records], P)
     y = torch.tensor(np.stack([r.labels for r in records]))
     known = ~torch.isnan(y)
     model, head = tiny(seed).train(), torch.nn.Linear(32, len(data.LABELS))
@@ -258,7 +259,7 @@ def test_features_do_not_depend_on_token_budget():
     small = features.extract_features(model, ds, batch_tokens=10)
     big = features.extract_features(model, ds, batch_tokens=10_000, workers=2)
     with torch.no_grad():
-        alone = np.concatenate([model(pack([data.whole_view(ds[i], P)], P)).numpy() for i in range(len(ds))])
+        alone = np.concatenate([model(pack([views.whole_view(ds[i], P)], P)).numpy() for i in range(len(ds))])
     assert np.allclose(small["x"], alone, atol=1e-5) and np.allclose(big["x"], alone, atol=1e-5)
     assert list(small["ids"]) == list(big["ids"]) == ds.ids and np.array_equal(small["y"], ds.labels, equal_nan=True)
     sizes = [len(v) for v, _ in features.whole_views(ds, P, 10)]
@@ -401,7 +402,7 @@ def test_figure_2b_without_matplotlib_is_input_and_pca_map_side_by_side(tmp_path
     assert entries == read_json(tmp_path / "fig2b.json")
     assert sorted(e["file"] for e in entries) == ["fig2b_2d_0.png", "fig2b_2d_1.png", "fig2b_3d_0.png", "fig2b_3d_1.png"]
     for e in entries:
-        view = data.whole_view(map_sets[e["dataset"][-2:]][e["index"]], P)[0]
+        view = views.whole_view(map_sets[e["dataset"][-2:]][e["index"]], P)[0]
         z, h, w = view.shape
         with Image.open(tmp_path / e["file"]) as im:
             im.verify()

@@ -85,9 +85,9 @@ def test_online_probe_trains_the_probe_only(tmp_path):
     torch.manual_seed(0)
     net = train.build_net(args)
     ds2, ds3 = train.open_training_data(args)
-    import data
-    batch = next(iter(data.make_loader(ds2, ds3, batch_2d=args.batch_2d, batch_3d=args.batch_3d, steps=1,
-                                       n_local=args.n_local, patch=14)))
+    import views
+    batch = next(iter(views.make_loader(ds2, ds3, batch_2d=args.batch_2d, batch_3d=args.batch_3d, steps=1,
+                                        n_local=args.n_local, patch=14)))
     loss, parts, _ = train.compute_loss(net, batch, "lejepa", args.lambd, 0)
     loss.backward()
     with_probe = {k: p.grad.clone() for k, p in net.named_parameters()}
@@ -172,8 +172,8 @@ def test_supervised_batch_without_known_labels_is_a_zero_loss_not_nan():
     train.resolve_defaults(args, cuda=False)
     net = train.build_net(args)
     ds2, ds3 = train.open_training_data(args)
-    import data
-    batch = next(iter(data.make_loader(ds2, ds3, batch_2d=4, batch_3d=2, steps=1, mode="supervised", patch=14)))
+    import views
+    batch = next(iter(views.make_loader(ds2, ds3, batch_2d=4, batch_3d=2, steps=1, mode="supervised", patch=14)))
     batch.labels[:] = float("nan")
     loss, parts, _ = train.compute_loss(net, batch, "supervised", 0.0, 0)
     loss.backward()
@@ -333,10 +333,10 @@ def _first_step_grads(rank, world, port, argv, queue):
     net = train.build_net(args)
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     ds2, ds3 = train.open_training_data(args)
-    import data
-    batch = next(iter(data.make_loader(ds2, ds3, batch_2d=args.batch_2d, batch_3d=args.batch_3d, steps=1,
-                                       n_global=args.n_global, n_local=args.n_local, patch=14, seed=args.seed,
-                                       rank=rank, world=world, mode=args.objective)))
+    import views
+    batch = next(iter(views.make_loader(ds2, ds3, batch_2d=args.batch_2d, batch_3d=args.batch_3d, steps=1,
+                                        n_global=args.n_global, n_local=args.n_local, patch=14, seed=args.seed,
+                                        rank=rank, world=world, mode=args.objective)))
     if args.objective == "supervised":  # unknown labels, unevenly spread over the ranks' shares (by record id)
         for i, rid in enumerate(batch.ids):
             if zlib.crc32(rid.encode()) % 3:
