@@ -1,0 +1,156 @@
+"""Controls for the linear probes: what the phantom labels need, measured with no model and with a model's tokens
+pooled two ways (issue: S3 barely beats its random initialisation; this is the measurement of why).
+
+    python controls.py --ckpt S3=runs/s3/last.pt --random-init --out results/controls
+
+Each control goes through probe.py's own protocol (probe.fit_probes: per label, standardized features ->
+logistic regression with C chosen on held-out training patients; probe.evaluate: macro AUROC, bootstrap CI),
+on the same phantom splits as the tables (MIMIC = phantom2d, CT-RATE = phantom3d):
+- pixels: the whole image (views.whole_view, as the model sees it) area-averaged onto a coarse grid, every
+  value in its place: what a linear probe can read when position is kept.
+- bag of patches: the mean of the image's P-pixel patches (each area-averaged 2x per axis): the same pixels
+  with their positions thrown away, the input-side analogue of the model's mean-pooled embedding.
+- a checkpoint's final tokens pooled as the paper's embedding (mean over the view, model.forward) and as the
+  mean over each of 2 x 2 (2D) or 2 x 2 x 2 (3D) spatial cells of the view, concatenated: the same frozen tokens,
+  with where they sit kept.
+If the pixels score far above the bag of patches, the labels live in where things are; if the cell-pooled
+tokens score above the mean-pooled ones, the mean pooling is where the model's embedding loses it.
+
+Imports data, views, features, probe (for its probes and metrics), pack, numpy and torch; nothing imports it.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import views
+import features
+import probe
+from pack import pack
+
+SETS = (("MIMIC", "phantom2d"), ("CT-RATE", "phantom3d"))
+PIXEL_GRID = {"2d": (1, 16, 16), "3d": (8, 8, 8)}  # 256 and 512 values: well below the 1024 training samples
+CELLS = 2  # cells per patched axis for the cell-pooled tokens
+
+
+def pixel_features(record: data.Record, patch: int) -> np.ndarray:
+    view = views.whole_view(record, patch)  # (1, Z, H, W)
+    grid = PIXEL_GRID[record.modality]
+    pooled = F.interpolate(view[None], size=grid, mode="area") if record.modality == "3d" else \
+        F.interpolate(view, size=grid[1:], mode="area")
+    return pooled.flatten().numpy()
+
+
+def bag_of_patches(record: data.Record, patch: int) -> np.ndarray:
+    view = views.whole_view(record, patch)[0]  # (Z, H, W)
+    if record.modality == "2d":
+        p = view[0].unfold(0, patch, patch).unfold(1, patch, patch).reshape(-1, 1, patch, patch)
+        return F.avg_pool2d(p, 2).flatten(1).mean(0).numpy()
+    p = view.unfold(0, patch, patch).unfold(1, patch, patch).unfold(2, patch, patch).reshape(-1, 1, patch, patch, patch)
+    return F.avg_pool3d(p, 2).flatten(1).mean(0).numpy()
+
+
+@torch.inference_mode()
+def pooled_tokens(model, ds, batch_tokens: int = 32768) -> dict:
+    """{"mean": (N, dim), "cells": (N, cells * dim)} of the frozen final tokens, with y and ids."""
+    mean, cells, ys, ids = [], [], [], []
+    for batch, records in features.whole_views(ds, model.patch, batch_tokens):
+        packed = pack(batch, model.patch)
+        tokens = model.forward_features(packed)  # (T, dim), packed order
+        for v in range(len(batch)):
+            sel = packed.token_view == v
+            t, index, grid = tokens[sel], packed.patch_index[sel], packed.view_grid[v]
+            patched = grid > 1
+            cell = torch.zeros(len(t), dtype=torch.long)
+            for axis in torch.nonzero(patched).flatten().tolist():  # cell index over the patched axes
+                cell = cell * CELLS + (index[:, axis] * CELLS // grid[axis]).clamp(max=CELLS - 1)
+            n_cells = CELLS ** int(patched.sum())
+            cells.append(torch.cat([t[cell == c].mean(0) if (cell == c).any() else t.mean(0)
+                                    for c in range(n_cells)]).numpy())
+            mean.append(t.mean(0).numpy())
+        ys += [r.labels for r in records]
+        ids += [r.id for r in records]
+    return {"mean": np.stack(mean), "cells": np.stack(cells), "y": np.stack(ys), "ids": np.array(ids)}
+
+
+def score(train: dict, test: dict, key: str, n_boot: int, seed: int) -> probe.Result:
+    probes = probe.fit_probes(train[key], train["y"], train["ids"], seed=seed)
+    return probe.evaluate(test["y"], probe.probe_scores(probes, test[key]), test["ids"], n_boot, seed)
+
+
+def input_controls(split_ds: dict, patch: int) -> dict:
+    out = {}
+    for split, ds in split_ds.items():
+        recs = [ds[i] for i in range(len(ds))]
+        out[split] = {"pixels": np.stack([pixel_features(r, patch) for r in recs]),
+                      "bag": np.stack([bag_of_patches(r, patch) for r in recs]),
+                      "y": np.stack([r.labels for r in recs]), "ids": np.array([r.id for r in recs])}
+    return out
+
+
+def run(args) -> dict:
+    checkpoints = features.load_checkpoints(args.ckpt, "auto")
+    if args.random_init:
+        checkpoints.append(features.random_init(checkpoints[0], "auto", args.seed))
+    a = checkpoints[0].train_args
+    report = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed, "rows": []}
+    for paper, name in SETS:
+        modality = "3d" if "3d" in name else "2d"
+        size = a.get(f"size_{modality}")
+        split_ds = {s: data.open_dataset(name, s, n=n, size=size, seed=args.seed)
+                    for s, n in (("train", args.n_train), ("test", args.n_test))}
+        x = input_controls(split_ds, checkpoints[0].model.patch)
+        rows = [("pixels in place " + "x".join(map(str, PIXEL_GRID[modality])), "pixels"),
+                ("bag of patches (positions lost)", "bag")]
+        for label, key in rows:
+            r = score(x["train"], x["test"], key, args.bootstrap, args.seed)
+            report["rows"].append({"test_set": f"{paper} ({name})", "features": label, "macro": r.macro,
+                                   "ci": list(r.macro_ci)})
+        for c in checkpoints:
+            f = {s: pooled_tokens(c.model, ds) for s, ds in split_ds.items()}
+            for key, label in (("mean", "mean over the view (the paper's embedding)"),
+                               ("cells", f"mean over each of {CELLS}^{2 if modality == '2d' else 3} cells")):
+                r = score(f["train"], f["test"], key, args.bootstrap, args.seed)
+                report["rows"].append({"test_set": f"{paper} ({name})", "features": f"{c.name}: tokens, {label}",
+                                       "macro": r.macro, "ci": list(r.macro_ci)})
+        print(f"controls: {paper} done", flush=True)
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"**Controls** (LP macro AUROC, 95% CI; {report['n_train']} train and {report['n_test']} test phantoms "
+             f"per set, seed {report['seed']})", "", "| Test set | Features | Macro (95% CI) |", "| --- | --- | --- |"]
+    lines += [f"| {r['test_set']} | {r['features']} | {probe.fmt_ci(r['macro'], r['ci'])} |" for r in report["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint(s), PATH or NAME=PATH")
+    p.add_argument("--random-init", action="store_true", help="also the first checkpoint's architecture at a random init")
+    p.add_argument("--n-train", type=int, default=1024, help="phantom train samples per set (default: %(default)s)")
+    p.add_argument("--n-test", type=int, default=1024, help="phantom test samples per set (default: %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="phantoms, held-out split and bootstrap (default: %(default)s)")
+    p.add_argument("--out", default="results/controls", help="folder for controls.md/.json (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        report = run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"controls.py: error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    text = markdown(report)
+    data.atomic_write(os.path.join(args.out, "controls.md"), lambda f: f.write(text.encode()))
+    data.atomic_write(os.path.join(args.out, "controls.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
