@@ -108,13 +108,30 @@ def stretch(pcs: np.ndarray, lo: float = 2, hi: float = 98) -> np.ndarray:
 CARD_STATE = {1.0: "positive", 0.0: "negative"}
 
 
-def draw_map(gray: np.ndarray, fmap: np.ndarray, entry: dict, name: str, patch: int):
-    """Fig. 2b, one sample: input | PCA map | overlay, titled; None without matplotlib."""
+# Where the patient is on each panel (data.py's orientation): a radiograph as a frontal film is read, an axial CT
+# slice as radiologists display it; the patient's right is on the image's left in both
+MARKS = {"2d": {"top": "S", "bottom": "I", "left": "R", "right": "L"},
+         "3d": {"top": "A", "bottom": "P", "left": "R", "right": "L"}}
+MARK_AT = {"top": (0.5, 0.97, "center", "top"), "bottom": (0.5, 0.03, "center", "bottom"),
+           "left": (0.02, 0.5, "left", "center"), "right": (0.98, 0.5, "right", "center")}
+
+
+def orientation_marks(ax, modality: str):
+    for side, letter in MARKS[modality].items():
+        x, y, ha, va = MARK_AT[side]
+        ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=13, weight="bold")
+
+
+def draw_map(gray: np.ndarray, fmap: np.ndarray, entry: dict, name: str, patch: int, pca_over: str = "2D and 3D"):
+    """Fig. 2b, one sample: input | PCA map | overlay, titled, with the patient's orientation (R/L, S/I or A/P)
+    on every panel and the CT window and slice named; None without matplotlib."""
     fig = matplotlib_figure(figsize=(13, 5.4), layout="constrained")
     if fig is None:
         return None
-    where = (f"CT, axial slice {entry['slice']['index']} of {entry['slice']['of']} (from the top)" if "slice" in entry
-             else "radiograph")
+    modality = "3d" if "slice" in entry else "2d"
+    where = (f"CT, axial slice {entry['slice']['index']} of {entry['slice']['of']} (from the top),\n"
+             f"window L={data.WINDOW_LEVEL:.0f} W={data.WINDOW_WIDTH:.0f} HU (paper 2.4)" if modality == "3d"
+             else "radiograph (frontal)")
     axes = fig.subplots(1, 3)
     axes[0].imshow(gray, cmap="gray", vmin=-1, vmax=1)
     axes[1].imshow(fmap, interpolation="nearest")
@@ -124,10 +141,11 @@ def draw_map(gray: np.ndarray, fmap: np.ndarray, entry: dict, name: str, patch: 
         ax.set_title(title, fontsize=13)
         ax.set_xticks([])
         ax.set_yticks([])
+        orientation_marks(ax, modality)
     model = f"{name}, " if name else ""
     fig.suptitle(f"Figure 2b: PCA feature map ({model}{entry['dataset']} {entry['split']} #{entry['index']}, "
                  f"id {entry['id']}, Cardiomegaly {entry['cardiomegaly']})", fontsize=15)
-    fig.supxlabel("colour key: red = PC1, green = PC2, blue = PC3 of the patch features (one PCA over the 2D and 3D "
+    fig.supxlabel(f"colour key: red = PC1, green = PC2, blue = PC3 of the patch features (one PCA over the {pca_over} "
                   "examples),\neach stretched to its 2-98th percentile in this map; one colour per "
                   f"{patch}-pixel patch (nearest-neighbour upsampling)", fontsize=11)
     return fig
@@ -137,7 +155,7 @@ def draw_map(gray: np.ndarray, fmap: np.ndarray, entry: dict, name: str, patch: 
 def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device: torch.device,
               name: str = "") -> list:
     """Fig. 2b: DINO-style maps (paper 3.4). First 3 PCs of the patch tokens of a few 2D images and CT volumes
-    (one PCA over both, so a colour means the same components in both) -> RGB on the patch grid, stretched
+    (one PCA over the modalities given, so a colour means the same components in both) -> RGB on the patch grid, stretched
     per map, nearest-upsampled to the input. Writes fig2b_{2d,3d}_{k}.png (input | PCA map | overlay, titled,
     with matplotlib; input | map side by side without it) and fig2b.json (which sample and slice each shows)."""
     p = model.patch
@@ -165,7 +183,7 @@ def figure_2b(model: SparseMedicalViT, sets: dict, count: int, out: str, device:
         if mod == "3d":
             entry["slice"] = {"axis": "axial (Z: superior -> inferior)", "index": z, "of": int(view.shape[1]),
                               "token_slice": z // p}
-        fig = draw_map(gray, fmap, entry, name, p)
+        fig = draw_map(gray, fmap, entry, name, p, " and ".join(m.upper() for m in sets))
         path = os.path.join(out, entry["file"])
         if fig is None:  # no matplotlib: input | map, side by side at the input size
             img = np.concatenate([to_gray(gray), (fmap * 255).astype(np.uint8)], axis=1)
