@@ -435,8 +435,8 @@ def embed_args(argv):
                    help="long side of radiographs (default: the checkpoint's training size, else 224, paper 2.4)")
     p.add_argument("--size-3d", type=int, default=None,
                    help="long side of CT volumes (default: the checkpoint's training size, else 112, paper 2.4)")
-    p.add_argument("--n", type=int, default=None, help="phantoms: samples per split (default: data.py's, 1024 train "
-                                                       "and 256 test)")
+    p.add_argument("--n", type=int, default=None, help=f"phantoms: samples per split (default: {data.PHANTOM_N['train']} train and "
+                                                        f"{data.PHANTOM_N['test']} test)")
     p.add_argument("--seed", type=int, default=0, help="phantoms: seed (as probe.py --seed; default: %(default)s)")
     p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per packed batch (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -581,8 +581,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom data, the held-out split and the bootstrap (default: %(default)s)")
     p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default: the first checkpoint's, else 224, paper 2.4)")
     p.add_argument("--size-3d", type=int, default=None, help="phantom 3D long side (default: the first checkpoint's, else 112, paper 2.4)")
-    p.add_argument("--n-train", type=int, default=None, help="phantom samples per train split (default: data.py's)")
-    p.add_argument("--n-test", type=int, default=None, help="phantom samples per test split (default: data.py's)")
+    p.add_argument("--n-train", type=int, default=None, help=f"phantom samples per train split (default: {data.PHANTOM_N['train']})")
+    p.add_argument("--n-test", type=int, default=None, help=f"phantom samples per test split (default: {data.PHANTOM_N['test']})")
     args = p.parse_args(argv)
     if not args.ckpt and not args.features:
         p.error("give --ckpt and/or --features")

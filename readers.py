@@ -108,7 +108,9 @@ def add_arguments(p) -> None:
                         "or auto from the folder names (default: %(default)s)")
     p.add_argument("--one-per-scan", action="store_true", help="CT-RATE: first reconstruction of each scan only")
     p.add_argument("--v1-flip", default="", help="CT-RATE v1: axes of (Z, Y, X) to flip after reading the "
-                   "stored axes as Left, Posterior, Superior (see CTRATE_V1_AXES), e.g. 'z' (default: none)")
+                   "stored axes as running towards the patient's Left, Posterior and Superior (v1 headers are not "
+                   "trusted; v2's corrected affines say so of the same arrays), e.g. 'z' if a volume comes out upside "
+                   "down (default: none)")
     p.add_argument("--dicom-modality", choices=["3d", "2d"], default="3d",
                    help="DICOM: 3d reads CT series as volumes, 2d reads CR/DX/DR radiographs (default: %(default)s)")
 
