@@ -1,4 +1,5 @@
-"""train.py: stages, checkpoints, exact resume, DDP equivalence, safe loading."""
+"""train.py, budget.py (a step's memory) and signals.py (Ctrl-C, SIGTERM): stages, checkpoints, exact resume,
+DDP equivalence, safe loading."""
 import json
 import os
 import pickle
@@ -12,6 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import budget
+import signals
 import train
 from conftest import free_port
 from model import load_checkpoint
@@ -276,13 +279,13 @@ def test_second_ctrl_c_keeps_the_last_finished_step_and_resume_continues_exactly
 
 
 def test_a_second_signal_during_the_update_stops_at_its_end_not_inside_it():
-    stop = train.StopSignals(5, announce=lambda text: None)
+    stop = signals.StopSignals(5, announce=lambda text: None)
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # the first: noted, the step goes on
         assert stop.signal == signal.SIGTERM and stop.exit_code == 143
         stop.updating()
         os.kill(os.getpid(), signal.SIGTERM)  # the second, while the optimizer writes the weights: no exception here
-        with pytest.raises(train.StopNow) as now:
+        with pytest.raises(signals.StopNow) as now:
             stop.reached(6)
         assert now.value.step == 6
     finally:
@@ -429,21 +432,21 @@ def test_step_memory_estimate_grows_with_the_batch_and_falls_with_act_ckpt():
     args = train.get_args(TINY)
     train.resolve_defaults(args, cuda=False)
     net, (ds2, ds3) = train.build_net(args), train.open_training_data(args)
-    per_2d, per_3d = (train.tokens_per_sample(ds, args, net.backbone.patch) for ds in (ds2, ds3))
+    per_2d, per_3d = (budget.tokens_per_sample(ds, args, net.backbone.patch) for ds in (ds2, ds3))
     # the views of a sample as the loader draws them: 2 global crops of 30-100%, 4 local of 5-30% of the image
     whole = (56 // 14) ** 2
     assert whole * (2 * 0.3 + 4 * 0.05) < per_2d < whole * (2 * 1.0 + 4 * 0.3) and per_3d > 0
-    small, big = (train.step_memory(net, n * per_2d, n * per_3d, cuda=False, act_ckpt=False) for n in (8, 16))
-    ckpt = train.step_memory(net, 16 * per_2d, 16 * per_3d, cuda=False, act_ckpt=True)
-    assert train.BASE_BYTES < small < big and ckpt < big
-    fixed = train.BASE_BYTES + sum(p.numel() for p in net.parameters()) * train.STATE_FLOATS * 4
-    step_part = lambda n: train.step_memory(net, n * per_2d, 0, cuda=False, act_ckpt=False) - fixed  # noqa: E731
+    small, big = (budget.step_memory(net, n * per_2d, n * per_3d, cuda=False, act_ckpt=False) for n in (8, 16))
+    ckpt = budget.step_memory(net, 16 * per_2d, 16 * per_3d, cuda=False, act_ckpt=True)
+    assert budget.BASE_BYTES < small < big and ckpt < big
+    fixed = budget.BASE_BYTES + sum(p.numel() for p in net.parameters()) * budget.STATE_FLOATS * 4
+    step_part = lambda n: budget.step_memory(net, n * per_2d, 0, cuda=False, act_ckpt=False) - fixed  # noqa: E731
     assert step_part(16) == pytest.approx(2 * step_part(8), rel=1e-9)  # what a step allocates is per token
 
 
 def test_a_step_that_does_not_fit_in_memory_is_refused_before_it_starts(tmp_path, monkeypatch):
     big = ["--steps", "1", "--batch-2d", "16", "--batch-3d", "8"]
-    monkeypatch.setattr(train, "available_memory", lambda device: (100 * 2**20, "MemAvailable in /proc/meminfo"))
+    monkeypatch.setattr(budget, "available_memory", lambda device: (100 * 2**20, "MemAvailable in /proc/meminfo"))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as refused:
         train.main([*TINY, *big, "--out", str(out)])
@@ -452,7 +455,7 @@ def test_a_step_that_does_not_fit_in_memory_is_refused_before_it_starts(tmp_path
     assert "0.1 GB are available (MemAvailable" in message
     assert all(flag in message for flag in ("--batch-2d/--batch-3d", "--accum", "--act-ckpt"))
     assert not out.exists()  # refused before anything was allocated or written
-    monkeypatch.setattr(train, "available_memory", lambda device: (64 * 2**30, "MemAvailable in /proc/meminfo"))
+    monkeypatch.setattr(budget, "available_memory", lambda device: (64 * 2**30, "MemAvailable in /proc/meminfo"))
     run(tmp_path, "fits", *big)  # the same run where the memory is there
 
 
