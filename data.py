@@ -559,8 +559,16 @@ def check(name: str, root, opt: readers.Options, full: bool = False) -> dict:
     for s, xs in splits.items():
         paper = readers.PAPER_N.get((name, s))
         print(f"  {s or '(no split)'}: {len(xs)}, {usable[s]} usable" + (f"  (paper 2.4.1: n={paper:,})" if paper else ""))
+        if all(pos + neg == 0 for pos, neg, _ in labels[s].values()):  # DICOM, folders: no label table to read
+            print(f"    labels: none of the five is known ({name} brings no label table): for pretraining, not probes")
+            continue
         for label, (pos, neg, unk) in labels[s].items():
             print(f"    {label:17s} positive {pos:7d}  negative {neg:7d}  unknown {unk:7d}")
+    if name == "dicom":  # what was found, series by series: a user checks an archive before converting it
+        for src in sources:
+            size = f"{len(src.files)} files" if src.files else "1 file"
+            state = "problem (below)" if src.path in bad else "usable"
+            print(f"  {'CT series' if src.kind == 'dicom-ct' else 'radiograph'} {src.path}: {size}, {state}")
     if (name, "all") in readers.PAPER_N:  # RAD-ChestCT: Table 1 tests on every split
         print(f"  all splits: {len(sources)}, {sum(usable.values())} usable  (paper 2.4.1: n={readers.PAPER_N[name, 'all']:,})")
     for path, error in problems:

@@ -678,7 +678,8 @@ def peek(src: Source) -> None:
     if src.kind == "xray":
         from PIL import Image
         with Image.open(src.path) as im:
-            im.size
+            fmt = im.format
+        _check_image_end(src.path, fmt)
     elif src.kind == "nifti":
         import nibabel as nib
         img = nib.load(src.path)
@@ -689,6 +690,22 @@ def peek(src: Source) -> None:
             _check_gzip_size(src.path, offset + math.prod(img.shape) * img.header.get_data_dtype().itemsize)
     elif src.kind == "npz":
         read_radchest(src.path, header_only=True)
+
+
+IMAGE_END = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}  # the marker a whole file ends with (PNG's IEND chunk, JPEG's EOI)
+
+
+def _check_image_end(path: str, fmt: str) -> None:
+    """A PNG or JPEG cut short (a copy that stopped) has a readable header but no end marker: read the last bytes."""
+    marker = IMAGE_END.get(fmt)
+    if marker is None:
+        return
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 32))
+        tail = f.read()
+    if marker not in tail:
+        raise ValueError(f"{path}: truncated {fmt} file (no end marker): the copy stopped short")
 
 
 def _check_gzip_size(path: str, expected: int) -> None:

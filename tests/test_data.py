@@ -469,6 +469,32 @@ def test_check_without_full_finds_a_truncated_nifti_gz(tmp_path):
     assert "implies 96352" in report["problems"][0][1]  # 352-byte header + 40 x 40 x 30 int16
 
 
+def test_check_without_full_finds_a_truncated_png_and_jpeg(tmp_path):
+    """A radiograph cut short keeps a readable header: check (headers only) must still call it a problem, and
+    agree with what --full (decoding every file) finds."""
+    root = tmp_path / "xrays"
+    root.mkdir()
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+    for name in ("whole.png", "cut.png", "whole.jpg", "cut.jpg"):
+        img.save(root / name)
+    for name in ("cut.png", "cut.jpg"):
+        (root / name).write_bytes((root / name).read_bytes()[:-40])
+    fast, full = data.check("folder2d", root, opt()), data.check("folder2d", root, opt(), full=True)
+    assert sorted(Path(p).name for p, _ in fast["problems"]) == ["cut.jpg", "cut.png"]
+    assert sorted(Path(p).name for p, _ in full["problems"]) == ["cut.jpg", "cut.png"]
+    assert all("truncated" in why for _, why in fast["problems"])
+
+
+def test_check_of_dicom_lists_each_series_and_no_label_table(capsys):
+    pytest.importorskip("pydicom")
+    folder = real("ct-dicom")
+    report = data.check("dicom", folder, opt())
+    out = capsys.readouterr().out
+    assert report["usable"] == {"train": 1} and "labels: none of the five is known" in out
+    assert "positive" not in out  # no table of zeros
+    assert f"CT series {folder / 'Lung_Dx-A0002-B40f'}: 30 files, usable" in out
+
+
 def test_ct_resampling_keeps_anatomy_proportions():
     hu = np.zeros((10, 40, 20), np.float32)  # 4 mm slices, 1 mm pixels: 40 x 40 x 20 mm
     out = data.preprocess_ct(hu, (4.0, 1.0, 1.0), 28, "x")
