@@ -30,12 +30,13 @@ Padded batches are made from the packed one (pad_views) and run by the model's o
 is followed by a zero "padding view" of its modality up to the longest length L, so every row holds L
 tokens that all go through every layer, and the sdpa row mask (each segment attends to itself) is the
 key-padding mask of a plain ViT batch. Figures are printed, never asserted: machines are noisy.
+
+Imports model, pack, data, views, train (its net and loss), opcount (sections 6 and 7: kinds of operation,
+the operators counted) and peers (section 8); reproduce.py imports it for the GEMM rate.
 """
 import argparse
-import copy
 import dataclasses
 import datetime
-import functools
 import gc
 import json
 import os
@@ -50,17 +51,12 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.flop_counter import flop_registry
 
 import data
-import model as model_lib
 from model import PRESETS, available_backends, model_flops_per_token, resolve_backend
-from pack import Packed, dense_layout, pack, pack_rows
+from opcount import GPUS, by_class, traffic_section
+from pack import Packed, dense_layout, pack_rows
+from peers import peer_section
 from train import build_net, compute_loss
 from train import get_args as train_args
 from views import Batch, make_loader, make_views
@@ -70,27 +66,7 @@ N_GLOBAL, N_LOCAL, LAMBD = 2, 8, 0.025  # paper 2.2, 2.4.1
 CPU = dict(scale=1 / 32, model="tiny", warmup=1, repeats=3)  # 6 2D + 2 3D: about a minute on 2 quiet cores
 CUDA = dict(scale=1.0, model="base", warmup=3, repeats=10)
 SMOKE = dict(scale=0.01, model="tiny", depth=2, size_2d=56, size_3d=28, warmup=1, repeats=1, max_scale=0.01)
-# section 6: kinds of operation, matched in order against lower-cased aten operator or CUDA kernel names.
-# Inductor's pointwise/reduction kernels first: they are named after the ops they fuse
-# ("triton_poi_fused_addmm_gelu" is a bias add and GELU, not a GEMM). Attention before GEMMs: flash and
-# memory-efficient kernels carry "cutlass" in their template arguments ("fmha_cutlassF_...").
-OP_CLASSES = (("compiled fused kernels", ("triton_poi", "triton_per", "triton_red", "cpp_fused")),
-              ("attention", ("flash", "fmha", "attention", "sdpa")),
-              ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "::mm", "addmm", "bmm", "matmul", "linear")),
-              ("compiled fused kernels", ("triton",)),
-              ("RoPE (addcmul, flip)", ("addcmul", "flip")),
-              ("layer norm", ("layer_norm", "gammabeta")),
-              ("GELU", ("gelu",)),
-              ("gather / scatter", ("index", "gather", "scatter")),
-              ("casts and copies", ("copy", "clone", "cat", "stack")),
-              ("reductions", ("reduce", "sum", "mean")),
-              ("other elementwise", ("elementwise", "add", "mul", "sub", "div", "neg", "where", "fill", "zero")))
 FLEX_EAGER_MAX_BYTES = 2 << 30  # eager flex_attention materializes the T x T scores of every head
-# dense (no sparsity) bf16 tensor-core peak TFLOP/s and memory bandwidth TB/s, by a fragment of
-# torch.cuda.get_device_name() (or --traffic GPU); first match
-GPUS = (("H100 PCIe", 756, 2.0, "H100 PCIe"), ("H100 NVL", 835, 3.9, "H100 NVL"), ("H100", 989, 3.35, "H100 SXM"),
-        ("H200", 989, 4.8, "H200"), ("A100", 312, 2.0, "A100 80GB"), ("L40S", 362, 0.864, "L40S"),
-        ("RTX PRO 6000", 500, 1.79, "RTX PRO 6000 Blackwell (approximate)"))
 
 
 def get_args(argv=None):
@@ -451,28 +427,6 @@ def gpu_section(args, net, work: Workload, device, packed: dict | None) -> tuple
     return rows, largest
 
 
-def op_class(name: str) -> str:
-    name = name.lower()
-    return next((label for label, keys in OP_CLASSES if any(k in name for k in keys)), "other")
-
-
-def by_class(tallies) -> dict[str, dict]:
-    """(operator name, {"s": seconds, other numbers...}) -> per kind of operation (op_class): the numbers
-    summed, "calls" counted, and "largest", the operator with the most seconds. Sorted by seconds, most first."""
-    classes, seconds = {}, {}
-    for name, numbers in tallies:
-        kind = op_class(name)
-        c = classes.setdefault(kind, {"calls": 0})
-        c["calls"] += numbers.pop("calls", 1)
-        for key, v in numbers.items():
-            c[key] = c.get(key, 0) + v
-        per_name = seconds.setdefault(kind, {})
-        per_name[name] = per_name.get(name, 0) + numbers["s"]
-    for kind, c in classes.items():
-        c["largest"] = max(seconds[kind], key=seconds[kind].get)
-    return dict(sorted(classes.items(), key=lambda kv: -kv[1]["s"]))
-
-
 def profile_section(args, net, batch, device, label: str, trace: str = "") -> list[dict]:
     """Section 6: one packed step under torch.profiler, its time split by kind of operation.
 
@@ -505,233 +459,6 @@ def profile_section(args, net, batch, device, label: str, trace: str = "") -> li
     rest = wall - sum(c["s"] for c in classes.values())
     rows.append({"step": label, "operations": "GPU idle (launches, syncs)" if cuda else "outside aten operators",
                  "ms": 1e3 * rest, "% of step": 100 * rest / wall, "calls": None, "largest": None})
-    return rows
-
-
-class _ShapeOnlyAttention(torch.autograd.Function):
-    """Stands in for packed attention in section 7: right shapes, no work (it is counted by formula)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out = torch.empty_like(q)
-        ctx.save_for_backward(q, k, v, out)  # what flash attention keeps for backward (less its small logsumexp)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.empty_like(grad), torch.empty_like(grad), torch.empty_like(grad)
-
-
-@contextmanager
-def attention_by_formula(backbone):
-    """Section 7 counts attention as varlen does its work (sum of n^2 per view), on the tokens in the packed
-    order: the rows flag keeps the CPU's sdpa from reordering them into its dense layout, as on CUDA."""
-    saved = model_lib.packed_attention, model_lib.attention_mask, backbone.sdpa_rows
-    model_lib.packed_attention = lambda q, k, v, *rest: _ShapeOnlyAttention.apply(q, k, v)
-    model_lib.attention_mask = lambda *a, **k: None
-    backbone.sdpa_rows = True
-    try:
-        yield
-    finally:
-        model_lib.packed_attention, model_lib.attention_mask, backbone.sdpa_rows = saved
-
-
-class CudaLayerNormPolicy(TorchFunctionMode):
-    """CPU autocast runs layer_norm in its input's dtype, CUDA autocast in float32: count CUDA's way.
-
-    The other ops this model runs under autocast (linear, matmul) follow the same policy on both.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.layer_norm and torch.is_autocast_enabled("cpu"):
-            up = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-            args, kwargs = tree_map(up, args), tree_map(up, kwargs)
-        return func(*args, **kwargs)
-
-
-class OpCounter(TorchDispatchMode):
-    """FLOPs (torch.utils.flop_counter's formulas) and bytes read + written of every aten operator.
-
-    Views move nothing, allocations touch nothing and metadata queries return no tensor, so none of
-    them counts; a broadcast input counts its storage once.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.ops = {}  # aten name -> [calls, bytes, flops]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = func._schema.name
-        is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
-        if is_view or name.startswith("aten::empty"):
-            return out
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if not outs:  # prim::device and the like: metadata, no memory traffic
-            return out
-        written_only = args[1:] if name == "aten::copy_" else args  # a copy writes its destination, never reads it
-        reads = tree_flatten((written_only, {k: v for k, v in kwargs.items() if k != "out"}))[0]  # out= too
-        tensors = [t for t in reads if isinstance(t, torch.Tensor)] + outs
-        moved = sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in tensors)
-        flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) if func.overloadpacket in flop_registry else 0
-        c = self.ops.setdefault(name, [0, 0, 0])
-        c[0], c[1], c[2] = c[0] + 1, c[1] + moved, c[2] + flops
-        return out
-
-
-def traffic_section(args, net, batch: Batch) -> tuple[list[dict], str]:
-    """Section 7 (--traffic GPU): what one eager bf16 step of the packed batch asks of a GPU, counted, not timed.
-
-    The step (forward + backward of the LeJEPA loss under bf16 autocast) runs on fake tensors: shapes
-    and dtypes only, no memory and no arithmetic, so the paper's batch of `base` counts in seconds on
-    any machine. Each operator needs at least max(FLOPs / peak, bytes / bandwidth) on the named GPU;
-    their sum bounds the eager step from below, and model FLOPs over it bounds eager MFU from above.
-    Attention is counted by formula as varlen does it: 4 d n^2 FLOPs per view and layer forward,
-    2.5 times that backward, q, k, v, out (and their gradients) through memory once.
-    """
-    key = (args.traffic or "H100").lower()
-    gpu = next((g for g in GPUS if key in (g[0].lower(), g[3].lower())), None) or \
-        next((g for g in GPUS if key in g[3].lower().split()), None)
-    if gpu is None:
-        raise SystemExit(f"--traffic {args.traffic!r}: unknown GPU; known: {', '.join(g[3] for g in GPUS)}")
-    peak, bandwidth, label = gpu[1] * 1e12, gpu[2] * 1e12, gpu[3]
-    config = net.backbone.config
-    net, counter, saved = copy.deepcopy(net), OpCounter(), {}  # the caller's model stays a real one
-
-    def keep(t):  # activations autograd keeps for backward, by storage: views of one tensor count once
-        saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
-    with FakeTensorMode() as fake, attention_by_formula(net.backbone):
-        net = net._apply(fake.from_tensor)
-        b = batch._map(lambda t: t._map(fake.from_tensor) if isinstance(t, Packed) else fake.from_tensor(t))
-        with counter, CudaLayerNormPolicy():
-            with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-                loss, *_ = compute_loss(net, b, "lejepa", LAMBD, 0)
-            loss.backward()
-    params = sum(p.numel() for p in net.parameters())
-    d, depth, tokens, seqlens = config["dim"], config["depth"], batch.packed.n_tokens, batch.packed.seqlens
-    classes = by_class((name, {"calls": calls, "bytes": moved, "flops": flops, "s": max(flops / peak, moved / bandwidth)})
-                       for name, (calls, moved, flops) in counter.ops.items())
-    flops = 3.5 * 4 * d * sum(n * n for n in seqlens) * depth
-    moved = 12 * tokens * d * 2 * depth  # bf16 q, k, v, out forward; q, k, v, out, dout, dq, dk, dv backward
-    attention = "attention (varlen, by formula)"  # the stand-in above ran none: counted here instead
-    classes[attention] = {"calls": 2 * depth, "bytes": moved, "flops": flops, "s": max(flops / peak, moved / bandwidth)}
-    classes = dict(sorted(classes.items(), key=lambda kv: -kv[1]["s"]))
-    total = {key: sum(c[key] for c in classes.values()) for key in ("calls", "bytes", "flops", "s")}
-    rows = [{"operations": k, "calls": c["calls"], "GB moved": c["bytes"] / 1e9, "TFLOP": c["flops"] / 1e12,
-             "least ms": 1e3 * c["s"], "% of step": 100 * c["s"] / total["s"]} for k, c in [*classes.items(), ("total", total)]]
-    model_flops = model_flops_per_token(config, seqlens) * tokens
-    note = (f"{label}: {gpu[1]} TFLOP/s dense bf16, {gpu[2]} TB/s. Model FLOPs {model_flops / 1e12:.1f} T: "
-            f"eager MFU at most **{100 * model_flops / total['s'] / peak:.1f}%** (every operator at its roofline); "
-            f"the matmuls and attention alone would allow "
-            f"{100 * model_flops / (classes['matmul']['s'] + classes[attention]['s']) / peak:.0f}%. "
-            "What torch.compile fuses moves fewer bytes than counted here. "
-            f"Activations kept for backward: **{sum(saved.values()) / 2**30:.1f} GiB**, plus "
-            f"{params * 16 / 2**30:.1f} GiB of weights, gradients and AdamW state.")
-    return rows, note
-
-
-# ---------------------------------------------------------------- peers (section 8)
-# The variable-resolution ViTs a user would pick instead, at our width, depth, heads, MLP ratio and patch,
-# each fed the same views as it expects them. Optional packages: a peer that will not import is skipped.
-
-def _timm_naflex(cfg, views):
-    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
-    p = cfg["patch"]
-    net = NaFlexVit(NaFlexVitCfg(patch_size=p, embed_dim=cfg["dim"], depth=cfg["depth"], num_heads=cfg["heads"],
-                                 mlp_ratio=cfg["mlp_ratio"], global_pool="avg"), in_chans=1, num_classes=0)
-
-    def run(views):  # what timm's NaFlex collator hands the model: patches padded to the longest, a key mask
-        grids = [(v.shape[-2] // p, v.shape[-1] // p) for v in views]
-        n = max(h * w for h, w in grids)
-        patches, coord = views[0].new_zeros(len(views), n, p * p), torch.zeros(len(views), n, 2, dtype=torch.long)
-        valid = torch.zeros(len(views), n, dtype=torch.bool)
-        for i, (v, (h, w)) in enumerate(zip(views, grids)):
-            patches[i, :h * w] = v.reshape(h, p, w, p).permute(0, 2, 1, 3).reshape(h * w, p * p)
-            coord[i, :h * w] = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).view(-1, 2)
-            valid[i, :h * w] = True
-        return net({"patches": patches, "patch_coord": coord.to(patches.device), "patch_valid": valid.to(patches.device)})
-    return net, run
-
-
-def _navit(cfg, views, nested: bool, volumes: bool = False):
-    dims = dict(patch_size=cfg["patch"], dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"], channels=1,
-                mlp_dim=int(cfg["dim"] * cfg["mlp_ratio"]), dim_head=cfg["dim"] // cfg["heads"], num_classes=cfg["dim"])
-    largest = max(max(v.shape[-2:]) for v in views)
-    if volumes:
-        from vit_pytorch.na_vit_nested_tensor_3d import NaViT
-        net = NaViT(image_size=largest, max_frames=max(v.shape[1] for v in views), frame_patch_size=cfg["patch"],
-                    num_registers=0, token_dropout_prob=0.0, **dims)  # no registers: the same tokens as ours
-        return net, lambda views: net(list(views))
-    if nested:
-        from vit_pytorch.na_vit_nested_tensor import NaViT
-        net = NaViT(image_size=largest, token_dropout_prob=0.0, **dims)
-        return net, lambda views: net([v[:, 0] for v in views])
-    from vit_pytorch.na_vit import NaViT
-    net = NaViT(image_size=largest, **dims)
-    longest = max(v.shape[-2] * v.shape[-1] for v in views) // cfg["patch"] ** 2
-    # rows as long as the longest view, as ours: the shortest rows its block masks allow
-    return net, lambda views: net([v[:, 0] for v in views], group_images=True, group_max_seq_len=longest)
-
-
-PEERS = {"2D": [("timm NaFlexViT (padded to the longest, key mask)", _timm_naflex),
-                ("vit-pytorch NaViT (rows, block masks)", lambda c, v: _navit(c, v, nested=False)),
-                ("vit-pytorch NaViT (nested tensors)", lambda c, v: _navit(c, v, nested=True))],
-         "3D": [("vit-pytorch 3D NaViT (nested tensors)", lambda c, v: _navit(c, v, nested=True, volumes=True))]}
-
-
-def _peer_step(model, run, views, device) -> float:
-    """Seconds of one forward + backward of run(views) through model."""
-    model.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    with autocast(device):
-        out = run(views)
-    out.float().square().mean().backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
-def peer_section(args, net, views: list[torch.Tensor], device) -> list[dict]:
-    """Section 8: forward + backward of the backbone alone (ours: packing included) against each peer, per
-    modality, on the same views; timings interleaved so that a machine's drift hits all alike."""
-    cfg, rows = net.backbone.config, []
-    ours = model_lib.SparseMedicalViT(**{**cfg, "drop_path": 0.0}).to(device).train()
-    ours.attn = resolve_backend("auto", device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    for modality, peers in PEERS.items():
-        mine = [v.to(device) for v in views if (v.shape[1] > 1) == (modality == "3D")]
-        if not mine:
-            continue
-        runs = [("ours (packed, " + ours.attn + ")", ours, lambda vs: ours(pack(vs, cfg["patch"])))]
-        step = functools.partial(_peer_step, views=mine, device=device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # peers' deprecation and prototype warnings
-            for name, build in peers:
-                try:  # not installed, or installed but broken: named and skipped, never the end of the bench
-                    peer, run = build(cfg, mine)
-                    peer = peer.to(device).train()
-                    step(peer, run)  # one untimed step: fails here, not in the timing loop
-                    runs.append((name, peer, run))
-                except Exception as e:  # noqa: BLE001
-                    rows.append({"modality": modality, "model": name, "params (M)": None, "step (s)": None,
-                                 "time vs ours": None,
-                                 "note": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''}"})
-            times = {name: [] for name, _, _ in runs}
-            for i in range(args.warmup + max(1, args.repeats)):
-                for name, model, run in runs:
-                    sec = step(model, run)
-                    if i >= args.warmup:
-                        times[name].append(sec)
-        base = statistics.median(times[runs[0][0]])
-        for name, model, _ in runs:
-            sec = statistics.median(times[name])
-            rows.append({"modality": modality, "model": name,
-                         "params (M)": sum(p.numel() for p in model.parameters()) / 1e6, "step (s)": sec,
-                         "time vs ours": sec / base, "note": f"{len(mine)} views, {pack(mine, cfg['patch']).n_tokens:,} tokens"
-                         if name.startswith("ours") else ""})
     return rows
 
 

@@ -1,5 +1,5 @@
-"""bench.py: the smoke run prints every section, padding changes the cost and not the result, and the
-work counts of section 3 are those of the batches that actually run. Figures are never asserted."""
+"""bench.py, opcount.py and peers.py: the smoke run prints every section, padding changes the cost and not the
+result, and the work counts of section 3 are those of the batches that actually run. Figures are never asserted."""
 import json
 import math
 
@@ -8,9 +8,11 @@ import torch
 
 import bench
 import data
+import opcount
 from model import Projector, SparseMedicalViT
 from pack import row_mask
 from model import model_flops_per_token
+from peers import PEERS, peer_section
 from train import Net, compute_loss
 import views
 
@@ -63,13 +65,13 @@ def test_peers_are_timed_against_ours_or_skipped_by_name(monkeypatch):
     def missing(cfg, views):
         raise ModuleNotFoundError("No module named 'nosuchpeer'")
 
-    peers = {"2D": [*bench.PEERS["2D"], ("absent peer", missing)], "3D": bench.PEERS["3D"]}
-    monkeypatch.setattr(bench, "PEERS", peers)
+    peers = {"2D": [*PEERS["2D"], ("absent peer", missing)], "3D": PEERS["3D"]}
+    monkeypatch.setattr("peers.PEERS", peers)
     args = bench.get_args(["--smoke"])
     net = bench.make_net(args, args.model, torch.device("cpu"))
     views = bench.Workload(args, net.backbone.patch).views(args.scale)
     with bench.threads(1):
-        rows = bench.peer_section(args, net, views, torch.device("cpu"))
+        rows = peer_section(args, net, views, torch.device("cpu"))
     for modality, listed in peers.items():
         mine = [r for r in rows if r["modality"] == modality]
         ours = next(r for r in mine if r["model"].startswith("ours"))
@@ -98,7 +100,7 @@ def test_traffic_counts_every_matmul_flop_of_the_step(batch, capsys):
     args = bench.get_args(["--smoke", "--traffic", "H200"])
     net = bench.make_net(args, args.model, torch.device("cpu"))
     cfg, p = net.backbone.config, batch.packed
-    rows, note = bench.traffic_section(args, net, batch)
+    rows, note = opcount.traffic_section(args, net, batch)
     counted = {r["operations"]: r for r in rows}
     d, depth, patch, n_views = cfg["dim"], cfg["depth"], cfg["patch"], p.n_views
     attention = 3 * depth * 2 * 2 * d * sum(n * n for n in p.seqlens)
@@ -128,7 +130,7 @@ def test_rope_rotation_moves_few_bytes_counted(heads):
     x = torch.randn(t, heads, dim, dtype=torch.bfloat16, requires_grad=True)
     cos, sin = rope_tables(rope_angles(torch.rand(t, 3) * 128, dim), dim)
     grad = torch.randn(t, heads, dim, dtype=torch.bfloat16)
-    forward, backward = bench.OpCounter(), bench.OpCounter()
+    forward, backward = opcount.OpCounter(), opcount.OpCounter()
     with forward:
         y = rotate(x, cos, sin)
     with backward:
@@ -156,7 +158,7 @@ def test_operations_are_classified_by_aten_and_cuda_kernel_names():
              "void at::native::GammaBetaBackwardCUDAKernel<c10::BFloat16, float>": "layer norm",
              "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>":
                  "other elementwise"}
-    assert {name: bench.op_class(name) for name in cases} == cases
+    assert {name: opcount.op_class(name) for name in cases} == cases
 
 
 @pytest.mark.gpu
