@@ -13,6 +13,8 @@ on the same phantom splits as the tables (MIMIC = phantom2d, CT-RATE = phantom3d
 - a checkpoint's final tokens pooled as the paper's embedding (mean over the view, model.forward) and as the
   mean over each of 2 x 2 (2D) or 2 x 2 x 2 (3D) spatial cells of the view, concatenated: the same frozen tokens,
   with where they sit kept.
+- the paper's LP ALL on the embedding, as is and with each modality's training mean removed from that
+  modality's embeddings (train and test): whether the modality gap is what costs the joint probe.
 If the pixels score far above the bag of patches, the labels live in where things are; if the cell-pooled
 tokens score above the mean-pooled ones, the mean pooling is where the model's embedding loses it.
 
@@ -99,6 +101,7 @@ def run(args) -> dict:
         checkpoints.append(features.random_init(checkpoints[0], "auto", args.seed))
     a = checkpoints[0].train_args
     report = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed, "rows": []}
+    embeddings = {}  # {checkpoint: {test set: {split: pooled tokens}}}
     for paper, name in SETS:
         modality = "3d" if "3d" in name else "2d"
         size = a.get(f"size_{modality}")
@@ -113,13 +116,33 @@ def run(args) -> dict:
                                    "ci": list(r.macro_ci)})
         for c in checkpoints:
             f = {s: pooled_tokens(c.model, ds) for s, ds in split_ds.items()}
+            embeddings.setdefault(c.name, {})[paper] = f
             for key, label in (("mean", "mean over the view (the paper's embedding)"),
                                ("cells", f"mean over each of {CELLS}^{2 if modality == '2d' else 3} cells")):
                 r = score(f["train"], f["test"], key, args.bootstrap, args.seed)
                 report["rows"].append({"test_set": f"{paper} ({name})", "features": f"{c.name}: tokens, {label}",
                                        "macro": r.macro, "ci": list(r.macro_ci)})
         print(f"controls: {paper} done", flush=True)
+    for name, by_set in embeddings.items():
+        report["rows"] += all_probe_rows(name, by_set, args.bootstrap, args.seed)
     return report
+
+
+def all_probe_rows(name: str, by_set: dict, n_boot: int, seed: int) -> list:
+    """The paper's LP ALL (one probe on the 2D and 3D training embeddings together) as is, and with each
+    modality's training mean removed from that modality's embeddings: the modality gap, one factor."""
+    rows = []
+    for centred in (False, True):
+        shift = {p: f["train"]["mean"].mean(0) if centred else 0.0 for p, f in by_set.items()}
+        train = {k: np.concatenate([f["train"][k] for f in by_set.values()]) for k in ("y", "ids")}
+        train["mean"] = np.concatenate([f["train"]["mean"] - shift[p] for p, f in by_set.items()])
+        probes = probe.fit_probes(train["mean"], train["y"], train["ids"], seed=seed)
+        for p, f in by_set.items():
+            test = f["test"]
+            r = probe.evaluate(test["y"], probe.probe_scores(probes, test["mean"] - shift[p]), test["ids"], n_boot, seed)
+            rows.append({"test_set": f"{p} ({dict(SETS)[p]})", "macro": r.macro, "ci": list(r.macro_ci),
+                         "features": f"{name}: LP ALL on the embedding" + (", each modality's mean removed" if centred else "")})
+    return rows
 
 
 def markdown(report: dict) -> str:

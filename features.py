@@ -348,12 +348,13 @@ def embed_inputs(inputs: list, args, patch: int) -> list:
     ImageFiles per run of consecutive ones."""
     out, files = [], []
     for spec in inputs:
-        if spec in data.PHANTOMS or os.path.isfile(os.path.join(spec, "index.json")):
+        phantom = spec in data.PHANTOMS or spec in data.PAIRED_PHANTOMS  # the paired ones are radiographs
+        if phantom or os.path.isfile(os.path.join(spec, "index.json")):
             splits = [args.split] if args.split else data.list_splits(spec)
             options = {}
-            if spec in data.PHANTOMS:  # the probe's phantoms: same ids, labels and images
-                options = {k: v for k, v in (("n", args.n), ("size", args.size_3d if "3d" in spec else args.size_2d),
-                                             ("seed", args.seed)) if v is not None}
+            if phantom:  # the probe's phantoms: same ids, labels and images
+                size = args.size_3d if spec in data.PHANTOMS and "3d" in spec else args.size_2d
+                options = {k: v for k, v in (("n", args.n), ("size", size), ("seed", args.seed)) if v is not None}
             if files:
                 out.append(("files", ImageFiles(files, args.size_2d, args.size_3d, patch)))
                 files = []

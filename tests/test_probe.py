@@ -301,8 +301,8 @@ def test_feature_cache_reused_and_changed_checkpoint_recomputes(run, tmp_path, m
 
     save(tiny(seed=7), tmp_path / "random.pt", stage=3)  # a changed checkpoint
     assert probe.main(argv) == 0
-    assert seen[0] == 3 * 128 + 4 * 64  # its 7 splits recomputed, the unchanged S3 still cached
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3 * 7
+    assert seen[0] == 3 * 128 + 5 * 64  # its 8 splits (the paired radiographs too) recomputed, the unchanged S3 cached
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3 * 8
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
