@@ -533,7 +533,8 @@ def run(args) -> dict:
             "long side": f"2D {args.size_2d}, 3D {args.size_3d}",
             "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
             **({"precision": "bf16 autocast, counted on fake tensors"} if args.traffic is not None else {}),
-            "timing": f"median of {args.repeats} after {args.warmup} warm-up", "smoke": args.smoke,
+            **({} if args.traffic is not None else {"timing": f"median of {args.repeats} after {args.warmup} warm-up"}),
+            "smoke": args.smoke,
             "GEMM GFLOP/s": round(gemm_rate(device, seconds=0.1 if args.smoke else 1.0))}
     print(f"## MultiMedVision bench: {meta['device']}, torch {meta['torch']}, {meta['date']}\n")
     print("\n".join(f"- {k}: {v}" for k, v in meta.items()), flush=True)
