@@ -189,13 +189,13 @@ def gaussian_sigreg(n: int, k: int, draws: int = 8) -> float:
     return float(np.mean([lejepa.sigreg(torch.randn(n, k, generator=g), step).item() for step in range(draws)]))
 
 
-def health(folder: str, seed: int, n: int = HEALTH_N) -> dict:
+def health(folder: str, seed: int, steps: int, n: int = HEALTH_N) -> dict:
     """Each row's embedding health on held-out phantom test samples (whole views, as the probe sees them):
     effective rank of the backbone (and the LeJEPA projector) within each modality, the top direction's share
     of the variance, and the run's last logged SIGReg beside an isotropic Gaussian batch of the same size."""
     ckpts = features.load_checkpoints([f"{r}={os.path.join(folder, d, 'last.pt')}" for r, d in
                                     (("S1", "s1"), ("S2", "s2"), ("S3", "s3"), ("Supervised", "supervised"))
-                                    if os.path.exists(os.path.join(folder, d, "last.pt"))], "auto")
+                                    if trained_step(os.path.join(folder, d)) >= steps], "auto")  # finished runs only
     if not ckpts:
         return {}
     ckpts.append(features.random_init(ckpts[0], "auto", seed))
@@ -407,7 +407,7 @@ def summarize(args) -> dict:
         ms[seed], figs[seed] = macro(folder), fig2a(folder)
         path = os.path.join(root, "health.json")
         if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(os.path.join(folder, "table1.json")):
-            data.atomic_write(path, lambda f: f.write(json.dumps(health(root, seed), indent=1).encode()))
+            data.atomic_write(path, lambda f: f.write(json.dumps(health(root, seed, args.steps), indent=1).encode()))
         hs[seed] = json.load(open(path))
         dest = os.path.join(args.out, f"seed{seed}")
         shutil.rmtree(dest, ignore_errors=True)
