@@ -58,13 +58,16 @@ def plot_figure_2a(report: dict, path: str, label: str = "Cardiomegaly") -> bool
     x = np.arange(len(fits))
     for k, (t, title) in enumerate(tests.items()):
         aurocs = np.array([np.nan if f["auroc"][t] is None else f["auroc"][t] for f in fits.values()])
-        bars = ax_auc.bar(x + (k - (len(tests) - 1) / 2) * 0.38, np.nan_to_num(aurocs), 0.38,
+        cis = np.array([[np.nan if c is None else c for c in f.get("ci", {}).get(t, [None, None])]
+                        for f in fits.values()], dtype=float)  # (fits, 2): the 95% bootstrap CI of each AUROC
+        err = np.nan_to_num(np.abs(np.stack([aurocs - cis[:, 0], cis[:, 1] - aurocs])))
+        bars = ax_auc.bar(x + (k - (len(tests) - 1) / 2) * 0.38, np.nan_to_num(aurocs), 0.38, yerr=err, capsize=3,
                           label=f"tested on {title}")
         ax_auc.bar_label(bars, ["n/a" if np.isnan(a) else f"{a:.2f}" for a in aurocs],  # n/a: no probe (one class)
                          fontsize=10)
     ax_auc.axhline(0.5, color="gray", lw=1, ls="--")
     ax_auc.set_xticks(x, [f"fit on {f}" for f in fits])
-    ax_auc.set(ylim=(0, 1.18), ylabel="AUROC", title=f"(i) {label}: AUROC of each fit (dashed: chance)")
+    ax_auc.set(ylim=(0, 1.18), ylabel="AUROC", title=f"(i) {label}: AUROC of each fit, 95% CI (dashed: chance)")
     ax_auc.legend(loc="upper left", fontsize=9)
     width = 0.8 / len(fits)
     for k, (fit, f) in enumerate(fits.items()):

@@ -500,9 +500,10 @@ def table_3(results: dict, names: list, main: str, lps: list, titles: dict, exte
 
 # ---------------------------------------------------------------- Figure 2a: its numbers (figures.py draws them)
 
-def figure_2a(feats: dict, titles: dict, out: str, seed: int = 0) -> dict:
+def figure_2a(feats: dict, titles: dict, out: str, seed: int = 0, n_boot: int = 1000) -> dict:
     """Paper 3.4 / Fig. 2a: PCA of the joint 2D+3D training embeddings; a logistic regression on the top
-    PCs fitted on 2D-only, 3D-only and joint features, AUROC on each modality's test set, top PCs by |coef|."""
+    PCs fitted on 2D-only, 3D-only and joint features, AUROC with its 95% bootstrap CI (patients resampled)
+    on each modality's test set, top PCs by |coef|: the CIs say which differences the pattern rests on."""
     joint = features.stack([feats["train_2d"], feats["train_3d"]])
     scaler = StandardScaler().fit(joint["x"])
     pca = PCA(n_components=min(N_PCS, *joint["x"].shape), random_state=seed).fit(scaler.transform(joint["x"]))
@@ -517,9 +518,12 @@ def figure_2a(feats: dict, titles: dict, out: str, seed: int = 0) -> dict:
             k = ~np.isnan(d["y"][:, j])
             probe = fit_label(d["x"][k], d["y"][k, j], d["ids"][k], seed)
             coef = np.zeros(pca.n_components_) if probe is None else probe[-1].coef_[0]
-            aucs = {t: np.nan if probe is None else auroc(*_known(td, j, probe)) for t, td in tests.items()}
+            scored = {t: None if probe is None else evaluate(*_known(td, j, probe), n_boot, seed)
+                      for t, td in tests.items()}
             top = np.argsort(-np.abs(coef))[:3]
-            per_fit[fit_name] = {"auroc": {t: _clean(float(a)) for t, a in aucs.items()},
+            per_fit[fit_name] = {"auroc": {t: _clean(np.nan if r is None else float(r.auroc[0])) for t, r in scored.items()},
+                                 "ci": {t: _clean([np.nan, np.nan] if r is None else [float(c) for c in r.ci[0]])
+                                        for t, r in scored.items()},
                                  "top_pcs": [f"PC{i + 1}" for i in top], "coef": coef.tolist()}
     write_text(os.path.join(out, "fig2a.json"), json.dumps(report, indent=1))
     write_text(os.path.join(out, "fig2a.md"), fig2a_markdown(report))
@@ -528,8 +532,9 @@ def figure_2a(feats: dict, titles: dict, out: str, seed: int = 0) -> dict:
 
 
 def _known(d: dict, j: int, probe) -> tuple:
+    """(labels (n, 1), scores (n, 1), ids (n,)) of the test samples that know label j, for evaluate."""
     k = ~np.isnan(d["y"][:, j])
-    return d["y"][k, j], probe.decision_function(d["x"][k])
+    return d["y"][k, j][:, None], probe.decision_function(d["x"][k])[:, None], d["ids"][k]
 
 
 def fig2a_markdown(report: dict) -> str:
@@ -539,7 +544,9 @@ def fig2a_markdown(report: dict) -> str:
              "|" + " --- |" * (len(tests) + 3)]
     for label, per_fit in report["labels"].items():
         for fit_name, r in per_fit.items():
-            aucs = " | ".join(fmt(r["auroc"][t]) for t in tests)
+            aucs = " | ".join(fmt_ci(r["auroc"][t] if r["auroc"][t] is not None else np.nan,
+                                     [np.nan if c is None else c for c in r.get("ci", {}).get(t, [np.nan, np.nan])])
+                              for t in tests)
             lines.append(f"| {label} | {fit_name} | {aucs} | {', '.join(r['top_pcs'])} |")
     ratio = ", ".join(f"{v:.3f}" for v in report["explained_variance_ratio"])
     return "\n".join(lines + ["", f"Explained variance ratio: {ratio}", ""])
@@ -642,7 +649,7 @@ def run(args, checkpoints: list, external: dict, sources: dict, datasets: dict) 
             table_retrieval({n: feats[n] for n in paired}, titles, args.bootstrap, args.seed),
             table_transfer(results, paired, titles, folders)])
     if all(r in feats[main] for r in ("train_2d", "train_3d", "mimic", "ctrate")):
-        figure_2a(feats[main], titles, out, args.seed)
+        figure_2a(feats[main], titles, out, args.seed, args.bootstrap)
     maps = {m: datasets[r] for m, r in (("2d", "mimic"), ("3d", "ctrate")) if r in datasets}
     # Figure 2b needs patch tokens: the main model if it is a checkpoint, else the first checkpoint
     mapped = next((c for c in checkpoints if c.name == main), checkpoints[0] if checkpoints else None)

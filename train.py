@@ -516,6 +516,7 @@ def train(args) -> dict:
     bar = _progress(step, args.steps, rank)
     stop = StopSignals(step, announcer(bar, rank))
     first, tally, skipped_total, low_rank_logs, last, interrupted = step + 1, Tally(), 0, 0, {}, False
+    saved = None  # the step whose checkpoint was last written
     try:
         while step < end:  # paper 2.2: the loss; 2.4: AdamW, warmup then cosine decay
             parts_sum, gnorm, seen, finite = train_step(model, net, opts, batches, args, step, rank, world, device,
@@ -543,12 +544,15 @@ def train(args) -> dict:
                 raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping "
                                    f"(lower --lr, set --clip, or check the data with `python data.py check`)")
             if rank == 0 and (step % args.ckpt_every == 0 or done):
+                stop.updating()  # a second signal waits for the write: torch.save must not be cut off mid-file
                 save_checkpoint(ckpt_path, net, opts, step, args, bad_steps)
+                saved = step
+                stop.reached(step)
             if done:
                 break
     except StopNow as now:  # the second signal: the weights are those of now.step (bad_steps is that step's too)
         bar.close()
-        if rank == 0:
+        if rank == 0 and saved != now.step:
             save_checkpoint(ckpt_path, net, opts, now.step, args, bad_steps)
         say(stopped_line(stop, now.step, args, ckpt_path, second=True))
         raise SystemExit(stop.exit_code) from None

@@ -381,8 +381,9 @@ def test_figure_2a_reports_each_fit_on_each_modality(run):
     assert set(card) == {"2D", "3D", "joint"}
     for fit in card.values():
         assert set(fit["auroc"]) == {"mimic", "ctrate"} and all(0 <= a <= 1 for a in fit["auroc"].values())
+        assert set(fit["ci"]) == set(fit["auroc"]) and all(0 <= lo < hi <= 1 for lo, hi in fit["ci"].values())
         assert len(fit["top_pcs"]) == 3 and np.argmax(np.abs(fit["coef"])) + 1 == int(fit["top_pcs"][0][2:])
-    assert "| Cardiomegaly | joint |" in (run["out"] / "fig2a.md").read_text()
+    assert re.search(r"\| Cardiomegaly \| joint \| [0-9.]+ \([0-9.]+-[0-9.]+\) \|", (run["out"] / "fig2a.md").read_text())
 
 
 def no_matplotlib(monkeypatch):
