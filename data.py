@@ -160,13 +160,18 @@ def preprocess_phantom(raw: np.ndarray, modality: str, size: int) -> np.ndarray:
     return preprocess_xray(Image.fromarray(raw), size, "phantom")
 
 
+def phantom_modality(name: str, radiograph: bool = False) -> str:
+    """A 3D phantom renders CT volumes, or its patients as radiographs; a 2D phantom renders radiographs."""
+    return "3d" if "3d" in name and not radiograph else "2d"
+
+
 def phantom_record(name: str, split: str, index: int, size: int, seed: int, radiograph: bool = False) -> Record:
     """Sample `index` of a phantom split; rounded through float16 like a cache array. radiograph: the same
     patient of a 3D phantom as a frontal radiograph (same id and labels, same acquisition), for the paired
     cross-modal measurements (beyond the paper)."""
     rng = phantom_rng(name, split, index, seed)
     p = sample_patient(rng)
-    modality = "2d" if radiograph or "3d" not in name else "3d"
+    modality = phantom_modality(name, radiograph)
     img = preprocess_phantom(render(p, rng, modality, size, name.endswith("-ext")), modality, size)
     return Record(_float32(img.astype(np.float16)), p["labels"], modality, f"{name}-{split}-{index:06d}")
 
@@ -350,6 +355,13 @@ def _read_index(root: Path) -> dict:
             raise ValueError(f"{root}: a file, not a cache folder ({make})")
         if not any(root.iterdir()):
             raise ValueError(f"{root}: empty folder, not a cache ({make})")
+        report = root / "report.tsv"
+        failed = [line.split("\t", 1) for line in report.read_text().splitlines() if "\t" in line] \
+            if report.is_file() and not any((root / "arrays").glob("*.npy")) else []
+        if failed:  # prepare converted nothing: a rerun fails on the same files
+            raise ValueError(f"{root}: `data.py prepare` could not convert any of its {len(failed)} files (e.g. "
+                             f"{failed[0][0]}: {failed[0][1]}; all in {report}): rerunning it will not help; fix or "
+                             f"remove those files, or check prepare's --dataset and --root")
         raise ValueError(f"{root}: no index.json, so not a finished cache (rerun `python data.py prepare` to finish it)")
     index = json.loads(path.read_text())
     if index.get("format") != CACHE_FORMAT:
@@ -415,7 +427,7 @@ class PhantomDataset(torch.utils.data.Dataset):
             raise ValueError(f"{name}: radiograph=True renders a 3D phantom's patients as radiographs")
         self.split, self.seed, self.radiograph, self.phantom = split, seed, radiograph, name
         self.name = f"{name}{PAIRED_SUFFIX}" if radiograph else name
-        self.modality = "2d" if radiograph or "3d" not in name else "3d"
+        self.modality = phantom_modality(name, radiograph)
         self.n = PHANTOM_N[split] if n is None else int(n)
         self.size = size or (CT_SIZE if self.modality == "3d" else XRAY_SIZE)
         self.ids = [f"{name}-{split}-{i:06d}" for i in range(self.n)]  # a paired radiograph has its CT's id
@@ -530,7 +542,8 @@ def drr_file(path: str, out: str, size: int = XRAY_SIZE) -> np.ndarray:
     hu, spacing = readers.read_ct(src, readers.Options())
     image = drr.drr(hu, spacing, size)
     from PIL import Image
-    atomic_write(out, lambda f: Image.fromarray(drr.to_uint8(image)).save(f, format="PNG"))
+    film = np.round((minmax(image, path) + 1) * 127.5).astype(np.uint8)  # dense = bright, as an X-ray is stored
+    atomic_write(out, lambda f: Image.fromarray(film).save(f, format="PNG"))
     return image
 
 

@@ -66,9 +66,3 @@ def drr(hu: np.ndarray, spacing, size: int) -> np.ndarray:
         t = F.interpolate(t, size=shape, mode="bilinear", align_corners=False)
     return t[0, 0].numpy()
 
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """A DRR as an 8-bit film: min-max over the image, dense = bright."""
-    lo, hi = float(image.min()), float(image.max())
-    scaled = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
-    return np.round(scaled * 255).astype(np.uint8)

@@ -57,9 +57,8 @@ def plot_figure_2a(report: dict, path: str, label: str = "Cardiomegaly") -> bool
     ax_auc, ax_coef, ax_var = fig.subplots(1, 3, width_ratios=[1.1, 1.6, 1])
     x = np.arange(len(fits))
     for k, (t, title) in enumerate(tests.items()):
-        aurocs = np.array([np.nan if f["auroc"][t] is None else f["auroc"][t] for f in fits.values()])
-        cis = np.array([[np.nan if c is None else c for c in f.get("ci", {}).get(t, [None, None])]
-                        for f in fits.values()], dtype=float)  # (fits, 2): the 95% bootstrap CI of each AUROC
+        aurocs = np.array([f["auroc"][t] for f in fits.values()], dtype=float)  # None (no probe) -> NaN
+        cis = np.array([f.get("ci", {}).get(t, [None, None]) for f in fits.values()], dtype=float)  # (fits, 2)
         err = np.nan_to_num(np.abs(np.stack([aurocs - cis[:, 0], cis[:, 1] - aurocs])))
         bars = ax_auc.bar(x + (k - (len(tests) - 1) / 2) * 0.38, np.nan_to_num(aurocs), 0.38, yerr=err, capsize=3,
                           label=f"tested on {title}")

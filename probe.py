@@ -59,7 +59,8 @@ ROLES = {
     "radchest_test": ("RAD-ChestCT", "radchest", "test", "phantom3d-ext", "test", "Table 2 test set"),
     # beyond the paper: the internal 3D test patients as radiographs (phantoms rendered both ways; for a cache,
     # the DRRs of its CT volumes), paired with "ctrate" by id: cross-modal retrieval and label transfer
-    "paired_2d": ("CT-RATE", "ctrate", "valid", "phantom3d-xray", "test", "radiographs of the internal 3D test patients"),
+    "paired_2d": ("CT-RATE", "ctrate", "valid", "phantom3d-xray", "test",
+                  "radiographs (a cache: DRRs) of the internal 3D test patients"),
 }
 PAIRED = ("paired_2d", "ctrate")  # (radiographs, CTs) of the same patients
 TEST_SETS = ("mimic", "chexpert", "ctrate", "radchest")
@@ -241,8 +242,7 @@ def resolve_sources(data_args: list, lps: list) -> dict:
     for name, (stand_in, title) in STAND_INS.items():
         if name not in by_name and stand_in in by_name:
             by_name[name], shown[name] = by_name[stand_in], title
-    sources = {role: Source("CT-RATE (DRRs of the internal test set)" if role == PAIRED[0] else
-                            f"{shown.get(name, paper)} ({kind})" if "test" in kind else
+    sources = {role: Source(f"{shown.get(name, paper)} ({kind})" if "test" in kind else
                             f"{shown.get(name, paper)} {split}", by_name[name], split)
                for role, (paper, name, split, _, _, kind) in ROLES.items()
                if name in by_name and (split == data.ALL_SPLITS or split in data.list_splits(by_name[name]))}
@@ -280,7 +280,8 @@ def fmt(v: float, digits: int = 3) -> str:
 
 
 def fmt_ci(v: float, ci) -> str:
-    return fmt(v) if np.isnan(ci[0]) else f"{fmt(v)} ({fmt(ci[0])}-{fmt(ci[1])})"
+    """v (lo-hi); None (strict JSON's NaN) or NaN bounds: v alone."""
+    return fmt(v) if ci[0] is None or np.isnan(ci[0]) else f"{fmt(v)} ({fmt(ci[0])}-{fmt(ci[1])})"
 
 
 @dataclass
@@ -544,9 +545,7 @@ def fig2a_markdown(report: dict) -> str:
              "|" + " --- |" * (len(tests) + 3)]
     for label, per_fit in report["labels"].items():
         for fit_name, r in per_fit.items():
-            aucs = " | ".join(fmt_ci(r["auroc"][t] if r["auroc"][t] is not None else np.nan,
-                                     [np.nan if c is None else c for c in r.get("ci", {}).get(t, [np.nan, np.nan])])
-                              for t in tests)
+            aucs = " | ".join(fmt_ci(r["auroc"][t], r["ci"][t]) for t in tests)
             lines.append(f"| {label} | {fit_name} | {aucs} | {', '.join(r['top_pcs'])} |")
     ratio = ", ".join(f"{v:.3f}" for v in report["explained_variance_ratio"])
     return "\n".join(lines + ["", f"Explained variance ratio: {ratio}", ""])

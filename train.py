@@ -26,7 +26,6 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -230,20 +229,6 @@ def dataset_name(ds) -> str:
     return str(getattr(ds, "root", None) or ds.name)
 
 
-def check_prepared(spec: str):
-    """A cache folder in which `data.py prepare` converted no file at all is said as such: data.py sees only
-    a folder without index.json and advises rerunning prepare, which fails on the same files again."""
-    root = Path(spec)
-    report = root / "report.tsv"
-    if (root / "index.json").exists() or not report.is_file() or any((root / "arrays").glob("*.npy")):
-        return
-    failed = [line.split("\t", 1) for line in report.read_text().splitlines() if "\t" in line]
-    if failed:
-        raise ValueError(f"{root}: `data.py prepare` could not convert any of its {len(failed)} files (e.g. "
-                         f"{failed[0][0]}: {failed[0][1]}; all in {report}): rerunning it will not help; fix or "
-                         f"remove those files, or check prepare's --dataset and --root")
-
-
 def open_training_data(args):
     """(2D dataset or None, 3D dataset or None) from --data."""
     if args.data == ["phantom"]:
@@ -252,7 +237,6 @@ def open_training_data(args):
     else:
         found = {"2d": [], "3d": []}
         for spec in args.data:
-            check_prepared(spec)
             found[data.describe(spec)["modality"]].append(data.open_dataset(spec, "train"))
         if len(found["2d"]) > 1 or len(found["3d"]) > 1:
             raise ValueError(f"--data: give at most one 2D and one 3D cache, got {args.data}")

@@ -18,7 +18,7 @@ import data
 import figures
 import features
 import probe
-from model import SparseMedicalViT, backbone_from_checkpoint
+from model import SparseMedicalViT, backbone_from_checkpoint, load_checkpoint
 from pack import pack
 import readers
 import views
@@ -764,7 +764,7 @@ def test_retrieval_table_is_the_ranks_of_each_patients_own_ct_among_the_features
     (radiographs rendered from the CT phantom's own patients: same ids, same labels)."""
     import retrieval
     args = probe.get_args(run["argv"])
-    features.train_sizes(args, torch.load(run["trained"], weights_only=False)["args"])
+    features.train_sizes(args, load_checkpoint(run["trained"])["args"])
     datasets = probe.open_datasets(probe.resolve_sources(["phantom"], args.lp), args)
     xray, ct = datasets["paired_2d"], datasets["ctrate"]
     assert xray.ids == ct.ids and xray.modality == "2d" and np.array_equal(xray.labels, ct.labels, equal_nan=True)
