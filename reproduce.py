@@ -27,6 +27,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -154,6 +155,27 @@ def print_plan(jobs: list, args) -> float:
     return total
 
 
+def run_job(argv: list, log) -> tuple:
+    """Run one job -> (exit code, the signal that stopped it or None). Ctrl-C and SIGTERM are passed on to the
+    job, once each, and waited for, so train.py checkpoints before it exits (signals.py); subprocess.call would
+    kill it at once, losing every step since its last checkpoint. The job has its own session, so a terminal's
+    Ctrl-C reaches it once, through here, and not a second time from the process group."""
+    child = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    got = []
+
+    def forward(sig, frame):
+        got.append(sig)
+        child.send_signal(sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = child.wait()  # a handled signal does not interrupt the wait (PEP 475)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return rc, (got[0] if got else None)
+
+
 def run_jobs(jobs: list, args):
     for job in jobs:
         seed, name, kind, argv, folder = job
@@ -163,7 +185,11 @@ def run_jobs(jobs: list, args):
         os.makedirs(folder, exist_ok=True)
         start = time.time()
         with open(os.path.join(folder, f"{kind}.log"), "a") as log:
-            rc = subprocess.call([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT)
+            rc, sig = run_job(argv, log)
+        if sig is not None:
+            print(f"reproduce.py: {signal.Signals(sig).name}: seed {seed} {name} stopped (exit {rc}); see "
+                  f"{folder}/{kind}.log. Run the same command again to continue from its checkpoint.", file=sys.stderr)
+            raise SystemExit(128 + sig)
         if rc != 0 or not is_done(job, args):
             raise SystemExit(f"reproduce.py: seed {seed} {name} stopped (exit {rc}); see {folder}/{kind}.log. "
                              f"Run the same command again to continue from where it stopped.")

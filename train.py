@@ -80,6 +80,9 @@ def get_args(argv=None):
                    help="also brightness/contrast jitter, blur and solarization of every view, as the official LeJEPA "
                         "example (views.photometric; the paper names only the crops, and on phantoms it cost 2D "
                         "AUROC: README; default: off)")
+    p.add_argument("--paired-views", type=int, default=0,
+                   help="beyond the paper: this many of each CT sample's local views are crops of its DRR (drr.py), "
+                        "so a patient's radiograph and CT are pulled together (views.py; default: 0, the paper's method)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (paper 2.4; default: %(default)s)")
     p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine decay (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 5%% of --steps)")
@@ -132,6 +135,9 @@ def resolve_defaults(args, cuda: bool) -> list[str]:
         raise ValueError("--stage 1 is 2D only: --batch-3d must be 0")
     if args.stage == 2 and not args.init:
         raise ValueError("--stage 2 starts from a stage-1 checkpoint: pass --init PATH")
+    if args.paired_views and (not args.batch_3d or args.objective != "lejepa" or args.paired_views > args.n_local):
+        raise ValueError(f"--paired-views {args.paired_views} replaces local views of CT samples: it needs 3D "
+                         f"samples (--batch-3d > 0), --objective lejepa and at most --n-local {args.n_local}")
     if not cuda:
         where = "phantoms" if phantom else " ".join(args.data)
         return [f"CPU demo on {where}: " + ", ".join(chosen)] if chosen else []
@@ -417,7 +423,8 @@ def open_batches(args, ds2, ds3, patch: int, step: int, rank: int, world: int, c
         ds2, ds3, batch_2d=args.batch_2d // args.accum, batch_3d=args.batch_3d // args.accum,
         steps=args.steps * args.accum, start_step=step * args.accum,
         mode=args.objective, n_global=args.n_global, n_local=args.n_local, patch=patch,
-        seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda, photometric=args.photometric))
+        seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda, photometric=args.photometric,
+        paired_views=args.paired_views, drr_size=args.size_2d or data.XRAY_SIZE))
 
 
 @dataclass

@@ -4,11 +4,14 @@
   at native resolution and snapped to whole patches; photometric adds the official LeJEPA example's
   brightness, contrast, blur and solarization (train.py --photometric; beyond the paper, off by default);
   whole_view is the full image centre-cropped to whole patches, the one view the probes see (features.py).
+- Paired views (train.py --paired-views; beyond the paper, off by default): the last few local views of every
+  CT sample become crops of its DRR (data.drr_record), so the prediction loss pulls the patient's radiograph
+  and CT to one point; one sample, views of two dimensionalities, one packed sequence.
 - Loader: make_loader yields one Batch per step, 2D samples then 3D, their views packed (pack.py) inside the
   worker processes; the content of step s is a pure function of (seed, s) whatever the rank, the world size
   or where a run resumed (StepDataset).
 
-Imports data (Record: the images data.py preprocesses and caches), pack, numpy and torch; data.py does not
+Imports data (Record: the images data.py preprocesses and caches; drr_record for paired views), pack, numpy and torch; data.py does not
 import this module.
 """
 import math
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import Record
+from data import XRAY_SIZE, Record, drr_record
 from pack import Packed, pack
 
 # ---------------------------------------------------------------- views (paper 2.4.1)
@@ -150,7 +153,8 @@ class StepDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds_2d, ds_3d, *, batch_2d, batch_3d, steps, mode, n_global, n_local,
-                 global_scale, local_scale, patch, seed, rank, world, photometric=False):
+                 global_scale, local_scale, patch, seed, rank, world, photometric=False, paired_views=0,
+                 drr_size=XRAY_SIZE):
         if mode not in ("lejepa", "supervised"):
             raise ValueError(f"mode must be 'lejepa' or 'supervised', got {mode!r}")
         self.parts = []  # (modality code, dataset, global batch)
@@ -167,6 +171,10 @@ class StepDataset(torch.utils.data.Dataset):
         self.steps, self.patch, self.seed, self.rank, self.world = steps, patch, seed, rank, world
         self.n_global, self.n_local = (1, 0) if mode == "supervised" else (n_global, n_local)
         self.global_scale, self.local_scale, self.photometric = global_scale, local_scale, photometric
+        if not 0 <= paired_views <= self.n_local:
+            raise ValueError(f"paired_views={paired_views} must be in [0, n_local={self.n_local}]: paired views "
+                             f"take the place of local views (none in supervised mode)")
+        self.paired_views, self.drr_size = paired_views, drr_size
         self._perms = {}
 
     def __len__(self) -> int:
@@ -196,6 +204,8 @@ class StepDataset(torch.utils.data.Dataset):
                 rng = np.random.default_rng([self.seed, step, code, pos])
                 views = make_views(rec.image, rng, self.patch, self.n_global, self.n_local,
                                    self.global_scale, self.local_scale)
+                if code == 1 and self.paired_views:
+                    views = views[:len(views) - self.paired_views] + self._drr_views(rec, rng)
                 if self.photometric:  # drawn after the crops: the crops are the same with or without
                     views = [photometric(v, rng) for v in views]
                 return rec, views, skipped
@@ -205,6 +215,13 @@ class StepDataset(torch.utils.data.Dataset):
                     _WARNED.add(message)
                     warnings.warn(message)
         raise RuntimeError(f"{ds.name}/{ds.split}: no record could be loaded (all {len(ds)} failed)")
+
+    def _drr_views(self, rec, rng) -> list:
+        """--paired-views: crops of the CT's DRR at the global views' scale (a radiograph as a global view sees
+        it), drawn after the CT's own crops, so those are the same with or without paired views. They sit in
+        local slots: they predict the CT's global centroid and are not part of it (paper 2.2's L_pred)."""
+        film = drr_record(rec, self.drr_size).image
+        return make_views(film, rng, self.patch, self.paired_views, 0, self.global_scale, self.local_scale)
 
     def sample(self, step: int):
         """(ids, labels (n, 5), is_3d (n,), views per sample, n_skipped) of this rank at `step`."""
@@ -234,7 +251,8 @@ def _as_is(batch):
 
 def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="lejepa", n_global=2, n_local=8,
                 global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), patch=14, alpha=128.0, seed=0, rank=0, world=1,
-                workers=0, pin_memory=False, photometric=False) -> torch.utils.data.DataLoader:
+                workers=0, pin_memory=False, photometric=False, paired_views=0,
+                drr_size=XRAY_SIZE) -> torch.utils.data.DataLoader:
     """Batches of steps start_step .. steps-1 (paper 2.3/2.4: 192 2D + 64 3D; stage 1: 256 2D).
 
     Views are cropped and packed inside the worker processes; resume = start
@@ -243,7 +261,8 @@ def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="
     """
     ds = StepDataset(ds_2d, ds_3d, batch_2d=batch_2d, batch_3d=batch_3d, steps=steps, mode=mode,
                      n_global=n_global, n_local=n_local, global_scale=global_scale, local_scale=local_scale,
-                     patch=patch, seed=seed, rank=rank, world=world, photometric=photometric)
+                     patch=patch, seed=seed, rank=rank, world=world, photometric=photometric,
+                     paired_views=paired_views, drr_size=drr_size)
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start_step, steps), num_workers=workers,
                                        collate_fn=_as_is, pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals)
 

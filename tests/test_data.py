@@ -771,6 +771,35 @@ def test_photometric_views_are_the_same_crops():
     assert shapes[False] == shapes[True]
 
 
+def _crop_of(view: np.ndarray, image: np.ndarray) -> bool:
+    """Whether view (h, w) is a contiguous crop of image (H, W)."""
+    h, w = view.shape
+    return any(np.array_equal(image[y:y + h, x:x + w], view)
+               for y in range(image.shape[0] - h + 1) for x in range(image.shape[1] - w + 1))
+
+
+def test_paired_views_are_drr_crops_in_the_last_local_slots_of_ct_samples_only():
+    """--paired-views: the CT samples' own crops and the radiographs' views are the default's, view for view;
+    the last local slots of each CT sample hold 2D crops of that patient's DRR (data.drr_record), found in
+    the film by brute force."""
+    ds2 = data.open_dataset("phantom2d", "train", n=4, size=56)
+    ds3 = data.open_dataset("phantom3d", "train", n=4, size=28)
+    steps = {k: make_loader(ds2, ds3, batch_2d=2, batch_3d=2, steps=1, patch=14, n_local=3, paired_views=k,
+                            drr_size=56).dataset.sample(0) for k in (0, 2)}
+    (ids, _, is_3d, plain, _), (_, _, _, paired, _) = steps[0], steps[2]
+    assert is_3d.tolist() == [False, False, True, True]
+    for sample, rec_id in enumerate(ids):
+        for slot in range(5):
+            if not is_3d[sample] or slot < 3:  # radiographs, and the CT's global views and first local view
+                assert torch.equal(plain[sample][slot], paired[sample][slot])
+            else:
+                assert plain[sample][slot].shape[1] > 1 and paired[sample][slot].shape[1] == 1
+                film = data.drr_record(ds3[int(rec_id.rsplit("-", 1)[1])], 56).image[0]
+                assert _crop_of(paired[sample][slot][0, 0].numpy(), film)
+    with pytest.raises(ValueError, match="paired_views=4 must be in"):
+        make_loader(ds2, ds3, batch_2d=2, batch_3d=2, steps=1, patch=14, n_local=3, paired_views=4)
+
+
 def test_phantom_py_stands_alone_and_is_preprocessed_like_real_images():
     import ast
     tree = ast.parse(Path(phantom.__file__).read_text())

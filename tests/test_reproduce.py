@@ -1,6 +1,9 @@
 """reproduce.py: the grid's plan, what counts as done (resume), and the claims judged at every seed."""
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 import torch
 
 import reproduce
+from test_train import ROOT, TINY
 
 
 def args_for(tmp_path, *extra):
@@ -104,3 +108,25 @@ def test_health_leaves_out_a_run_that_did_not_reach_its_steps(tmp_path):
     (tmp_path / "supervised").mkdir()
     torch.save({"step": 27}, tmp_path / "supervised" / "last.pt")
     assert reproduce.health(str(tmp_path), seed=0, steps=1000) == {}
+
+
+def test_ctrl_c_reaches_the_run_once_and_waits_for_its_checkpoint(tmp_path):
+    """A Ctrl-C to reproduce.py is passed on to the training run once (not a second time from the process group,
+    which would make train.py stop without finishing its step) and waited for: the run checkpoints, the grid
+    exits 130 with one line saying how to continue. subprocess.call killed the run and lost its steps."""
+    runs, out = tmp_path / "runs", tmp_path / "runs" / "seed0" / "s3"
+    argv = ["train.py", *TINY, "--steps", "1000", "--out", str(out), "--resume", "auto"]
+    script = (f"import reproduce; args = reproduce.get_args(['--runs', {str(runs)!r}, '--steps', '1000']); "
+              f"reproduce.run_jobs([(0, 'S3', 'train', {argv!r}, {str(out)!r})], args)")
+    grid = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics, start = out / "metrics.jsonl", time.time()
+    while not (metrics.exists() and '"loss"' in metrics.read_text()):
+        assert grid.poll() is None and time.time() - start < 300, "the run did not start"
+        time.sleep(0.2)
+    grid.send_signal(signal.SIGINT)
+    assert grid.wait(timeout=300) == 130
+    err = grid.stderr.read().strip()
+    assert "\n" not in err and "Traceback" not in err and err.startswith("reproduce.py: SIGINT: seed 0 S3 stopped")
+    assert 1 <= torch.load(out / "last.pt", weights_only=True, map_location="cpu")["step"] < 1000
+    assert (out / "train.log").read_text().count("SIGINT: finishing this step") == 1  # heard once: no "stop now"

@@ -36,10 +36,10 @@ def losses(out):
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
-@pytest.mark.parametrize("stage,objective", [(3, "lejepa"), (1, "lejepa"), (3, "supervised")])
-def test_short_run_learns_and_checkpoints(tmp_path, stage, objective):
-    only_2d = ["--batch-3d", "0"] if stage == 1 else []
-    out, _ = run(tmp_path, "run", "--stage", str(stage), "--objective", objective, "--steps", "30", "--warmup", "3", *only_2d)
+@pytest.mark.parametrize("stage,objective,extra", [(3, "lejepa", []), (1, "lejepa", ["--batch-3d", "0"]),
+                                                   (3, "supervised", []), (3, "lejepa", ["--paired-views", "2"])])
+def test_short_run_learns_and_checkpoints(tmp_path, stage, objective, extra):
+    out, _ = run(tmp_path, "run", "--stage", str(stage), "--objective", objective, "--steps", "30", "--warmup", "3", *extra)
     curve = losses(out)
     assert len(curve) == 30
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5  # the loss falls
@@ -115,6 +115,14 @@ def test_stage2_starts_from_stage1_weights(tmp_path):
         assert torch.equal(v, s1_weights[k])
     s2, _ = run(tmp_path, "s2", "--stage", "2", "--init", os.path.join(s1, "last.pt"), "--steps", "2")
     assert load_checkpoint(os.path.join(s2, "last.pt"))["args"]["init"].endswith("last.pt")
+
+
+@pytest.mark.parametrize("flags", [["--stage", "1", "--batch-3d", "0"], ["--objective", "supervised"],
+                                   ["--n-local", "1"]])
+def test_paired_views_needs_ct_samples_with_local_views(tmp_path, flags):
+    with pytest.raises(SystemExit, match="^train.py: error: --paired-views 2 replaces local views of CT samples"):
+        run(tmp_path, "paired", "--paired-views", "2", "--steps", "1", *flags)
+    assert not (tmp_path / "paired").exists()
 
 
 def test_stage2_errors(tmp_path):
