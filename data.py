@@ -165,14 +165,17 @@ def phantom_modality(name: str, radiograph: bool = False) -> str:
     return "3d" if "3d" in name and not radiograph else "2d"
 
 
-def phantom_record(name: str, split: str, index: int, size: int, seed: int, radiograph: bool = False) -> Record:
+def phantom_record(name: str, split: str, index: int, size: int, seed: int, radiograph: bool = False,
+                   shifts=None) -> Record:
     """Sample `index` of a phantom split; rounded through float16 like a cache array. radiograph: the same
     patient of a 3D phantom as a frontal radiograph (same id and labels, same acquisition), for the paired
-    cross-modal measurements (beyond the paper)."""
+    cross-modal measurements (beyond the paper). shifts: the same patient acquired with only these of
+    phantom.EXTERNAL_SHIFTS (controls.py --shifts); None: the phantom's own acquisition."""
     rng = phantom_rng(name, split, index, seed)
     p = sample_patient(rng)
     modality = phantom_modality(name, radiograph)
-    img = preprocess_phantom(render(p, rng, modality, size, name.endswith("-ext")), modality, size)
+    external = name.endswith("-ext") if shifts is None else tuple(shifts)
+    img = preprocess_phantom(render(p, rng, modality, size, external), modality, size)
     return Record(_float32(img.astype(np.float16)), p["labels"], modality, f"{name}-{split}-{index:06d}")
 
 
@@ -418,7 +421,7 @@ class PhantomDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, name: str, split: str, n: int = None, size: int = None, seed: int = 0,
-                 memo_bytes: int = 1 << 30, radiograph: bool = False):
+                 memo_bytes: int = 1 << 30, radiograph: bool = False, shifts=None):
         if name not in PHANTOMS:
             raise ValueError(f"unknown phantom {name!r}; one of {PHANTOMS}")
         if split not in ("train", "test"):
@@ -426,12 +429,16 @@ class PhantomDataset(torch.utils.data.Dataset):
         if radiograph and "3d" not in name:
             raise ValueError(f"{name}: radiograph=True renders a 3D phantom's patients as radiographs")
         self.split, self.seed, self.radiograph, self.phantom = split, seed, radiograph, name
+        self.shifts = None if shifts is None else tuple(shifts)
         self.name = f"{name}{PAIRED_SUFFIX}" if radiograph else name
+        if self.shifts is not None:  # same patients, another acquisition: another name and fingerprint
+            self.name += f"[{'+'.join(self.shifts) or 'no shift'}]"
         self.modality = phantom_modality(name, radiograph)
         self.n = PHANTOM_N[split] if n is None else int(n)
         self.size = size or (CT_SIZE if self.modality == "3d" else XRAY_SIZE)
         self.ids = [f"{name}-{split}-{i:06d}" for i in range(self.n)]  # a paired radiograph has its CT's id
-        self.fingerprint = _digest([PHANTOM_VERSION, name, split, self.n, self.size, seed, *(["xray"] * radiograph)])
+        self.fingerprint = _digest([PHANTOM_VERSION, name, split, self.n, self.size, seed, *(["xray"] * radiograph),
+                                    *([list(self.shifts)] if self.shifts is not None else [])])
         self._labels, self._memo, self._memo_left = None, {}, memo_bytes
 
     @property
@@ -450,7 +457,7 @@ class PhantomDataset(torch.utils.data.Dataset):
         if i in self._memo:
             image, labels = self._memo[i]
             return Record(_float32(image), labels, self.modality, self.ids[i])
-        rec = phantom_record(self.phantom, self.split, i, self.size, self.seed, self.radiograph)
+        rec = phantom_record(self.phantom, self.split, i, self.size, self.seed, self.radiograph, self.shifts)
         if rec.image.size * 2 <= self._memo_left:
             self._memo[i] = (rec.image.astype(np.float16), rec.labels)
             self._memo_left -= rec.image.size * 2

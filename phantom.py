@@ -35,6 +35,7 @@ MU_OF[BONE] = 1.6
 IN_LUNG = np.isin(np.arange(11), [LUNG, VESSEL, HAZE, CONS, ATEL])  # lookups: which classes a finding may cover
 AERATED = np.arange(11) == LUNG
 PREVALENCE = np.array([0.25, 0.20, 0.12, 0.35, 0.22])  # target prevalence of each label, in the order of the docstring
+EXTERNAL_SHIFTS = ("resolution", "noise", "calibration")  # what makes an external acquisition (render)
 PHANTOM_VERSION = 1  # bump when the generator changes: it is part of the phantom fingerprint
 
 
@@ -171,36 +172,44 @@ def _upsample(img: np.ndarray, shape) -> np.ndarray:
     return F.interpolate(t, size=tuple(shape), mode=mode, align_corners=False)[0, 0].numpy()
 
 
-def render(p: dict, rng: np.random.Generator, modality: str, size: int, external: bool) -> np.ndarray:
+def render(p: dict, rng: np.random.Generator, modality: str, size: int, external) -> np.ndarray:
     """Render patient p, unprocessed: a CT volume in HU (Z, size, size), or a frontal radiograph
     (size, W), the line integral of attenuation through the same kind of volume along Y.
 
-    external: a shifted acquisition (coarser resolution, more noise, other
-    intensity calibration), the role CheXpert and RAD-ChestCT play for real data.
+    external: True for a shifted acquisition (coarser resolution, more noise, other intensity
+    calibration), the role CheXpert and RAD-ChestCT play for real data; or a subset of EXTERNAL_SHIFTS,
+    only those (one factor at a time, controls.py --shifts). The random draws are the same whatever
+    is shifted, so a patient differs between two settings only by the shifts.
     """
+    shifts = set(EXTERNAL_SHIFTS) if external is True else set(external or ())
+    if not shifts <= set(EXTERNAL_SHIFTS):
+        raise ValueError(f"unknown acquisition shift(s) {sorted(shifts - set(EXTERNAL_SHIFTS))}; "
+                         f"the shifts are {EXTERNAL_SHIFTS}")
     half_z = rng.uniform(0.75, 1.0) if modality == "3d" else rng.uniform(1.0, 1.2)
     centre = rng.uniform(-0.12, 0.0)
     if modality == "3d":  # square axial field of view, z extent varies: (Z, size, size)
         shape = (max(1, round(size * half_z)), size, size)
     else:  # frontal view: x spans the field of view, z (rows) the longer side
         shape = (size, max(1, round(size / half_z)))
-    res = 0.6 if external else 1.0  # external: rendered coarser, then upsampled
+    res = 0.6 if "resolution" in shifts else 1.0  # rendered coarser, then upsampled
     coarse = [max(2, round(n * res)) for n in shape]
     z = _axis(coarse[0], centre - half_z, centre + half_z)
     x = _axis(coarse[-1], -1, 1)
-    noise = p["noise"] * (2.5 if external else 1.0)
+    noise = p["noise"] * (2.5 if "noise" in shifts else 1.0)
     if modality == "3d":
         lab = render_labels(p, (z, _axis(coarse[1], -1, 1), x))
         hu = HU_OF[lab] + p["hu_offset"]
-        if external:
-            hu = _upsample(hu * 1.04 + 30, shape)
+        if "calibration" in shifts:
+            hu = hu * 1.04 + 30
+        if "resolution" in shifts:
+            hu = _upsample(hu, shape)
         hu += rng.standard_normal(hu.shape, dtype=np.float32) * (18 * noise)
         return hu
     lab = render_labels(p, (z, _axis(32, -1, 1), x))
     line = MU_OF[lab].mean(axis=1)  # (H, W) line integral of attenuation through the body
-    if external:
+    if "resolution" in shifts:
         line = _upsample(line, shape)
-    img = line ** (p["gamma"] * (0.7 if external else 1.0))
+    img = line ** (p["gamma"] * (0.7 if "calibration" in shifts else 1.0))
     img += rng.standard_normal(img.shape, dtype=np.float32) * (0.015 * noise)
     return img
 

@@ -1,4 +1,6 @@
 """controls.py: the probes' controls pool the same tokens and pixels the model and the probe see."""
+import json
+
 import numpy as np
 import torch
 
@@ -34,3 +36,24 @@ def test_bag_of_patches_is_the_mean_patch_of_the_image():
     patches = [view[y:y + 14, x:x + 14] for y in range(0, view.shape[0], 14) for x in range(0, view.shape[1], 14)]
     mean = np.mean(patches, axis=0).reshape(7, 2, 7, 2).mean(axis=(1, 3))
     assert np.allclose(controls.bag_of_patches(rec, 14), mean.ravel(), atol=1e-6)
+
+
+def test_shifts_scores_every_model_shift_and_probe_and_all_shifts_is_the_external_acquisition(tmp_path):
+    """controls.py --shifts end to end on a tiny random checkpoint: a row per test set, shift setting, model
+    and probe; with no shift the two probes are one (the internal training set), and the table has every cell."""
+    torch.manual_seed(0)
+    model = SparseMedicalViT(dim=32, depth=1, heads=2, attn="sdpa")
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"format": 1, "model_config": model.config, "model": model.state_dict(),
+                "args": {"stage": 3, "objective": "lejepa", "size_2d": 56, "size_3d": 28}}, ckpt)
+    out = tmp_path / "out"
+    assert controls.main(["--shifts", "--ckpt", f"T={ckpt}", "--random-init", "--n-train", "48", "--n-test", "32",
+                          "--bootstrap", "20", "--out", str(out)]) == 0
+    rows = json.loads((out / "shifts.json").read_text())["rows"]
+    assert len(rows) == 2 * len(controls.SHIFT_SETTINGS) * 2 * 2  # test sets x shifts x models x probes
+    by = {(r["test_set"], r["shift"], r["model"], r["probe"]): r["macro"] for r in rows}
+    for test_set in ("MIMIC (phantom2d)", "CT-RATE (phantom3d)"):
+        assert by[(test_set, "none", "T", "internal")] == by[(test_set, "none", "T", "same shift")]
+        assert by[(test_set, "noise", "T", "internal")] != by[(test_set, "none", "T", "internal")]
+    table = (out / "shifts.md").read_text()
+    assert "| MIMIC (phantom2d) | resolution + noise + calibration |" in table and " nan" not in table

@@ -800,6 +800,33 @@ def test_paired_views_are_drr_crops_in_the_last_local_slots_of_ct_samples_only()
         make_loader(ds2, ds3, batch_2d=2, batch_3d=2, steps=1, patch=14, n_local=3, paired_views=4)
 
 
+def test_external_shifts_one_at_a_time_change_only_what_they_name():
+    """render(external=...) with one of phantom.EXTERNAL_SHIFTS (controls.py --shifts): the same patient and the same
+    random draws; all three are the external acquisition itself, bit for bit, and none is the internal one."""
+    def draw(modality, shifts, noise=None):
+        rng = phantom.phantom_rng("phantom2d", "test", 5, 0)
+        p = phantom.sample_patient(rng)
+        p["noise"] = p["noise"] if noise is None else noise
+        return phantom.render(p, rng, modality, 28, shifts)
+
+    for m in ("2d", "3d"):
+        assert np.array_equal(draw(m, True), draw(m, phantom.EXTERNAL_SHIFTS))
+        assert np.array_equal(draw(m, False), draw(m, ()))
+        clean, none, noisy = draw(m, (), noise=0.0), draw(m, ()), draw(m, ("noise",))
+        assert np.allclose(noisy - clean, 2.5 * (none - clean), atol=1e-4)  # the same noise draw, 2.5x as strong
+        coarse = draw(m, ("resolution",), noise=0.0)
+        assert coarse.shape == clean.shape and not np.array_equal(coarse, clean)
+    assert np.allclose(draw("3d", ("calibration",), noise=0.0), draw("3d", (), noise=0.0) * 1.04 + 30, atol=1e-3)
+    assert np.allclose(draw("2d", ("calibration",), noise=0.0), draw("2d", (), noise=0.0) ** 0.7, atol=1e-5)
+    with pytest.raises(ValueError, match=r"unknown acquisition shift\(s\) \['blur'\]"):
+        draw("2d", ("blur",))
+    plain = data.PhantomDataset("phantom2d", "test", n=3, size=28)
+    shifted = data.PhantomDataset("phantom2d", "test", n=3, size=28, shifts=("noise",))
+    assert shifted.ids == plain.ids and np.array_equal(shifted.labels, plain.labels)
+    assert shifted.fingerprint != plain.fingerprint and shifted.name == "phantom2d[noise]"
+    assert not np.array_equal(shifted[0].image, plain[0].image)
+
+
 def test_phantom_py_stands_alone_and_is_preprocessed_like_real_images():
     import ast
     tree = ast.parse(Path(phantom.__file__).read_text())
