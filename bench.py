@@ -24,6 +24,8 @@ Prints Markdown tables (device, torch version, date and settings first); --json 
 8. Peers: the same views through the variable-resolution ViTs a user would pick instead (timm's
    NaFlexViT, vit-pytorch's NaViT variants; optional packages, skipped by name when absent), at equal
    width, depth, heads, MLP ratio and patch: forward + backward times, interleaved, and their ratio to ours.
+9. --paired-views N: the packed step with N of each CT sample's local views replaced by crops of its DRR
+   (train.py --paired-views, beyond the paper) against the same step without: tokens, time and their ratio.
 --gemm: one line, this machine's matmul rate, to scale the README's times per step to your machine.
 
 Padded batches are made from the packed one (pad_views) and run by the model's own modules: each view
@@ -92,6 +94,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the phantoms, crops and weights (default: %(default)s)")
     p.add_argument("--gemm", action="store_true", help="print this machine's matmul rate (one line, seconds) and stop: "
                    "the README's times per step scale with it")
+    p.add_argument("--paired-views", type=int, default=0, metavar="N",
+                   help="also section 9: the step with N DRR views per CT sample (train.py --paired-views) vs without")
     p.add_argument("--smoke", action="store_true", help="tiny model and images, 2 2D + 1 3D samples: seconds")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -291,10 +295,10 @@ class Workload:
     def samples(scale: float) -> tuple[int, int]:
         return tuple(max(1, round(b * scale)) for b in PAPER_BATCH)
 
-    def loader(self, n_2d: int, n_3d: int, steps: int = 1):
+    def loader(self, n_2d: int, n_3d: int, steps: int = 1, paired_views: int = 0):
         return make_loader(self.ds_2d if n_2d else None, self.ds_3d if n_3d else None, batch_2d=n_2d,
                            batch_3d=n_3d, steps=steps, n_global=N_GLOBAL, n_local=N_LOCAL, patch=self.patch,
-                           seed=self.args.seed, workers=0)
+                           seed=self.args.seed, workers=0, paired_views=paired_views, drr_size=self.args.size_2d)
 
     def views(self, scale: float) -> list[torch.Tensor]:
         """A step's samples at this scale as separate views (1, Z, H, W), for models that take a list."""
@@ -302,9 +306,9 @@ class Workload:
         return [v for ds, n in zip((self.ds_2d, self.ds_3d), self.samples(scale)) for i in range(n)
                 for v in make_views(ds[i % len(ds)].image, rng, self.patch, N_GLOBAL, N_LOCAL)]
 
-    def batch(self, scale: float) -> Batch:
+    def batch(self, scale: float, paired_views: int = 0) -> Batch:
         """Step 0 at this scale (a dataset smaller than the batch is cycled, with new crops)."""
-        return next(iter(self.loader(*self.samples(scale))))
+        return next(iter(self.loader(*self.samples(scale), paired_views=paired_views)))
 
 
 def make_net(args, model: str, device):
@@ -336,6 +340,19 @@ def step_section(args, net, work: Workload, device) -> tuple[list[dict], list[di
         if all(found) or scale < 1e-3:
             return rows, work_rows
         scale /= 2  # a scheme ran out of memory: compare the three again on half the batch
+
+
+def paired_section(args, net, work: Workload, device, scale: float) -> list[dict]:
+    """Section 9: the same step 0 with and without --paired-views (the CT samples' own crops are the same)."""
+    rows, base = [], None
+    for n in (0, args.paired_views):
+        b = work.batch(scale, paired_views=n)
+        r = measure(net, b.to(device), device, args.warmup, args.repeats)
+        base = base or (r and r["seconds"])
+        rows.append({"paired views per CT sample": n, "views 2D + 3D": f"{b.packed.is_3d.count(False)} + "
+                     f"{b.packed.is_3d.count(True)}", "tokens": b.packed.n_tokens, "step (s)": r and r["seconds"],
+                     "time vs default": r and base and r["seconds"] / base})
+    return rows
 
 
 def backend_section(args, net, batch, device, known: dict) -> list[dict]:
@@ -590,6 +607,10 @@ def timed_sections(args, net, work: Workload, device, report: dict, show):
          report["peers"], "Ours includes packing the views; each peer gets them as its API takes them. Equal "
          "width, depth, heads, MLP ratio and patch; the rest is each peer's default (ours: a P^3 patch embedding "
          "shared with 3D, hence more parameters). Optional packages: pip install timm vit-pytorch.")
+    if args.paired_views:
+        report["paired"] = paired_section(args, net, work, device, last[0]["scale"])
+        show(f"9. --paired-views {args.paired_views}: the step with DRR crops in the CT samples' last local "
+             f"slots (scale {last[0]['scale']:g})", report["paired"])
     traces = []
 
     def profile(label: str):  # section 6, eager here and compiled after section 5

@@ -36,18 +36,23 @@ def net():
 def test_smoke_run_prints_every_section(tmp_path, capsys):
     path = tmp_path / "bench.json"
     trace = tmp_path / "trace.json"
-    report = bench.main(["--smoke", "--device", "cpu", "--json", str(path), "--profile", str(trace)])
+    report = bench.main(["--smoke", "--device", "cpu", "--json", str(path), "--profile", str(trace), "--paired-views", "2"])
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and "- model: tiny" in out and "- scale: 0.01" in out
     for title in ("1. Training step", "2. Attention backends", "3. Work per scheme", "4. Data pipeline",
-                  "6. Profile of one packed step", "8. Peers"):
+                  "6. Profile of one packed step", "8. Peers", "9. --paired-views 2"):
         assert f"### {title}" in out
     for row in ("| packed | sdpa |", "| padded | sdpa |", "| per-modality padded | sdpa |", "| sdpa |", "| sdpa (rows, the compiled layout) |",
                 "| packed (varlen, flash, sdpa) |", "| packed (compiled sdpa rows) |", "| 2D |", "| 3D |"):
         assert row in out, row
     assert "Packing speed-up" in out and "The losses agree to" in out and "cores keep the packed step fed" in out
     saved = json.loads(path.read_text())
-    assert set(saved) == set(report) >= {"meta", "step", "backends", "work", "data", "profile", "peers"}
+    assert set(saved) == set(report) >= {"meta", "step", "backends", "work", "data", "profile", "peers", "paired"}
+    plain, paired = saved["paired"]  # two of each CT sample's volumes' local views became film crops
+    n_3d = int(plain["views 2D + 3D"].split(" + ")[1]) // (bench.N_GLOBAL + bench.N_LOCAL)
+    assert paired["views 2D + 3D"] == f"{int(plain['views 2D + 3D'].split(' + ')[0]) + 2 * n_3d} + " \
+                                      f"{int(plain['views 2D + 3D'].split(' + ')[1]) - 2 * n_3d}"
+    assert paired["step (s)"] > 0 and paired["time vs default"] > 0
     assert saved["meta"]["GEMM GFLOP/s"] > 0
     classes = {r["operations"]: r for r in saved["profile"]}
     assert classes["matmul"]["ms"] > 0 and classes["attention"]["calls"] > 0  # the step's own work is in it
