@@ -257,7 +257,8 @@ def resolve_sources(data_args: list, lps: list) -> dict:
 
 
 def open_datasets(sources: dict, args) -> dict:
-    """role -> dataset; the phantom options (n per split, size per modality, seed) go to phantom specs only."""
+    """role -> dataset; the phantom options (n per split, size per modality, seed) go to phantom specs only.
+    The paired radiographs' role given CT volumes (a cache; phantoms with --paired-2d drr) holds their DRRs."""
     out = {}
     for role, src in sources.items():
         options = {}
@@ -265,11 +266,16 @@ def open_datasets(sources: dict, args) -> dict:
             n = args.n_train if src.split == "train" else args.n_test
             size = args.size_3d if src.spec in data.PHANTOMS and "3d" in src.spec else args.size_2d
             options = {k: v for k, v in (("n", n), ("size", size)) if v is not None} | {"seed": args.seed}
-        elif role == PAIRED[0]:  # a CT cache's own patients as radiographs: the DRR of each volume
-            out[role] = data.DrrDataset(data.open_dataset(src.spec, src.split), args.size_2d or data.XRAY_SIZE)
-            continue
         out[role] = data.open_dataset(src.spec, src.split, **options)
+        if role == PAIRED[0] and out[role].modality == "3d":
+            out[role] = data.DrrDataset(out[role], args.size_2d or data.XRAY_SIZE)
     return out
+
+
+def paired_drrs(sources: dict) -> dict:
+    """--paired-2d drr on phantoms: the paired radiographs are the DRRs of the CT-RATE stand-in's test CTs."""
+    ct = sources[PAIRED[1]]
+    return sources | {PAIRED[0]: Source(f"{ROLES[PAIRED[0]][0]} ({ct.spec} {ct.split}, DRRs)", ct.spec, ct.split)}
 
 
 
@@ -583,6 +589,10 @@ def get_args(argv=None):
     p.add_argument("--random-init", action="store_true",
                    help="add a row for the first checkpoint's architecture at a random initialisation (seeded by "
                         "--seed): the baseline a trained encoder must beat")
+    p.add_argument("--paired-2d", choices=("radiograph", "drr"), default="radiograph",
+                   help="phantoms: the paired radiographs of the CT-RATE stand-in's test patients are rendered as "
+                        "radiographs (phantom3d-xray) or computed as the DRRs of their CTs (a cache: always DRRs; "
+                        "default: %(default)s)")
     p.add_argument("--maps", type=int, default=4, help="Figure 2b: PCA maps per modality (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom data, the held-out split and the bootstrap (default: %(default)s)")
     p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default: the first checkpoint's, else 224, paper 2.4)")
@@ -709,6 +719,8 @@ def main(argv=None) -> int:
         if args.data == ["phantom"] and checkpoints:  # phantoms at the size the (first) model was trained on
             features.train_sizes(args, checkpoints[0].train_args)
         sources = resolve_sources(args.data, args.lp)
+        if args.paired_2d == "drr" and args.data == ["phantom"]:
+            sources = paired_drrs(sources)
         datasets = open_datasets(sources, args)
         external = load_external(args.features, datasets, {c.name for c in checkpoints}, args.lp)
     except (FileNotFoundError, ValueError) as e:

@@ -777,3 +777,17 @@ def test_retrieval_table_is_the_ranks_of_each_patients_own_ct_among_the_features
     assert got["median rank"]["value"] == pytest.approx(np.median(r))
     transfer = {(d["model"], d["lp"]) for d in rows[1]["data"]}
     assert transfer == {("S3", "2D"), ("S3", "3D"), ("Random", "2D"), ("Random", "3D")}
+
+
+def test_paired_2d_drr_pairs_each_phantom_ct_with_its_own_drr():
+    """--paired-2d drr: the paired radiographs of the CT-RATE stand-in's test patients are their CTs' DRRs, in
+    the CTs' order and at the 2D long side; the default stays the phantom's own radiographs."""
+    args = probe.get_args(["--ckpt", "x.pt", "--paired-2d", "drr", *PHANTOM])
+    sources = probe.paired_drrs(probe.resolve_sources(["phantom"], ["2D", "3D", "ALL"]))
+    assert "DRRs" in sources["paired_2d"].title
+    ds = probe.open_datasets({r: sources[r] for r in probe.PAIRED}, args)
+    films, cts = ds["paired_2d"], ds["ctrate"]
+    assert films.ids == cts.ids and len(cts) == 64 and films[3].modality == "2d"
+    assert np.array_equal(films[3].image, data.drr_record(cts[3], 56).image) and max(films[3].image.shape) == 56
+    plain = probe.open_datasets({"paired_2d": probe.resolve_sources(["phantom"], ["2D"])["paired_2d"]}, args)
+    assert plain["paired_2d"].name == "phantom3d-xray"
