@@ -304,19 +304,25 @@ def backbone_from_checkpoint(path, map_location="cpu", **overrides) -> tuple["Sp
 class Projector(nn.Module):
     """MLP head for the self-supervised loss (paper 2.2): embedding -> 2048 -> 2048 -> 128.
 
-    LayerNorm, not BatchNorm: per-sample normalization makes a step's
-    gradients the same on one GPU or many, with no SyncBatchNorm.
+    norm "layer" (default): per-sample LayerNorm, so a step's gradients are the same on one GPU or many,
+    with no SyncBatchNorm. norm "batch": BatchNorm1d over the step's views, as the official LeJEPA
+    example's projector (train.py --proj-norm batch, one process). The paper names neither.
     """
 
-    def __init__(self, dim: int, hidden: int = 2048, out: int = 128):
+    def __init__(self, dim: int, hidden: int = 2048, out: int = 128, norm: str = "layer"):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(),
-                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(),
+        if norm not in NORMS:
+            raise ValueError(f"Projector: norm must be one of {sorted(NORMS)}, got {norm!r}")
+        self.net = nn.Sequential(nn.Linear(dim, hidden), NORMS[norm](hidden), nn.GELU(),
+                                 nn.Linear(hidden, hidden), NORMS[norm](hidden), nn.GELU(),
                                  nn.Linear(hidden, out))
         self.apply(_init_weights)
 
     def forward(self, x):
         return self.net(x)
+
+
+NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -329,7 +335,7 @@ def _init_weights(m: nn.Module):
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
+    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
 

@@ -236,8 +236,10 @@ def health(folder: str, seed: int, steps: int, n: int = HEALTH_N) -> dict:
                "top_mixed": top_share(np.concatenate([x["2d"], x["3d"]]))}
         if c.path and c.train_args.get("objective") == "lejepa":
             ckpt = load_checkpoint(c.path)
-            head = Projector(c.model.dim, a.get("proj_hidden", 2048), a.get("proj_out", 128))
+            t = c.train_args
+            head = Projector(c.model.dim, t.get("proj_hidden", 2048), t.get("proj_out", 128), t.get("proj_norm", "layer"))
             head.load_state_dict(ckpt["head"])
+            head.eval()  # BatchNorm: the running statistics, not those of the test set
             with torch.no_grad():
                 z = {m: head(torch.from_numpy(x[m])).numpy() for m in x}
             row |= {"proj_rank_2d": rank(z["2d"]), "proj_rank_3d": rank(z["3d"]),

@@ -61,6 +61,10 @@ def get_args(argv=None):
     p.add_argument("--model", choices=sorted(PRESETS), default=None, help="model size (default: small; tiny without CUDA)")
     p.add_argument("--depth", type=int, default=None, help="override the preset's depth (default: the preset's; 6 without CUDA)")
     p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (paper 2.2 head; default: %(default)s)")
+    p.add_argument("--proj-norm", choices=("layer", "batch"), default="layer",
+                   help="the projector's normalization: per-sample LayerNorm, or BatchNorm1d over the step's views (one "
+                        "process) as the official LeJEPA example (model.Projector; the paper names neither; "
+                        "default: %(default)s)")
     p.add_argument("--proj-out", type=int, default=128, help="projector output size K, where the LeJEPA loss is computed (default: %(default)s)")
     p.add_argument("--data", nargs="+", default=["phantom"], help="'phantom' or cache dirs from `python data.py prepare` (2D and/or 3D; default: phantom)")
     p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default 224; 112 on a CPU demo)")
@@ -179,7 +183,7 @@ def build_net(args) -> Net:
         overrides["depth"] = args.depth
     backbone = SparseMedicalViT.from_preset(args.model, **overrides)
     backbone.grad_checkpointing = args.act_ckpt
-    head = Projector(backbone.dim, args.proj_hidden, args.proj_out) if args.objective == "lejepa" else nn.Linear(backbone.dim, len(data.LABELS))
+    head = Projector(backbone.dim, args.proj_hidden, args.proj_out, args.proj_norm) if args.objective == "lejepa" else nn.Linear(backbone.dim, len(data.LABELS))
     return Net(backbone, head)
 
 
@@ -358,6 +362,9 @@ def resolve_inputs(args, cuda: bool, world: int, say) -> tuple:
     """Flags left unset, batch sizes against processes and --accum, --data, and SIGReg's weight at this batch
     (paper 2.2, 2.4) -> (2D dataset or None, 3D dataset or None)."""
     notes = resolve_defaults(args, cuda)
+    if args.proj_norm == "batch" and world > 1:
+        raise ValueError("--proj-norm batch runs on one process: under DDP each rank would normalize by its own "
+                         "share's statistics (SyncBatchNorm needs GPUs and is not tested here)")
     for b, name in ((args.batch_2d, "--batch-2d"), (args.batch_3d, "--batch-3d")):
         if b % (world * args.accum):
             raise ValueError(f"{name} {b} must divide by processes x --accum = {world * args.accum}")

@@ -37,7 +37,8 @@ def losses(out):
 
 
 @pytest.mark.parametrize("stage,objective,extra", [(3, "lejepa", []), (1, "lejepa", ["--batch-3d", "0"]),
-                                                   (3, "supervised", []), (3, "lejepa", ["--paired-views", "2"])])
+                                                   (3, "supervised", []), (3, "lejepa", ["--paired-views", "2"]),
+                                                   (3, "lejepa", ["--proj-norm", "batch"])])
 def test_short_run_learns_and_checkpoints(tmp_path, stage, objective, extra):
     out, _ = run(tmp_path, "run", "--stage", str(stage), "--objective", objective, "--steps", "30", "--warmup", "3", *extra)
     curve = losses(out)
@@ -46,6 +47,13 @@ def test_short_run_learns_and_checkpoints(tmp_path, stage, objective, extra):
     ckpt = load_checkpoint(os.path.join(out, "last.pt"))
     assert ckpt["step"] == 30 and ckpt["args"]["stage"] == stage
     assert json.load(open(os.path.join(out, "config.json")))["objective"] == objective
+    assert ("net.1.running_mean" in ckpt.get("head", {})) == ("batch" in extra)  # the projector's BatchNorm
+
+
+def test_batch_norm_projector_is_refused_under_ddp():
+    args = train.get_args([*TINY, "--proj-norm", "batch"])
+    with pytest.raises(ValueError, match="--proj-norm batch runs on one process"):
+        train.resolve_inputs(args, cuda=False, world=2, say=print)
 
 
 def health_log(out):
