@@ -527,9 +527,11 @@ class DrrDataset(torch.utils.data.Dataset):
         return drr_record(self.ct[i], self.size)
 
 
-def drr_file(path: str, out: str, size: int = XRAY_SIZE) -> np.ndarray:
+def drr_file(path: str, out: str, size: int = XRAY_SIZE, beside: bool = False) -> np.ndarray:
     """`data.py drr`: a NIfTI volume or a folder holding one DICOM CT series -> OUT.png, its frontal DRR at long
-    side `size` (raw HU, spacing and orientation as `prepare` reads them: readers.read_ct)."""
+    side `size` (raw HU, spacing and orientation as `prepare` reads them: readers.read_ct). beside: the coronal
+    slice through the volume's middle, windowed as the model sees CT (paper 2.4), to the right of the film at
+    the same scale and orientation."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not found")
     if os.path.isdir(path):
@@ -550,6 +552,11 @@ def drr_file(path: str, out: str, size: int = XRAY_SIZE) -> np.ndarray:
     image = drr.drr(hu, spacing, size)
     from PIL import Image
     film = np.round((minmax(image, path) + 1) * 127.5).astype(np.uint8)  # dense = bright, as an X-ray is stored
+    if beside:
+        coronal = torch.from_numpy(np.ascontiguousarray(window_ct(hu[:, hu.shape[1] // 2, :])))[None, None]
+        coronal = F.interpolate(coronal, size=image.shape, mode="bilinear", antialias=True, align_corners=False)
+        gap = np.zeros((film.shape[0], 4), np.uint8)
+        film = np.concatenate([film, gap, np.round((coronal[0, 0].numpy() + 1) * 127.5).astype(np.uint8)], axis=1)
     atomic_write(out, lambda f: Image.fromarray(film).save(f, format="PNG"))
     return image
 
@@ -627,10 +634,12 @@ def main(argv=None) -> int:
     p.add_argument("input", metavar="INPUT", help="a NIfTI volume (.nii, .nii.gz) or a folder holding one DICOM CT series")
     p.add_argument("out", metavar="OUT.png", help="the radiograph to write (8-bit PNG)")
     p.add_argument("--size", type=int, default=XRAY_SIZE, help="long side in pixels (default: %(default)s, the X-ray's, paper 2.4)")
+    p.add_argument("--beside", action="store_true", help="the coronal slice through the volume's middle to the right of "
+                   "the film, same scale and orientation (windowed as the model sees CT)")
     args = ap.parse_args(argv)
     if args.command == "drr":
         try:
-            image = drr_file(args.input, args.out, args.size)
+            image = drr_file(args.input, args.out, args.size, args.beside)
         except (FileNotFoundError, ValueError, ImportError) as e:
             print(f"data.py drr: error: {e}", file=sys.stderr)
             return 2

@@ -118,6 +118,24 @@ def test_drr_of_a_nifti_volume_matches_its_array(tmp_path):
     assert np.allclose(image, drr.drr(np.ascontiguousarray(zyx), (2.0, 1.0, 1.0), 30), atol=1e-3)
 
 
+def test_beside_puts_the_middle_coronal_slice_right_of_the_film_in_its_geometry(tmp_path):
+    """--beside: the film as without it, 4 black columns, then the coronal slice through the middle (the anterior-
+    posterior axis halved) windowed as the model sees CT, resampled onto the film's square pixels."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(1)
+    ras = rng.uniform(-1000, 500, (30, 20, 10)).astype(np.float32)
+    nib.save(nib.Nifti1Image(ras, np.diag([1.0, 1.0, 2.0, 1.0])), tmp_path / "ct.nii.gz")
+    data.drr_file(str(tmp_path / "ct.nii.gz"), str(tmp_path / "film.png"), size=30)
+    assert data.main(["drr", str(tmp_path / "ct.nii.gz"), str(tmp_path / "both.png"), "--size", "30", "--beside"]) == 0
+    film, both = (np.array(Image.open(tmp_path / f)) for f in ("film.png", "both.png"))
+    h, w = film.shape
+    assert both.shape == (h, 2 * w + 4) and np.array_equal(both[:, :w], film) and not both[:, w:w + 4].any()
+    zyx = ras.transpose(2, 1, 0)[::-1, ::-1, ::-1]
+    coronal = torch.from_numpy(np.ascontiguousarray(data.window_ct(zyx[:, zyx.shape[1] // 2, :])))[None, None]
+    expected = F.interpolate(coronal, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0, 0]
+    assert np.abs(both[:, w + 4:].astype(float) - (expected.numpy() + 1) * 127.5).max() <= 1
+
+
 def test_drr_record_of_a_cached_ct_is_a_radiograph_of_the_same_patient():
     """A preprocessed CT record back to HU (the window inverted) gives a 2D record with the same id and labels."""
     ct = data.open_dataset("phantom3d", "test", n=2, size=28)[0]
