@@ -28,6 +28,14 @@ by the modality's probe trained on the internal training set (as the tables do) 
 patients with the same shift (as Table 2's adapted probe). A factor that costs the first probe and not the
 second moves the features without destroying the information; one that costs both destroys it.
 
+    python controls.py --crops --ckpt S3=runs/s3/last.pt --random-init --out results/crops
+
+--crops instead: does a view identify its own image, as LeJEPA's prediction loss asks (paper 2.2)? Training
+views (views.make_loader: 2 global, 8 local crops) of 64 test phantoms at a time; for each local view, the
+rank of its own sample's global centroid among the 64 centroids by the loss's own distance (squared error),
+backbone embeddings (the probes' space). For CT samples the last two local slots are crops of the DRR
+(--paired-views 2): whether a patient's radiograph lands at its own CT. Chance: median rank 32.5, top-1 1/64.
+
 Imports data, phantom (its acquisition shifts), views, features, probe (for its probes and metrics), pack, numpy and torch; nothing imports it.
 """
 import argparse
@@ -186,6 +194,59 @@ def shift_report(args) -> dict:
     return report
 
 
+CROP_BATCH, CROP_PAIRED = 64, 2
+
+
+@torch.inference_mode()
+def crop_ranks(model, ds, steps: int, seed: int, paired: int, drr_size: int) -> dict:
+    """{view kind: ranks (one per local view and sample)} of each local view's own global centroid (module
+    docstring); paired > 0 for CT: the last `paired` local slots are DRR crops at long side drr_size."""
+    is_3d = ds.modality == "3d"
+    loader = views.make_loader(None if is_3d else ds, ds if is_3d else None, batch_2d=0 if is_3d else CROP_BATCH,
+                               batch_3d=CROP_BATCH if is_3d else 0, steps=steps, patch=model.patch, seed=seed,
+                               paired_views=paired if is_3d else 0, drr_size=drr_size)
+    out = {}
+    for batch in loader:
+        z = model(batch.packed).view(batch.n_views, batch.n_samples, -1)  # view-major (views.Batch)
+        centroid = z[:batch.n_global].mean(0)
+        for slot in range(batch.n_global, batch.n_views):
+            kind = "DRR crop" if slot >= batch.n_views - (paired if is_3d else 0) else f"{ds.modality.upper()} local crop"
+            d = torch.cdist(z[slot], centroid)  # (n, n): view of sample i to the centroid of sample j
+            out.setdefault(kind, []).append((d <= d.diagonal()[:, None]).sum(1).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def crop_report(args) -> dict:
+    """--crops (module docstring): {"rows": [{test_set, model, views, median rank, top-1, n}], ...}."""
+    checkpoints = features.load_checkpoints(args.ckpt, "auto")
+    if args.random_init:
+        checkpoints.append(features.random_init(checkpoints[0], "auto", args.seed))
+    a = checkpoints[0].train_args
+    steps = max(1, args.n_test // CROP_BATCH)
+    report = {"batch": CROP_BATCH, "samples": steps * CROP_BATCH, "seed": args.seed, "rows": []}
+    for paper, name in SETS:
+        modality = "3d" if "3d" in name else "2d"
+        ds = data.open_dataset(name, "test", n=steps * CROP_BATCH, size=a.get(f"size_{modality}"), seed=args.seed)
+        for c in checkpoints:
+            ranks = crop_ranks(c.model, ds, steps, args.seed, CROP_PAIRED, c.train_args.get("size_2d") or data.XRAY_SIZE)
+            for kind, r in ranks.items():
+                report["rows"].append({"test_set": f"{paper} ({name})", "model": c.name, "views": kind,
+                                       "median rank": float(np.median(r)), "top-1": float((r == 1).mean()),
+                                       "n": int(len(r))})
+    return report
+
+
+def crop_markdown(report: dict) -> str:
+    lines = [f"**Do a sample's crops identify it?** (each local view's own global centroid ranked among "
+             f"{report['batch']} test phantoms' by squared distance, backbone embeddings; {report['samples']} "
+             f"samples per set, seed {report['seed']}; chance: median rank {(report['batch'] + 1) / 2:g}, top-1 "
+             f"{1 / report['batch']:.3f})", "", "| Test set | Model | Views | Median rank | Top-1 |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['test_set']} | {r['model']} | {r['views']} | {r['median rank']:g} | {r['top-1']:.3f} |"
+              for r in report["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 def shift_markdown(report: dict) -> str:
     models = list(dict.fromkeys(r["model"] for r in report["rows"]))
     cell = {(r["test_set"], r["shift"], r["model"], r["probe"]): probe.fmt_ci(r["macro"], r["ci"]) for r in report["rows"]}
@@ -218,15 +279,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="phantoms, held-out split and bootstrap (default: %(default)s)")
     p.add_argument("--shifts", action="store_true",
                    help="instead: the external acquisition one factor at a time -> shifts.md/.json (module docstring)")
+    p.add_argument("--crops", action="store_true",
+                   help="instead: does each local view identify its own sample (and a CT its DRR)? -> crops.md/.json")
     p.add_argument("--out", default="results/controls", help="folder for controls.md/.json (default: %(default)s)")
     args = p.parse_args(argv)
     try:
-        report = shift_report(args) if args.shifts else run(args)
+        report = shift_report(args) if args.shifts else crop_report(args) if args.crops else run(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"controls.py: error: {e}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    text, stem = (shift_markdown(report), "shifts") if args.shifts else (markdown(report), "controls")
+    text, stem = (shift_markdown(report), "shifts") if args.shifts else (crop_markdown(report), "crops") \
+        if args.crops else (markdown(report), "controls")
     data.atomic_write(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(text.encode()))
     data.atomic_write(os.path.join(args.out, f"{stem}.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(text)

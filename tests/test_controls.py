@@ -57,3 +57,35 @@ def test_shifts_scores_every_model_shift_and_probe_and_all_shifts_is_the_externa
         assert by[(test_set, "noise", "T", "internal")] != by[(test_set, "none", "T", "internal")]
     table = (out / "shifts.md").read_text()
     assert "| MIMIC (phantom2d) | resolution + noise + calibration |" in table and " nan" not in table
+    assert controls.main(["--crops", "--ckpt", f"T={ckpt}", "--random-init", "--n-test", "64", "--out", str(out)]) == 0
+    rows = json.loads((out / "crops.json").read_text())["rows"]  # 2 models x (2D local; 3D local, DRR crop)
+    assert sorted((r["model"], r["views"]) for r in rows) == sorted(
+        (m, v) for m in ("T", "Random init") for v in ("2D local crop", "3D local crop", "DRR crop"))
+    assert all(1 <= r["median rank"] <= 64 and r["n"] > 0 for r in rows)
+
+
+class _ByPosition(torch.nn.Module):
+    """A stand-in model whose embedding of view i of a view-major batch is its sample's index (or a constant)."""
+    patch = 14
+
+    def __init__(self, n: int, constant: bool = False):
+        super().__init__()
+        self.n, self.constant = n, constant
+
+    def forward(self, packed):
+        index = torch.arange(packed.n_views) % self.n
+        return torch.zeros(packed.n_views, 2) if self.constant else torch.stack([index, -index], 1).float()
+
+
+def test_crop_ranks_find_each_views_own_centroid_and_count_ties_against_it():
+    """A model that knows each view's sample ranks its own centroid first for every local view; a constant
+    model ties with all 64 (rank 64, the worst); a CT sample's last two local slots are its DRR crops."""
+    ds = data.open_dataset("phantom3d", "test", n=controls.CROP_BATCH, size=28)
+    exact = controls.crop_ranks(_ByPosition(controls.CROP_BATCH), ds, 1, 0, 2, 56)
+    assert sorted(exact) == ["3D local crop", "DRR crop"] and len(exact["DRR crop"]) == 2 * controls.CROP_BATCH
+    assert len(exact["3D local crop"]) == 6 * controls.CROP_BATCH and all((r == 1).all() for r in exact.values())
+    flat = controls.crop_ranks(_ByPosition(controls.CROP_BATCH, constant=True), ds, 1, 0, 2, 56)
+    assert all((r == controls.CROP_BATCH).all() for r in flat.values())
+    radiographs = controls.crop_ranks(_ByPosition(controls.CROP_BATCH), data.open_dataset(
+        "phantom2d", "test", n=controls.CROP_BATCH, size=56), 1, 0, 2, 56)
+    assert list(radiographs) == ["2D local crop"] and len(radiographs["2D local crop"]) == 8 * controls.CROP_BATCH
