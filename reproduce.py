@@ -308,6 +308,8 @@ def _compare(ms: dict, what: str, holds, reverse=None) -> dict:
         verdict = "reversed"
     else:
         verdict = f"not reproduced (holds at {sum(bool(per_seed[s]) for s in judged)} of {len(judged)} seeds)"
+    if judged and len(judged) < len(ms):  # a row missing at some seed: say where the verdict comes from
+        verdict += f"; measured at seed {', '.join(map(str, judged))} only"
     return {"claim": what, "verdict": verdict, "seeds": judged, "figures": figures}
 
 

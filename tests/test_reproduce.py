@@ -78,6 +78,7 @@ def test_a_claim_is_reproduced_only_where_it_holds_at_every_seed():
         "not reproduced (holds at 1 of 2 seeds)"
     assert verdict({0: c1(0.6, 0.7, 0.7, 0.8), 1: c1(0.6, 0.7, 0.7, 0.8)}) == "reversed"
     assert verdict({0: {}}) == "not measured"  # rows not finished are not judged
+    assert verdict({0: {}, 1: c1(0.8, 0.7, 0.9, 0.8)}) == "reproduced; measured at seed 1 only"  # says where from
 
 
 def test_figures_beside_each_verdict_name_the_numbers_of_every_seed():
