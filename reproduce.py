@@ -385,10 +385,11 @@ def _fig2a_claim(report: dict):
 
 def cell(ms: dict, model: str, lp: str, key: str) -> str:
     """First seed's macro (95% CI) and, with more seeds, mean +- sd over them."""
-    values = [m[(model, lp, key)] for m in ms.values() if (model, lp, key) in m]
+    seeds = [s for s, m in ms.items() if (model, lp, key) in m]
+    values = [ms[s][(model, lp, key)] for s in seeds]
     if not values:
         return "-"
-    text = _ci(values[0])
+    text = _ci(values[0]) if seeds[0] == next(iter(ms)) else f"seed {seeds[0]}: {_ci(values[0])}"  # not the first seed's
     if len(values) > 1:
         v = [x[0] for x in values]
         text += f"; {np.mean(v):.3f} ± {np.std(v, ddof=1):.3f} (n={len(v)})"

@@ -92,6 +92,7 @@ def test_cells_give_the_first_seeds_ci_and_the_spread_over_seeds():
     text = reproduce.cell(ms, "S3", "ALL", "mimic")
     assert text.startswith("0.800 (0.790-0.810)") and f"{np.mean([0.8, 0.9]):.3f} ± {np.std([0.8, 0.9], ddof=1):.3f}" in text
     assert reproduce.cell(ms, "S1", "ALL", "mimic") == "-"
+    assert reproduce.cell({0: {}, 1: c1(0.9, 0.7, 0.9, 0.8)}, "S3", "ALL", "mimic").startswith("seed 1: 0.900")
 
 
 def test_health_figures_behave_as_defined():
