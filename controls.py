@@ -36,7 +36,8 @@ rank of its own sample's global centroid among the 64 centroids by the loss's ow
 backbone embeddings (the probes' space). For CT samples the last two local slots are crops of the DRR
 (--paired-views 2): whether a patient's radiograph lands at its own CT. Chance: median rank 32.5, top-1 1/64.
 
-Imports data, phantom (its acquisition shifts), views, features, probe (for its probes and metrics), pack, numpy and torch; nothing imports it.
+Imports data, phantom (its acquisition shifts), views, features, probe (for its probes and metrics), pack,
+numpy and torch; nothing imports it.
 """
 import argparse
 import json
@@ -114,10 +115,16 @@ def input_controls(split_ds: dict, patch: int) -> dict:
     return out
 
 
-def run(args) -> dict:
+def load(args) -> list:
+    """--ckpt's checkpoints, and with --random-init the first one's architecture at a random initialisation."""
     checkpoints = features.load_checkpoints(args.ckpt, "auto")
     if args.random_init:
         checkpoints.append(features.random_init(checkpoints[0], "auto", args.seed))
+    return checkpoints
+
+
+def run(args) -> dict:
+    checkpoints = load(args)
     a = checkpoints[0].train_args
     report = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed, "rows": []}
     embeddings = {}  # {checkpoint: {test set: {split: pooled tokens}}}
@@ -169,9 +176,7 @@ SHIFT_SETTINGS = ((), *((shift,) for shift in phantom.EXTERNAL_SHIFTS), phantom.
 
 def shift_report(args) -> dict:
     """--shifts (module docstring): {"rows": [{test_set, shift, model, probe, macro, ci}], ...}."""
-    checkpoints = features.load_checkpoints(args.ckpt, "auto")
-    if args.random_init:
-        checkpoints.append(features.random_init(checkpoints[0], "auto", args.seed))
+    checkpoints = load(args)
     a = checkpoints[0].train_args
     report = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed, "rows": []}
     for paper, name in SETS:
@@ -210,7 +215,8 @@ def crop_ranks(model, ds, steps: int, seed: int, paired: int, drr_size: int) -> 
         z = model(batch.packed).view(batch.n_views, batch.n_samples, -1)  # view-major (views.Batch)
         centroid = z[:batch.n_global].mean(0)
         for slot in range(batch.n_global, batch.n_views):
-            kind = "DRR crop" if slot >= batch.n_views - (paired if is_3d else 0) else f"{ds.modality.upper()} local crop"
+            drr = is_3d and slot >= batch.n_views - paired
+            kind = "DRR crop" if drr else f"{ds.modality.upper()} local crop"
             d = torch.cdist(z[slot], centroid)  # (n, n): view of sample i to the centroid of sample j
             out.setdefault(kind, []).append((d <= d.diagonal()[:, None]).sum(1).numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -218,9 +224,7 @@ def crop_ranks(model, ds, steps: int, seed: int, paired: int, drr_size: int) -> 
 
 def crop_report(args) -> dict:
     """--crops (module docstring): {"rows": [{test_set, model, views, median rank, top-1, n}], ...}."""
-    checkpoints = features.load_checkpoints(args.ckpt, "auto")
-    if args.random_init:
-        checkpoints.append(features.random_init(checkpoints[0], "auto", args.seed))
+    checkpoints = load(args)
     a = checkpoints[0].train_args
     steps = max(1, args.n_test // CROP_BATCH)
     report = {"batch": CROP_BATCH, "samples": steps * CROP_BATCH, "seed": args.seed, "rows": []}
@@ -228,7 +232,8 @@ def crop_report(args) -> dict:
         modality = "3d" if "3d" in name else "2d"
         ds = data.open_dataset(name, "test", n=steps * CROP_BATCH, size=a.get(f"size_{modality}"), seed=args.seed)
         for c in checkpoints:
-            ranks = crop_ranks(c.model, ds, steps, args.seed, CROP_PAIRED, c.train_args.get("size_2d") or data.XRAY_SIZE)
+            drr_size = c.train_args.get("size_2d") or data.XRAY_SIZE
+            ranks = crop_ranks(c.model, ds, steps, args.seed, CROP_PAIRED, drr_size)
             for kind, r in ranks.items():
                 report["rows"].append({"test_set": f"{paper} ({name})", "model": c.name, "views": kind,
                                        "median rank": float(np.median(r)), "top-1": float((r == 1).mean()),
@@ -269,6 +274,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+MODES = {"controls": (run, markdown), "shifts": (shift_report, shift_markdown), "crops": (crop_report, crop_markdown)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint(s), PATH or NAME=PATH")
@@ -277,20 +285,22 @@ def main(argv=None) -> int:
     p.add_argument("--n-test", type=int, default=1024, help="phantom test samples per set (default: %(default)s)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="phantoms, held-out split and bootstrap (default: %(default)s)")
-    p.add_argument("--shifts", action="store_true",
-                   help="instead: the external acquisition one factor at a time -> shifts.md/.json (module docstring)")
-    p.add_argument("--crops", action="store_true",
-                   help="instead: does each local view identify its own sample (and a CT its DRR)? -> crops.md/.json")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--shifts", action="store_true",
+                      help="instead: the external acquisition one factor at a time -> shifts.md/.json (module docstring)")
+    mode.add_argument("--crops", action="store_true",
+                      help="instead: does each local view identify its own sample (and a CT its DRR)? -> crops.md/.json")
     p.add_argument("--out", default="results/controls", help="folder for controls.md/.json (default: %(default)s)")
     args = p.parse_args(argv)
     try:
-        report = shift_report(args) if args.shifts else crop_report(args) if args.crops else run(args)
+        stem = "shifts" if args.shifts else "crops" if args.crops else "controls"
+        measure, write = MODES[stem]
+        report = measure(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"controls.py: error: {e}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    text, stem = (shift_markdown(report), "shifts") if args.shifts else (crop_markdown(report), "crops") \
-        if args.crops else (markdown(report), "controls")
+    text = write(report)
     data.atomic_write(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(text.encode()))
     data.atomic_write(os.path.join(args.out, f"{stem}.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(text)

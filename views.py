@@ -11,8 +11,8 @@
   worker processes; the content of step s is a pure function of (seed, s) whatever the rank, the world size
   or where a run resumed (StepDataset).
 
-Imports data (Record: the images data.py preprocesses and caches; drr_record for paired views), pack, numpy and torch; data.py does not
-import this module.
+Imports data (Record: the images data.py preprocesses and caches; drr_record for paired views), pack, numpy
+and torch; data.py does not import this module.
 """
 import math
 import signal

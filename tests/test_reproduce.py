@@ -1,5 +1,4 @@
 """reproduce.py: the grid's plan, what counts as done (resume), and the claims judged at every seed."""
-import json
 import os
 import signal
 import subprocess
