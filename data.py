@@ -86,6 +86,13 @@ def minmax(img: np.ndarray, where: str) -> np.ndarray:
     return ((img - lo) / (hi - lo) * 2 - 1).astype(np.float32)
 
 
+def intensity_stats(ds, n: int = 64) -> list:
+    """[mean, std] of the intensities of n samples spread evenly over ds (train.py --standardize)."""
+    picks = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
+    values = np.concatenate([ds[int(i)].image.ravel() for i in picks]).astype(np.float64)
+    return [float(values.mean()), float(max(values.std(), 1e-6))]
+
+
 def long_side_shape(shape, spacing, size: int) -> tuple:
     """Output shape with the longest physical extent mapped to `size` voxels, isotropic."""
     extent = [n * s for n, s in zip(shape, spacing)]

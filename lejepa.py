@@ -109,18 +109,19 @@ def prediction_loss(z, n_global):
     return (z - centroid).square().mean()
 
 
-def lejepa_loss(z, n_global, lambd=0.025, step=0, micro_batches=1):
+def lejepa_loss(z, n_global, lambd=0.025, step=0, micro_batches=1, num_slices=256):
     """LeJEPA loss (paper 2.2) on projector outputs z (V, N, K) of every view.
 
     Returns (loss, parts) with loss = (1 - lambd) * L_pred + lambd * SIGReg and
     parts = {"pred": ..., "sigreg": ...}, detached float32 scalar tensors
     (no host sync; call .item() when logging). micro_batches: calls per
-    optimizer step under gradient accumulation (see sigreg).
+    optimizer step under gradient accumulation (see sigreg). n_global = V makes
+    the target the centroid of all views, as the official minimal example.
     """
     if not 0.0 <= lambd <= 1.0:
         raise ValueError(f"lejepa_loss: lambd={lambd} must be in [0, 1]")
     pred = prediction_loss(z, n_global)
-    reg = sigreg(z, step, micro_batches=micro_batches)
+    reg = sigreg(z, step, num_slices=num_slices, micro_batches=micro_batches)
     loss = (1 - lambd) * pred + lambd * reg
     return loss, {"pred": pred.detach(), "sigreg": reg.detach()}
 

@@ -185,12 +185,16 @@ class Block(nn.Module):
 class SparseMedicalViT(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, patch: int = 14,
                  in_chans: int = 1, rope_alpha: float = 128.0, rope_base: float = 10000.0,
-                 attn: str = "auto", drop_path: float = 0.0):
+                 attn: str = "auto", drop_path: float = 0.0, input_stats: list | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.config = dict(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, patch=patch, in_chans=in_chans,
-                           rope_alpha=rope_alpha, rope_base=rope_base, attn=attn, drop_path=drop_path)
+                           rope_alpha=rope_alpha, rope_base=rope_base, attn=attn, drop_path=drop_path,
+                           input_stats=input_stats)
+        # train.py --standardize: [[mean, std] of 2D, [mean, std] of 3D] intensities, applied before the patch
+        # embedding so that the weights, the checkpoint and every reader of it agree; None: the paper's inputs
+        self.input_stats = input_stats
         self.dim, self.patch, self.in_chans, self.attn = dim, patch, in_chans, attn
         self.rope_alpha, self.rope_base, self.head_dim = rope_alpha, rope_base, dim // heads
         # fail at construction, not at the first step, for a backend this machine cannot run
@@ -222,9 +226,13 @@ class SparseMedicalViT(nn.Module):
             if tokens.shape[-1] != size:
                 raise ValueError(f"{name} patches have {tokens.shape[-1]} values, expected {size} "
                                  f"({c} channel(s) x {p}-pixel patches): check in_chans and patch")
+        p2, p3 = packed.patches_2d, packed.patches_3d
+        if self.input_stats:  # each modality's intensities to zero mean, unit variance (the padding stays zero)
+            (m2, s2), (m3, s3) = self.input_stats
+            p2, p3 = (p2 - m2) / s2, (p3 - m3) / s3
         w3, b = self.patch_embed.weight, self.patch_embed.bias  # (dim, C*P^3)
         w2 = w3.view(self.dim, c, p, p, p)[:, :, 0].reshape(self.dim, c * p * p)
-        e2, e3 = F.linear(packed.patches_2d, w2, b), F.linear(packed.patches_3d, w3, b)
+        e2, e3 = F.linear(p2, w2, b), F.linear(p3, w3, b)
         x = e3.new_zeros(packed.n_tokens, self.dim)
         return x.index_copy(0, packed.index_2d, e2).index_copy(0, packed.index_3d, e3)
 

@@ -215,13 +215,25 @@ def gaussian_sigreg(n: int, k: int, draws: int = 8) -> float:
     return float(np.mean([lejepa.sigreg(torch.randn(n, k, generator=g), step).item() for step in range(draws)]))
 
 
-def health(folder: str, seed: int, steps: int, n: int = HEALTH_N) -> dict:
-    """Each row's embedding health on held-out phantom test samples (whole views, as the probe sees them):
-    effective rank of the backbone (and the LeJEPA projector) within each modality, the top direction's share
-    of the variance, and the run's last logged SIGReg beside an isotropic Gaussian batch of the same size."""
-    ckpts = features.load_checkpoints([f"{r}={os.path.join(folder, d, 'last.pt')}" for r, d in
-                                    (("S1", "s1"), ("S2", "s2"), ("S3", "s3"), ("Supervised", "supervised"))
-                                    if trained_step(os.path.join(folder, d)) >= steps], "auto")  # finished runs only
+def gaussian_rank(n: int, k: int, draws: int = 8) -> float:
+    """Effective rank of n isotropic Gaussian samples in k dimensions: the most n samples can show."""
+    g = torch.Generator().manual_seed(0)
+    return float(np.mean([lejepa.effective_rank(torch.randn(n, k, generator=g)).item() for _ in range(draws)]))
+
+
+def grid_rows(folder: str, steps: int) -> dict:
+    """{row name: last.pt} of a seed's runs that reached their steps."""
+    return {r: os.path.join(folder, d, "last.pt") for r, d in
+            (("S1", "s1"), ("S2", "s2"), ("S3", "s3"), ("Supervised", "supervised"))
+            if trained_step(os.path.join(folder, d)) >= steps}
+
+
+def health(rows: dict, seed: int, n: int = HEALTH_N) -> dict:
+    """Each row's embedding health on held-out phantom test samples of `seed` (whole views, as the probe sees
+    them): effective rank of the backbone (and the LeJEPA projector) within each modality, the top direction's
+    share of the variance, and the run's last logged SIGReg beside an isotropic Gaussian batch of the same size.
+    rows: {name: checkpoint path}; the random initialisation is added."""
+    ckpts = features.load_checkpoints([f"{r}={p}" for r, p in rows.items()], "auto")
     if not ckpts:
         return {}
     ckpts.append(features.random_init(ckpts[0], "auto", seed))
@@ -243,7 +255,8 @@ def health(folder: str, seed: int, steps: int, n: int = HEALTH_N) -> dict:
             with torch.no_grad():
                 z = {m: head(torch.from_numpy(x[m])).numpy() for m in x}
             row |= {"proj_rank_2d": rank(z["2d"]), "proj_rank_3d": rank(z["3d"]),
-                    f"proj_rank_2d_{GOAL_N_2D}": rank(z["2d"][:GOAL_N_2D])}
+                    f"proj_rank_2d_{GOAL_N_2D}": rank(z["2d"][:GOAL_N_2D]),
+                    f"proj_rank_gaussian_{GOAL_N_2D}": gaussian_rank(GOAL_N_2D, z["2d"].shape[1])}
             logged = [r for r in figures.read_metrics(os.path.join(os.path.dirname(c.path), "metrics.jsonl"))
                       if "sigreg" in r]
             if logged:
@@ -438,7 +451,7 @@ def summarize(args) -> dict:
         ms[seed], figs[seed] = macro(folder), fig2a(folder)
         path = os.path.join(root, "health.json")
         if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(os.path.join(folder, "table1.json")):
-            data.atomic_write(path, lambda f: f.write(json.dumps(health(root, seed, args.steps), indent=1).encode()))
+            data.atomic_write(path, lambda f: f.write(json.dumps(health(grid_rows(root, args.steps), seed), indent=1).encode()))
         hs[seed] = json.load(open(path))
         dest = os.path.join(args.out, f"seed{seed}")
         shutil.rmtree(dest, ignore_errors=True)

@@ -84,6 +84,10 @@ def get_args(argv=None):
                    help="also brightness/contrast jitter, blur and solarization of every view, as the official LeJEPA "
                         "example (views.photometric; the paper names only the crops, and on phantoms it cost 2D "
                         "AUROC: README; default: off)")
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=False,
+                   help="scale each modality's intensities to zero mean and unit variance (statistics of 64 training "
+                        "samples, kept in the checkpoint) before the shared patch embedding; the paper feeds its "
+                        "[-1, 1] inputs as they are (default: off)")
     p.add_argument("--paired-views", type=int, default=0,
                    help="beyond the paper: this many of each CT sample's local views are crops of its DRR (drr.py), "
                         "so a patient's radiograph and CT are pulled together (views.py; default: 0, the paper's method)")
@@ -94,6 +98,12 @@ def get_args(argv=None):
     p.add_argument("--lambd", type=float, default=None,
                    help="SIGReg weight lambda (paper 2.2, 2.4: 0.025 at 256 samples per step). Default: the paper's "
                         "balance at this run's batch, lejepa.balanced_lambd (0.025 at 256, 0.17 at the CPU demo's 32)")
+    p.add_argument("--slices", type=int, default=256,
+                   help="SIGReg's random directions per step (the official minimal example's 256; its library uses "
+                        "1024; default: %(default)s)")
+    p.add_argument("--centroid", choices=("global", "all"), default="global",
+                   help="the prediction target: the centroid of the global views (paper 2.2) or of all views (the "
+                        "official minimal example; default: %(default)s)")
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (per view; default: %(default)s)")
     p.add_argument("--clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off; default: %(default)s)")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per optimizer step (default: %(default)s)")
@@ -178,7 +188,7 @@ class Net(nn.Module):
 
 
 def build_net(args) -> Net:
-    overrides = dict(attn=args.attn, drop_path=args.drop_path)
+    overrides = dict(attn=args.attn, drop_path=args.drop_path, input_stats=getattr(args, "input_stats", None))
     if args.depth:
         overrides["depth"] = args.depth
     backbone = SparseMedicalViT.from_preset(args.model, **overrides)
@@ -202,7 +212,8 @@ def masked_bce(logits, labels):
     return torch.where(known, bce, 0.0).sum() * world / count.clamp(min=1)
 
 
-def compute_loss(net, batch, objective: str, lambd: float, step: int, micro_batches: int = 1):
+def compute_loss(net, batch, objective: str, lambd: float, step: int, micro_batches: int = 1,
+                 num_slices: int = 256, centroid: str = "global"):
     """Loss of one (micro-)batch -> (loss to back-propagate, detached parts, what the step saw). Shared with bench.py.
 
     loss = the objective's loss + the online probe's BCE; the probe's input is detached, so its term
@@ -216,7 +227,9 @@ def compute_loss(net, batch, objective: str, lambd: float, step: int, micro_batc
         loss = masked_bce(out, batch.labels)
         parts = {"bce": loss.detach()}  # averaged over ranks when logged: the global mean
     else:
-        loss, parts = lejepa.lejepa_loss(out.view(v, n, -1), g, lambd=lambd, step=step, micro_batches=micro_batches)
+        target = v if centroid == "all" else g  # paper 2.2: the centroid of the global views
+        loss, parts = lejepa.lejepa_loss(out.view(v, n, -1), target, lambd=lambd, step=step,
+                                         micro_batches=micro_batches, num_slices=num_slices)
     probe_labels = batch.labels.repeat(g, 1)  # the probe learns from the global views of each sample
     probe_loss = masked_bce(logits[:g * n], probe_labels)
     parts = {"loss": loss.detach(), **{k: p.detach() for k, p in parts.items()}, "probe_bce": probe_loss.detach()}
@@ -369,6 +382,10 @@ def resolve_inputs(args, cuda: bool, world: int, say) -> tuple:
         if b % (world * args.accum):
             raise ValueError(f"{name} {b} must divide by processes x --accum = {world * args.accum}")
     ds2, ds3 = open_training_data(args)
+    if args.standardize:  # the same samples every time: a resumed run rebuilds the same model
+        args.input_stats = [data.intensity_stats(ds) if ds is not None else [0.0, 1.0] for ds in (ds2, ds3)]
+        notes.append("inputs standardized per modality (mean, std): 2D {:.3f}, {:.3f}; 3D {:.3f}, {:.3f}".format(
+            *args.input_stats[0], *args.input_stats[1]))
     for note in notes:
         say(note)
     for ds, batch, flag in ((ds2, args.batch_2d, "--batch-2d"), (ds3, args.batch_3d, "--batch-3d")):
@@ -459,7 +476,8 @@ def train_step(model, net: Net, opts, batches, args, step: int, rank: int, world
         batch = next(batches).to(device, non_blocking=True)
         sync = micro == args.accum - 1 or world == 1
         with (nullcontext() if sync else model.no_sync()), autocast:  # paper 2.2: the LeJEPA loss (or the supervised BCE)
-            loss, parts, seen = compute_loss(model, batch, args.objective, args.lambd, step, args.accum)
+            loss, parts, seen = compute_loss(model, batch, args.objective, args.lambd, step, args.accum,
+                                             args.slices, args.centroid)
         (loss / args.accum).backward()
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v / args.accum

@@ -1181,3 +1181,12 @@ def test_probe_feature_cache_key_covers_phantom_py(monkeypatch):
         assert features.feature_code_digest() != before
     finally:
         features.feature_code_digest.cache_clear()
+
+
+def test_intensity_stats_are_the_mean_and_std_of_the_samples_read_directly():
+    """train.py --standardize: over a dataset no larger than n, the statistics of every pixel of every sample."""
+    ds = data.open_dataset("phantom3d", "train", n=5, size=28, seed=3)
+    mean, std = data.intensity_stats(ds, n=64)
+    pixels = np.concatenate([ds[i].image.ravel() for i in range(len(ds))])
+    assert mean == pytest.approx(pixels.mean(), abs=1e-5) and std == pytest.approx(pixels.std(), rel=1e-4)
+    assert -1 < mean < 0 < std < 1  # a windowed CT: mostly air and soft tissue below the window's level

@@ -102,13 +102,15 @@ def test_health_figures_behave_as_defined():
     assert reproduce.top_share(iso) == pytest.approx(1 / 8, rel=0.15) and reproduce.rank(iso) > 7.5
     # an isotropic Gaussian batch scores about 1 (lejepa.py's test pins the statistic itself)
     assert 0.5 < reproduce.gaussian_sigreg(32, 128) < 2.0
+    # 24 Gaussian samples cannot show more than 24 directions, and show most of them in 128 or in 16 dimensions
+    assert 18 < reproduce.gaussian_rank(24, 128) < 24 and 9 < reproduce.gaussian_rank(24, 16) < 16
 
 
 def test_health_leaves_out_a_run_that_did_not_reach_its_steps(tmp_path):
     """A run stopped early (a killed grid's partial row) must not be reported as that row's health."""
     (tmp_path / "supervised").mkdir()
     torch.save({"step": 27}, tmp_path / "supervised" / "last.pt")
-    assert reproduce.health(str(tmp_path), seed=0, steps=1000) == {}
+    assert reproduce.health(reproduce.grid_rows(str(tmp_path), steps=1000), seed=0) == {}
 
 
 def test_ctrl_c_reaches_the_run_once_and_waits_for_its_checkpoint(tmp_path):

@@ -161,8 +161,8 @@ def test_bad_data_is_one_line_naming_the_folder_and_leaves_no_out(tmp_path, case
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
-    common = ["--steps", "6", "--warmup", "2", "--drop-path", "0.1"]
-    straight, _ = run(tmp_path, "straight", *common)
+    common = ["--steps", "6", "--warmup", "2", "--drop-path", "0.1", "--standardize", "--centroid", "all"]
+    straight, _ = run(tmp_path, "straight", *common)  # --standardize: the resumed run rebuilds the same statistics
     split, _ = run(tmp_path, "split", *common, "--stop-at", "3")
     assert load_checkpoint(os.path.join(split, "last.pt"))["step"] == 3
     with open(os.path.join(split, "metrics.jsonl"), "a") as f:
@@ -170,7 +170,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     run(tmp_path, "split", *common, "--resume", "auto")
     a = load_checkpoint(os.path.join(straight, "last.pt"))
     b = load_checkpoint(os.path.join(split, "last.pt"))
-    assert b["step"] == 6
+    assert b["step"] == 6 and a["model_config"]["input_stats"] == b["model_config"]["input_stats"] is not None
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
     assert losses(straight) == pytest.approx(losses(split), rel=1e-5)  # the log was rewound, not duplicated
@@ -277,8 +277,8 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path, monkeypatc
 
 
 def test_second_ctrl_c_keeps_the_last_finished_step_and_resume_continues_exactly(tmp_path, monkeypatch):
-    common = ["--steps", "6", "--warmup", "2", "--drop-path", "0.1"]
-    straight, _ = run(tmp_path, "straight", *common)
+    common = ["--steps", "6", "--warmup", "2", "--drop-path", "0.1", "--standardize", "--centroid", "all"]
+    straight, _ = run(tmp_path, "straight", *common)  # --standardize: the resumed run rebuilds the same statistics
     _signal_at(monkeypatch, at_step=3, times=2)  # twice inside the forward pass of the 4th step
     with pytest.raises(BaseException) as stopped:
         run(tmp_path, "split", *common)
