@@ -15,6 +15,7 @@ import pickle
 import zipfile
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -310,11 +311,12 @@ def backbone_from_checkpoint(path, map_location="cpu", **overrides) -> tuple["Sp
 
 
 class Projector(nn.Module):
-    """MLP head for the self-supervised loss (paper 2.2): embedding -> 2048 -> 2048 -> 128.
+    """MLP head for the self-supervised loss: embedding -> 2048 -> 2048 -> 128 (the paper names no projector;
+    LeJEPA's loss is computed on one, paper 2.2, and these sizes are ours).
 
-    norm "layer" (default): per-sample LayerNorm, so a step's gradients are the same on one GPU or many,
-    with no SyncBatchNorm. norm "batch": BatchNorm1d over the step's views, as the official LeJEPA
-    example's projector (train.py --proj-norm batch, one process). The paper names neither.
+    norm "layer" (default): per-sample LayerNorm. norm "batch": BatchNorm over the step's views, as the official
+    LeJEPA example's projector (train.py --proj-norm batch), over the global batch under DDP. The paper names
+    neither.
     """
 
     def __init__(self, dim: int, hidden: int = 2048, out: int = 128, norm: str = "layer"):
@@ -330,7 +332,32 @@ class Projector(nn.Module):
         return self.net(x)
 
 
-NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch: under torch.distributed each rank's sums are all-reduced (autograd-aware,
+    as SIGReg's ECF in lejepa.py), so N processes normalize by the same statistics and take the same update as
+    one process; SyncBatchNorm does this on GPUs only, this on every backend, gloo included. On one process,
+    or in eval mode, it is nn.BatchNorm1d (tested)."""
+
+    def forward(self, x):
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if not self.training or world == 1:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce  # differentiable: its backward sums over ranks
+
+        xf = x.float()
+        n = torch.tensor(float(x.shape[0]), device=x.device)
+        dist.all_reduce(n)
+        mean = all_reduce(xf.sum(0)) / n  # two passes, as the fused kernel: no E[x^2] - E[x]^2 cancellation
+        var = all_reduce((xf - mean).square().sum(0)) / n
+        with torch.no_grad():  # running statistics as nn.BatchNorm1d keeps them (unbiased variance)
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), self.momentum)
+        y = (xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+NORMS = {"layer": nn.LayerNorm, "batch": BatchNorm}
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -60,11 +60,11 @@ def get_args(argv=None):
     p.add_argument("--objective", choices=("lejepa", "supervised"), default="lejepa", help="LeJEPA (paper 2.2) or the supervised baseline (default: %(default)s)")
     p.add_argument("--model", choices=sorted(PRESETS), default=None, help="model size (default: small; tiny without CUDA)")
     p.add_argument("--depth", type=int, default=None, help="override the preset's depth (default: the preset's; 6 without CUDA)")
-    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (paper 2.2 head; default: %(default)s)")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (the paper names no projector; default: %(default)s)")
     p.add_argument("--proj-norm", choices=("layer", "batch"), default="layer",
-                   help="the projector's normalization: per-sample LayerNorm, or BatchNorm1d over the step's views (one "
-                        "process) as the official LeJEPA example (model.Projector; the paper names neither; "
-                        "default: %(default)s)")
+                   help="the projector's normalization: per-sample LayerNorm, or BatchNorm over the step's views as "
+                        "the official LeJEPA example (model.BatchNorm: the global batch's statistics under DDP, each "
+                        "micro-batch's under --accum; the paper names neither; default: %(default)s)")
     p.add_argument("--proj-out", type=int, default=128, help="projector output size K, where the LeJEPA loss is computed (default: %(default)s)")
     p.add_argument("--data", nargs="+", default=["phantom"], help="'phantom' or cache dirs from `python data.py prepare` (2D and/or 3D; default: phantom)")
     p.add_argument("--size-2d", type=int, default=None, help="phantom 2D long side (default 224; 112 on a CPU demo)")
@@ -83,7 +83,10 @@ def get_args(argv=None):
     p.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=False,
                    help="also brightness/contrast jitter, blur and solarization of every view, as the official LeJEPA "
                         "example (views.photometric; the paper names only the crops, and on phantoms it cost 2D "
-                        "AUROC: README; default: off)")
+                        "AUROC: results/recipe; default: off)")
+    p.add_argument("--gamma", type=float, default=0.0,
+                   help="vary each view's intensity calibration: x^g on [0, 1], log g uniform in +-log(1 + GAMMA) "
+                        "(views.gamma_jitter; beyond the paper; default: 0, off)")
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=False,
                    help="scale each modality's intensities to zero mean and unit variance (statistics of 64 training "
                         "samples, kept in the checkpoint) before the shared patch embedding; the paper feeds its "
@@ -375,9 +378,6 @@ def resolve_inputs(args, cuda: bool, world: int, say) -> tuple:
     """Flags left unset, batch sizes against processes and --accum, --data, and SIGReg's weight at this batch
     (paper 2.2, 2.4) -> (2D dataset or None, 3D dataset or None)."""
     notes = resolve_defaults(args, cuda)
-    if args.proj_norm == "batch" and world > 1:
-        raise ValueError("--proj-norm batch runs on one process: under DDP each rank would normalize by its own "
-                         "share's statistics (SyncBatchNorm needs GPUs and is not tested here)")
     for b, name in ((args.batch_2d, "--batch-2d"), (args.batch_3d, "--batch-3d")):
         if b % (world * args.accum):
             raise ValueError(f"{name} {b} must divide by processes x --accum = {world * args.accum}")
@@ -448,7 +448,7 @@ def open_batches(args, ds2, ds3, patch: int, step: int, rank: int, world: int, c
         steps=args.steps * args.accum, start_step=step * args.accum,
         mode=args.objective, n_global=args.n_global, n_local=args.n_local, patch=patch,
         seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda, photometric=args.photometric,
-        paired_views=args.paired_views, drr_size=args.size_2d or data.XRAY_SIZE))
+        gamma=args.gamma, paired_views=args.paired_views, drr_size=args.size_2d or data.XRAY_SIZE))
 
 
 @dataclass
@@ -502,7 +502,7 @@ def collapse_warning(args, rank_proj: float, step: int) -> str:
     return (f"warning: the embedding is collapsing: effective rank of the projector output below "
             f"{COLLAPSE_RANK} for {COLLAPSE_LOGS} logged steps ({rank_proj:.2f} at step {step}); "
             f"SIGReg weighs {lejepa.sigreg_weight(args.lambd, args.batch_2d + args.batch_3d):.2g} against the prediction loss here, the paper "
-            f"{lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g} (README: Embedding health and collapse)")
+            f"{lejepa.sigreg_weight(lejepa.PAPER_LAMBD, lejepa.PAPER_BATCH):.2g} (results/collapse.md)")
 
 
 def train(args) -> dict:

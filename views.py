@@ -66,7 +66,7 @@ def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global
 # LeJEPA example's photometric views (ColorJitter(0.8, 0.8) with p 0.8, GaussianBlur 7 taps, sigma
 # 0.1-2 px, p 0.5, solarize p 0.2), without hue and saturation (grey images) and without its
 # horizontal flip (left and right are anatomy in a chest). On the phantoms it cost 2D AUROC and
-# embedding rank at 1000 steps (README "What collapsed, and why"), so it is off unless asked for.
+# embedding rank at 1000 steps (results/collapse.md), so it is off unless asked for.
 JITTER, JITTER_P, BLUR_SIGMA, BLUR_TAPS, BLUR_P, SOLARIZE_P = 0.8, 0.8, (0.1, 2.0), 7, 0.5, 0.2
 
 
@@ -97,6 +97,15 @@ def photometric(view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     if rng.random() < SOLARIZE_P:
         x = torch.where(x >= 0.5, 1 - x, x)
     return x * 2 - 1
+
+
+def gamma_jitter(view: torch.Tensor, rng: np.random.Generator, strength: float) -> torch.Tensor:
+    """Another intensity calibration for a view (1, z, h, w) in [-1, 1]: x -> x^g on [0, 1], with log g uniform in
+    [-log(1 + strength), log(1 + strength)]. Every crop of a sample shares its acquisition's response curve (a
+    detector's gamma, a CT's calibration), so crop invariance alone rewards encoding it; varying it per view
+    takes that shortcut away (train.py --gamma; beyond the paper; MONAI's RandAdjustContrast is the same map)."""
+    g = float(np.exp(rng.uniform(-np.log1p(strength), np.log1p(strength))))
+    return ((view + 1) / 2).clamp(0, 1).pow(g) * 2 - 1
 
 
 def whole_view(record: Record, patch: int) -> torch.Tensor:
@@ -153,8 +162,8 @@ class StepDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds_2d, ds_3d, *, batch_2d, batch_3d, steps, mode, n_global, n_local,
-                 global_scale, local_scale, patch, seed, rank, world, photometric=False, paired_views=0,
-                 drr_size=XRAY_SIZE):
+                 global_scale, local_scale, patch, seed, rank, world, photometric=False, gamma=0.0,
+                 paired_views=0, drr_size=XRAY_SIZE):
         if mode not in ("lejepa", "supervised"):
             raise ValueError(f"mode must be 'lejepa' or 'supervised', got {mode!r}")
         self.parts = []  # (modality code, dataset, global batch)
@@ -171,6 +180,7 @@ class StepDataset(torch.utils.data.Dataset):
         self.steps, self.patch, self.seed, self.rank, self.world = steps, patch, seed, rank, world
         self.n_global, self.n_local = (1, 0) if mode == "supervised" else (n_global, n_local)
         self.global_scale, self.local_scale, self.photometric = global_scale, local_scale, photometric
+        self.gamma = gamma
         if not 0 <= paired_views <= self.n_local:
             raise ValueError(f"paired_views={paired_views} must be in [0, n_local={self.n_local}]: paired views "
                              f"take the place of local views (none in supervised mode)")
@@ -208,6 +218,8 @@ class StepDataset(torch.utils.data.Dataset):
                     views = views[:len(views) - self.paired_views] + self._drr_views(rec, rng)
                 if self.photometric:  # drawn after the crops: the crops are the same with or without
                     views = [photometric(v, rng) for v in views]
+                if self.gamma:
+                    views = [gamma_jitter(v, rng, self.gamma) for v in views]
                 return rec, views, skipped
             except Exception as e:  # never crash mid-run on one bad file
                 message = f"skipping {ds.name}/{ds.split}[{i}]: {e}"
@@ -251,7 +263,7 @@ def _as_is(batch):
 
 def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="lejepa", n_global=2, n_local=8,
                 global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), patch=14, alpha=128.0, seed=0, rank=0, world=1,
-                workers=0, pin_memory=False, photometric=False, paired_views=0,
+                workers=0, pin_memory=False, photometric=False, gamma=0.0, paired_views=0,
                 drr_size=XRAY_SIZE) -> torch.utils.data.DataLoader:
     """Batches of steps start_step .. steps-1 (paper 2.3/2.4: 192 2D + 64 3D; stage 1: 256 2D).
 
@@ -261,7 +273,7 @@ def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="
     """
     ds = StepDataset(ds_2d, ds_3d, batch_2d=batch_2d, batch_3d=batch_3d, steps=steps, mode=mode,
                      n_global=n_global, n_local=n_local, global_scale=global_scale, local_scale=local_scale,
-                     patch=patch, seed=seed, rank=rank, world=world, photometric=photometric,
+                     patch=patch, seed=seed, rank=rank, world=world, photometric=photometric, gamma=gamma,
                      paired_views=paired_views, drr_size=drr_size)
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start_step, steps), num_workers=workers,
                                        collate_fn=_as_is, pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals)

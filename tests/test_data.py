@@ -771,6 +771,24 @@ def test_photometric_views_are_the_same_crops():
     assert shapes[False] == shapes[True]
 
 
+def test_gamma_views_are_the_same_crops_each_under_its_own_monotone_calibration():
+    """--gamma: each view is its crop without --gamma through x -> x^g on [0, 1], one g per view, within the
+    strength's range; the crops themselves are the same."""
+    ds = data.open_dataset("phantom3d", "train", n=2, size=42)
+    plain, jittered = (next(iter(make_loader(None, ds, batch_2d=0, batch_3d=2, steps=1, patch=14, gamma=g)))
+                       for g in (0.0, 0.5))
+    assert plain.packed.seqlens == jittered.packed.seqlens
+    a, b = ((p.packed.patches_3d + 1) / 2 for p in (plain, jittered))
+    exponents = []
+    for v, (start, end) in enumerate(zip(plain.packed.cu_seqlens[:-1].tolist(), plain.packed.cu_seqlens[1:].tolist())):
+        x, y = a[start:end].flatten().double(), b[start:end].flatten().double()
+        inside = (x > 0.05) & (x < 0.95)
+        g = (y[inside].log() / x[inside].log())
+        assert g.std() < 1e-3 * g.mean()  # one exponent for the whole view
+        exponents.append(g.mean().item())
+    assert 1 / 1.5 - 1e-3 < min(exponents) < max(exponents) < 1.5 + 1e-3 and np.ptp(exponents) > 0.1
+
+
 def _crop_of(view: np.ndarray, image: np.ndarray) -> bool:
     """Whether view (h, w) is a contiguous crop of image (H, W)."""
     h, w = view.shape

@@ -50,12 +50,6 @@ def test_short_run_learns_and_checkpoints(tmp_path, stage, objective, extra):
     assert ("net.1.running_mean" in ckpt.get("head", {})) == ("batch" in extra)  # the projector's BatchNorm
 
 
-def test_batch_norm_projector_is_refused_under_ddp():
-    args = train.get_args([*TINY, "--proj-norm", "batch"])
-    with pytest.raises(ValueError, match="--proj-norm batch runs on one process"):
-        train.resolve_inputs(args, cuda=False, world=2, say=print)
-
-
 def health_log(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if "rank_proj" in r]
@@ -362,8 +356,8 @@ def _first_step_grads(rank, world, port, argv, queue):
                 batch.labels[i, 1:] = float("nan")
     loss, *_ = train.compute_loss(model, batch, args.objective, args.lambd, 0)
     loss.backward()
-    if rank == 0:
-        queue.put(pickle.dumps([p.grad.clone() for p in net.parameters()]))
+    if rank == 0:  # the gradients, and the buffers (a BatchNorm projector's running statistics)
+        queue.put(pickle.dumps(([p.grad.clone() for p in net.parameters()], [b.clone() for b in net.buffers()])))
         queue.close()
         queue.join_thread()  # the gradients are in the pipe before this process may leave
     if world > 1:
@@ -371,9 +365,12 @@ def _first_step_grads(rank, world, port, argv, queue):
         os._exit(0)  # torch 2.13's gloo may abort at interpreter teardown; the result is already sent
 
 
-@pytest.mark.parametrize("objective", ["lejepa", "supervised"])
-def test_two_processes_give_single_process_gradients(objective):
-    argv = [*TINY, "--stage", "3", "--objective", objective]
+@pytest.mark.parametrize("objective,extra", [("lejepa", []), ("supervised", []), ("lejepa", ["--proj-norm", "batch"])],
+                         ids=["lejepa", "supervised", "lejepa-batchnorm"])
+def test_two_processes_give_single_process_gradients(objective, extra):
+    """DDP is exact: one step's gradients (and running statistics) on two gloo processes equal one process's,
+    a BatchNorm projector's included (its statistics are the global batch's: model.BatchNorm)."""
+    argv = [*TINY, "--stage", "3", "--objective", objective, *extra]
     ctx = mp.get_context("spawn")
     grads = {}
     for world in (1, 2):
@@ -385,8 +382,10 @@ def test_two_processes_give_single_process_gradients(objective):
         for p in procs:
             p.join(timeout=60)
             assert p.exitcode == 0
-    for g1, g2 in zip(grads[1], grads[2]):
-        assert torch.allclose(g1, g2, atol=1e-5, rtol=1e-4)
+    (g1, b1), (g2, b2) = grads[1], grads[2]
+    assert len(g1) == len(g2) and len(b1) == len(b2) and (len(b1) > 0) == bool(extra)
+    for x1, x2 in zip(g1 + b1, g2 + b2):
+        assert torch.allclose(x1.double(), x2.double(), atol=1e-5, rtol=1e-4)
 
 
 def test_torchrun_two_processes_end_to_end(tmp_path):
