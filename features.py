@@ -13,6 +13,21 @@
   decoded and preprocessed as `python data.py prepare` does (paper 2.4). An input that cannot be read is
   skipped, named and counted (Unreadable), the rest written.
 
+`probe.py --features NAME=DIR` puts another encoder through the same probes, splits, C selection and bootstrap.
+DIR holds one DATASET_SPLIT.npz per dataset and split, named by our dataset name and split (mimic_train.npz,
+mimic_test.npz, chexpert_test.npz, ctrate_train.npz, ctrate_valid.npz, radchest_train.npz, radchest_test.npz;
+phantom2d_train.npz, ...), each with `ids` (N,) str, our cache's record ids, and `x` (N, D) float, D the same in
+every file. Rows may come in any order, ids not in the split are ignored, and labels and patients come from our
+cache, never from the file. A missing or duplicate id, a non-finite value, a width that differs between files or
+an unreadable file stops the run with one line naming the file. A DIR of 2D files only (a 2D encoder) gets LP 2D
+rows on the 2D test sets, as the paper's BiomedCLIP rows. Reading the images from our caches gives the encoder
+exactly the probe's images and ids:
+
+    for split in data.list_splits("cache/mimic"):
+        ds = data.open_dataset("cache/mimic", split)  # ds[i].image: (1, H, W) in [-1, 1]; a CT cache: (Z, Y, X)
+        x = np.stack([my_encoder(ds[i].image) for i in range(len(ds))])  # your encoder and its preprocessing
+        features.write_embeddings(features.features_path("feats/mine", ds), {"ids": ds.ids, "x": x})
+
 Imports model, data, views, readers, numpy, torch and tqdm; pydicom only where DICOM files are embedded.
 probe.py imports this module; nothing here imports probe.py.
 """
@@ -216,9 +231,9 @@ def stack(parts: list) -> dict:
 # ---------------------------------------------------------------- embeddings files (--features, embed)
 
 def write_embeddings(path: str, feats: dict, **extra):
-    """The embeddings file that --features reads and `probe.py embed` writes (format in README, "External
-    features"): ids (N,) str and x (N, D) float32, plus any extra arrays (ignored by --features)."""
+    """The embeddings file that --features reads and `probe.py embed` writes (format: this module's docstring): ids (N,) str and x (N, D) float32, plus any extra arrays (ignored by --features)."""
     arrays = {**extra, **feats, "ids": np.asarray(feats["ids"], dtype=str), "x": np.asarray(feats["x"], np.float32)}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     data.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 

@@ -258,6 +258,6 @@ def figure_curves(runs: dict, path: str) -> list:
             ax.legend(fontsize=9)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle("Training curves (metrics.jsonl): " + ", ".join(f"{n} ({runs[n]})" for n in runs), fontsize=12)
+    fig.suptitle("Training curves (metrics.jsonl): " + ", ".join(runs), fontsize=12)  # names, not this machine's paths
     save_figure(fig, path)
     return [title for title, _ in panels]

@@ -20,7 +20,7 @@ N, while the prediction loss is a plain mean: the two terms trade off as
 lambd * N / (1 - lambd). The paper's lambd = 0.025 at 256 samples per step is a ratio
 of 6.56; at the CPU demo's 32 samples the same lambd is 8x weaker, and there the
 embedding collapses onto the one feature that costs no prediction loss (measured:
-README "Embedding collapse"). balanced_lambd() keeps the paper's ratio at any batch.
+results/collapse.md). balanced_lambd() keeps the paper's ratio at any batch.
 """
 
 import torch

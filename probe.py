@@ -569,7 +569,7 @@ def get_args(argv=None):
                         "are named from their training args (S<stage> or Supervised)")
     p.add_argument("--features", nargs="+", default=[], metavar="NAME=DIR",
                    help="another encoder's embeddings, one DATASET_SPLIT.npz per dataset and split in DIR (format: "
-                        "README, 'External features'), probed like the checkpoints")
+                        "features.py's docstring), probed like the checkpoints")
     p.add_argument("--data", nargs="+", default=["phantom"],
                    help="'phantom' (built-in stand-ins) or cache dirs from `python data.py prepare` "
                         "(mimic, chexpert, ctrate, radchest; nih stands in for mimic; default: phantom)")

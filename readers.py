@@ -169,7 +169,7 @@ def _nan_labels() -> np.ndarray:
 
 
 
-# ---------------------------------------------------------------- the paper's datasets, NIH, folders (README)
+# ---------------------------------------------------------------- the paper's datasets, NIH, folders
 
 def scan_mimic(root: Path, opt: Options) -> list:
     """MIMIC-CXR-JPG: one frontal image per study (opt.mimic_views by preference).

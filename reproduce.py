@@ -64,10 +64,14 @@ def get_args(argv=None):
     p.add_argument("--n-train", type=int, default=None, help="phantom LP training samples per set (default: probe.py's)")
     p.add_argument("--train-args", default="", help="more train.py flags for every run, one quoted string")
     p.add_argument("--runs", default="runs/reproduce", help="folder of the runs (default: %(default)s)")
-    p.add_argument("--out", default="results", help="where the tables over seeds go (default: %(default)s)")
+    p.add_argument("--out", default=None, help="where the tables over seeds go (default: results/grid-<steps>steps)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate, run nothing")
     p.add_argument("--summarize", action="store_true", help="only rewrite --out from what has finished")
-    return p.parse_args(argv)
+    p.add_argument("--readme", action="store_true", help=f"only rewrite README.md's results block from "
+                   f"{README_GRID}/summary.json")
+    args = p.parse_args(argv)
+    args.out = args.out or f"results/grid-{args.steps}steps"
+    return args
 
 
 # ---------------------------------------------------------------- the plan
@@ -480,15 +484,66 @@ def summarize(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     text = "\n".join(lines) + "\n"
     data.atomic_write(os.path.join(args.out, "summary.md"), lambda f: f.write(text.encode()))
-    blob = {"seeds": list(ms), "macro": {str(s): {"|".join(k): v for k, v in m.items()} for s, m in ms.items()},
+    blob = {"command": f"python reproduce.py {' '.join(sys.argv[1:])}".rstrip(), "seeds": list(ms), "macro": {str(s): {"|".join(k): v for k, v in m.items()} for s, m in ms.items()},
             "health": {str(s): h for s, h in hs.items()}, "claims": judged}
     data.atomic_write(os.path.join(args.out, "summary.json"),
                       lambda f: f.write(json.dumps(blob, indent=1, default=list).encode()))
     return blob
 
 
+# ---------------------------------------------------------------- the README's results block, from results/
+
+README_GRID = "results/grid-1000steps"  # the grid whose summary the README states
+README_BEGIN, README_END = "<!-- results: written by `python reproduce.py --readme`; do not edit -->", "<!-- results: end -->"
+
+
+def readme_block(summary: dict, folder: str = README_GRID) -> str:
+    """The README's results section: the headline table (LP ALL, every row, every seed) and one line per claim,
+    from a grid's summary.json; tests/test_readme.py fails when the README's copy differs."""
+    seeds, link = summary["seeds"], f"{folder}/summary.md"
+    ms = {int(s): {tuple(k.split("|")): (v[0], tuple(v[1])) for k, v in m.items()} for s, m in summary["macro"].items()}
+    lines = [README_BEGIN, f"From [{link}]({link}), written by `{summary['command']}` (phantom chests, CPU demo "
+             f"recipe). LP ALL macro AUROC on the stand-ins of the paper's four test sets, seed {seeds[0]} with its "
+             f"95% bootstrap CI" + (f"; then seed{'s' * (len(seeds) > 2)} {', '.join(map(str, seeds[1:]))}" if
+                                    len(seeds) > 1 else "") + ":", "",
+             "| Model | " + " | ".join(TEST_SETS.values()) + " |", "| --- |" + " --- |" * len(TEST_SETS)]
+    for model in (*ROWS, RANDOM):
+        cells = []
+        for k in TEST_SETS:
+            v = [ms[s].get((model, "ALL", k)) for s in seeds]
+            cells.append("; ".join(["-" if v[0] is None else _ci(v[0])] +
+                                   ["-" if x is None else f"{x[0]:.3f}" for x in v[1:]]))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    s3 = [summary["health"][str(s)].get("S3", {}) for s in seeds]
+    if all("sigreg_end" in h for h in s3):
+        lines += ["", "S3's embedding at the end, by seed: SIGReg " + " / ".join(f"{h['sigreg_end']:.2f}" for h in s3) +
+                  f" (an isotropic Gaussian batch: {s3[0]['sigreg_gaussian']:.2f}); effective rank within "
+                  f"{GOAL_N_2D} radiographs, backbone " + " / ".join(f"{h[f'rank_2d_{GOAL_N_2D}']:.1f}" for h in s3) +
+                  ", projector " + " / ".join(f"{h[f'proj_rank_2d_{GOAL_N_2D}']:.1f}" for h in s3) + "."]
+    lines += ["", "The paper's claims, each judged at every seed:", ""]
+    lines += [f"- {c['claim']}: **{c['verdict']}**. " + "; ".join(f"seed {s}: {f}" for s, f in c["figures"].items())
+              for c in summary["claims"]]
+    return "\n".join(lines + [README_END])
+
+
+def write_readme(path: str = "README.md", folder: str = README_GRID) -> bool:
+    """Replace the README's results block with the one folder's summary.json gives -> whether it changed."""
+    text = open(path).read()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{path}: no results block (the lines {README_BEGIN!r} ... {README_END!r})")
+    head, rest = text.split(README_BEGIN, 1)
+    new = head + readme_block(json.load(open(os.path.join(folder, "summary.json"))), folder) + rest.split(README_END, 1)[1]
+    if new != text:
+        data.atomic_write(path, lambda f: f.write(new.encode()))
+    return new != text
+
+
 def main(argv=None) -> int:
     args = get_args(argv)
+    if args.readme:
+        print("README.md: results block " + ("rewritten" if write_readme() else "already current") +
+              f" from {README_GRID}/summary.json")
+        return 0
     jobs = plan(args)
     if args.summarize:
         print("wrote", args.out) if summarize(args) else print("reproduce.py: no finished probe yet")

@@ -4,7 +4,7 @@ import os
 import re
 import shutil
 import sys
-import types
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -557,34 +557,20 @@ def test_bad_features_files_give_one_clear_line(run, tmp_path, capsys):
     assert "no LP training features for --features E" in capsys.readouterr().err
 
 
-class StubResNet(torch.nn.Module):
-    """Stands in for torchvision.models.resnet50 in the README recipe: a body and an .fc head."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.ReLU(),
-                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        self.fc = torch.nn.Linear(8, 1000)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
-
-
-def test_readme_recipe_writes_files_that_features_reads(tmp_path, monkeypatch):
-    """The README's recipe, run as written with a stand-in for torchvision, on a prepared phantom cache."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    recipe = re.search(r"```python\n(# python embed_resnet.py.*?)```", readme, re.S).group(1)
-    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=types.SimpleNamespace(resnet50=StubResNet)))
-    torch.save(StubResNet().state_dict(), tmp_path / "resnet50.pth")
-    data.prepare("phantom", "", tmp_path / "cache", readers.Options(phantom="phantom2d", n=64, size=56))
+def test_features_recipe_writes_files_that_features_reads(tmp_path, monkeypatch):
+    """features.py's recipe for another encoder, run as written (my_encoder: a fixed random projection of the
+    pixels) on a prepared phantom cache; probe.py --features reads what it wrote."""
+    recipe = textwrap.dedent(re.search(r"exactly the probe's images and ids:\n\n(.*?)\n\n", features.__doc__, re.S).group(1))
+    data.prepare("phantom", "", tmp_path / "cache" / "mimic", readers.Options(phantom="phantom2d", n=64, size=56))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["embed_resnet.py", "resnet50.pth", "feats", "cache"])
-    exec(compile(recipe, "README recipe", "exec"), {"__name__": "__main__"})
-    assert sorted(os.listdir(tmp_path / "feats")) == ["phantom2d_test.npz", "phantom2d_train.npz"]
+    weights = np.random.default_rng(0).normal(size=(56 * 56, 8))
+    my_encoder = lambda image: np.resize(image, (56 * 56,)) @ weights  # noqa: E731
+    exec(compile(recipe, "features.py recipe", "exec"), {"data": data, "features": features, "np": np, "my_encoder": my_encoder})
+    assert sorted(os.listdir(tmp_path / "feats" / "mine")) == ["phantom2d_test.npz", "phantom2d_train.npz"]
     out = tmp_path / "out"
-    assert probe.main(["--features", f"ResNet={tmp_path / 'feats'}", "--lp", "2D", "--n-train", "64", "--n-test",
+    assert probe.main(["--features", f"Mine={tmp_path / 'feats' / 'mine'}", "--lp", "2D", "--n-train", "64", "--n-test",
                        "16", "--bootstrap", "20", "--out", str(out), "--device", "cpu"]) == 0
-    assert list(macro_rows(out)) == [("MIMIC (phantom2d test)", "ResNet", "2D")]
+    assert list(macro_rows(out)) == [("MIMIC (phantom2d test)", "Mine", "2D")]
 
 
 # ---------------------------------------------------------------- probe.py embed
