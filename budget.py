@@ -58,7 +58,8 @@ def tokens_per_sample(ds, args, patch: int, draws: int = 16) -> float:
     rng, counts = np.random.default_rng(args.seed), []
     for shape in shapes:
         try:
-            views = make_views(np.zeros(shape, np.float32), rng, patch, n_global, n_local)
+            views = make_views(np.zeros(shape, np.float32), rng, patch, n_global, n_local,
+                               local_grid=getattr(args, "local_grid", 0))
         except ValueError:  # smaller than a patch: the loader skips such a record
             continue
         counts.append(sum(view_tokens(v, patch) for v in views))

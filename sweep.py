@@ -4,6 +4,7 @@
     python sweep.py                        # run what is not finished, then write results/recipe/
     python sweep.py --only base lr-5e-4    # some runs only
     python sweep.py --summarize            # only rewrite results/recipe/ from what has finished
+    python sweep.py --scaling              # the chosen recipe's gain against training length -> results/scaling/
 
 Where the paper is silent (projector, augmentations, input scaling) the default must be what measured best, and
 that choice must not read the test sets. So each run, RUNS/<name>/, is
@@ -15,11 +16,16 @@ and is scored on phantoms of another seed, VAL_SEED, that no grid uses:
 plus the online probe's AUROC at the end of training. The table, results/recipe/table.md, has every run,
 failures included; results/recipe/README.md says what each factor did. Resumable: a finished run and its
 scores are not redone; a killed run continues from its checkpoint.
+
+--scaling (the gain against training length, which the paper leaves to future work): one run per row, S3 and
+Supervised, of SCALING_STEPS[-1] steps with the chosen recipe (CHOSEN), its checkpoints kept at every step of
+SCALING_STEPS, all probed once on the test sets (seed 0) beside the random initialisation: results/scaling/.
 """
 import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -42,15 +48,17 @@ RUNS = {
     "photometric": "--steps 300 --photometric",
     "gamma-0.5": "--steps 300 --gamma 0.5",
     "standardize": "--steps 300 --standardize",
-    "proj-batch-k16-photometric": "--steps 300 --proj-norm batch --proj-out 16 --photometric",
-    "proj-batch-k16-gamma-0.5": "--steps 300 --proj-norm batch --proj-out 16 --gamma 0.5",
-    "batch-x2": "--steps 300 --batch-2d 48 --batch-3d 16",
+    "proj-batch-photometric": "--steps 300 --proj-norm batch --photometric",
+    "local-grid-4": "--steps 300 --local-grid 4",
+    "proj-batch-lr-5e-4": "--steps 300 --proj-norm batch --lr 5e-4",
     "drop-path-0.1": "--steps 300 --drop-path 0.1",
     "slices-1024": "--steps 300 --slices 1024",
     "centroid-all": "--steps 300 --centroid all",
-    "proj-batch-k16-lr-5e-4": "--steps 300 --proj-norm batch --proj-out 16 --lr 5e-4",
-    "proj-batch-k16-lr-2e-3": "--steps 300 --proj-norm batch --proj-out 16 --lr 2e-3 --warmup 30",
+    "batch-x2": "--steps 300 --batch-2d 48 --batch-3d 16",
+    "proj-batch-k16-photometric": "--steps 300 --proj-norm batch --proj-out 16 --photometric",
 }
+CHOSEN = "base"  # the recipe the scaling curve and the grid use: the sweep's best on validation (README there)
+SCALING_STEPS = (250, 500, 1000, 2000, 4000)  # checkpoints of one run of SCALING_STEPS[-1] steps
 SETS = tuple(reproduce.TEST_SETS.items())  # (key, the paper's test set that a phantom set stands for)
 
 
@@ -61,6 +69,10 @@ def get_args(argv=None):
     p.add_argument("--out", default="results/recipe", help="where the table goes (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and which are done, run nothing")
     p.add_argument("--summarize", action="store_true", help="only rewrite --out from what has finished")
+    p.add_argument("--scaling", action="store_true", help=f"the gain against training length: {CHOSEN!r}'s recipe, "
+                   f"S3 and Supervised, checkpoints at {SCALING_STEPS}, probed on the test sets -> results/scaling/")
+    p.add_argument("--scaling-steps", type=int, nargs="+", default=list(SCALING_STEPS), help="the checkpoints kept "
+                   "(default: %(default)s); the run is as long as the last")
     return p.parse_args(argv)
 
 
@@ -178,8 +190,94 @@ def summarize(args) -> dict:
     return rows
 
 
+# ---------------------------------------------------------------- the gain against training length
+
+def scaling(args) -> dict:
+    """S3 and Supervised with CHOSEN's flags, one run each to the last of args.scaling_steps (a checkpoint kept at
+    each), probed once on the test sets with the random init; writes results/scaling/ (table.md, scaling.json,
+    scaling.png)."""
+    steps, root, out = args.scaling_steps, os.path.join(args.runs, "scaling"), "results/scaling"
+    flags = shlex.split(RUNS[CHOSEN])
+    del flags[flags.index("--steps"):flags.index("--steps") + 2]  # the scaling run sets its own length
+    rows = {"S3": [], "Supervised": ["--objective", "supervised"]}
+    ckpts = []
+    for row, extra in rows.items():
+        folder = os.path.join(root, row.lower())
+        for s in steps:  # one schedule of steps[-1] steps, stopped and resumed at each kept step (exact: tested)
+            kept = os.path.join(folder, f"step{s}.pt")
+            if not os.path.exists(kept):
+                argv = ["train.py", "--stage", "3", "--seed", "0", *flags, *extra, "--steps", str(steps[-1]),
+                        "--stop-at", str(s), "--ckpt-every", "250", "--out", folder, "--resume", "auto"]
+                print(f"=== {row} to step {s}: python {' '.join(argv)}", flush=True)
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, "train.log"), "a") as log:
+                    rc, sig = reproduce.run_job(argv, log)
+                if rc != 0 or reproduce.trained_step(folder) != s:
+                    raise SystemExit(f"sweep.py: {row} stopped at step {reproduce.trained_step(folder)} (exit {rc}); "
+                                     f"see {folder}/train.log; run the same command to continue")
+                shutil.copyfile(os.path.join(folder, "last.pt"), kept + ".tmp")
+                os.replace(kept + ".tmp", kept)
+            ckpts.append(f"{row}@{s}={kept}")
+    probe_dir = os.path.join(root, "probe")
+    if not os.path.exists(os.path.join(probe_dir, "table1.json")):
+        argv = ["probe.py", "--ckpt", *ckpts, "--random-init", "--seed", "0", "--n-test", "1024", "--lp", "ALL",
+                "--maps", "0", "--out", probe_dir]
+        print(f"=== probe: python {' '.join(argv)}", flush=True)
+        with open(os.path.join(root, "probe.log"), "a") as log:
+            rc, _ = reproduce.run_job(argv, log)
+        if rc != 0:
+            raise SystemExit(f"sweep.py: the probe failed (exit {rc}); see {root}/probe.log")
+    ms = reproduce.macro(probe_dir)
+    table = {row: {str(s): {k: ms[(f"{row}@{s}", "ALL", k)] for k, _ in SETS} for s in steps} for row in rows}
+    random = {k: ms[(reproduce.RANDOM, "ALL", k)] for k, _ in SETS}
+    lead = [s for s in steps if all(table["S3"][str(s)][k][0] - random[k][0] >= 0.05 for k, _ in SETS)]
+    blob = {"recipe": CHOSEN, "flags": " ".join(flags), "steps": list(steps), "macro": table, "random_init": random,
+            "s3_leads_by_0.05_everywhere_from": lead[0] if lead else None}
+    lines = [f"# LP ALL against training length: recipe `{CHOSEN}` (`{' '.join(flags)}`), seed 0, test sets", "",
+             "Written by `python sweep.py --scaling`: S3 and Supervised each one run of "
+             f"{steps[-1]} steps (the cosine schedule of that length), probed at the checkpoints kept at "
+             f"{', '.join(map(str, steps))}; macro AUROC (95% bootstrap CI), 1024 test phantoms per set.", "",
+             "| row | step | " + " | ".join(t for _, t in SETS) + " |", "| --- | --- |" + " --- |" * len(SETS)]
+    for row in rows:
+        for s in steps:
+            lines.append(f"| {row} | {s} | " + " | ".join(reproduce._ci(table[row][str(s)][k]) for k, _ in SETS) + " |")
+    lines.append("| Random init | - | " + " | ".join(reproduce._ci(random[k]) for k, _ in SETS) + " |")
+    lines += ["", "S3 leads its random initialisation by 0.05 or more on all four sets from step: "
+              f"{blob['s3_leads_by_0.05_everywhere_from'] or f'none up to {steps[-1]}'}.", ""]
+    os.makedirs(out, exist_ok=True)
+    text = "\n".join(lines)
+    data.atomic_write(os.path.join(out, "table.md"), lambda f: f.write(text.encode()))
+    data.atomic_write(os.path.join(out, "scaling.json"), lambda f: f.write(json.dumps(blob, indent=1).encode()))
+    plot_scaling(blob, os.path.join(out, "scaling.png"))
+    return blob
+
+
+def plot_scaling(blob: dict, path: str) -> bool:
+    fig = figures.matplotlib_figure(figsize=(4.2 * len(SETS), 3.8), layout="constrained")
+    if fig is None:
+        return False
+    for ax, (k, title) in zip(fig.subplots(1, len(SETS)), SETS):
+        for i, (row, by_step) in enumerate(blob["macro"].items()):
+            x = [int(s) for s in by_step]
+            y, ci = np.array([by_step[s][0] for s in by_step]), np.array([by_step[s][1] for s in by_step])
+            ax.plot(x, y, marker="o", color=f"C{i}", label=row)
+            ax.fill_between(x, ci[:, 0], ci[:, 1], color=f"C{i}", alpha=0.15)
+        r = blob["random_init"][k]
+        ax.axhline(r[0], color="grey", ls="--", label="random init")
+        ax.set(xscale="log", xlabel="training step", ylabel="LP ALL macro AUROC", title=title)
+        ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.suptitle(f"The gain against training length (recipe {blob['recipe']}, seed 0; 95% CIs shaded)")
+    figures.save_figure(fig, path)
+    return True
+
+
 def main(argv=None) -> int:
     args = get_args(argv)
+    if args.scaling:
+        blob = scaling(args)
+        print(f"wrote results/scaling/ (S3 leads by 0.05 everywhere from step {blob['s3_leads_by_0.05_everywhere_from']})")
+        return 0
     names = args.only or list(RUNS)
     if args.dry_run or not args.summarize:
         for name in names:

@@ -84,6 +84,9 @@ def get_args(argv=None):
                    help="also brightness/contrast jitter, blur and solarization of every view, as the official LeJEPA "
                         "example (views.photometric; the paper names only the crops, and on phantoms it cost 2D "
                         "AUROC: results/recipe; default: off)")
+    p.add_argument("--local-grid", type=int, default=0,
+                   help="resize every local crop to this many patches per axis, as the official LeJEPA example "
+                        "resizes its local crops (the paper keeps native resolution; default: 0, native)")
     p.add_argument("--gamma", type=float, default=0.0,
                    help="vary each view's intensity calibration: x^g on [0, 1], log g uniform in +-log(1 + GAMMA) "
                         "(views.gamma_jitter; beyond the paper; default: 0, off)")
@@ -448,7 +451,7 @@ def open_batches(args, ds2, ds3, patch: int, step: int, rank: int, world: int, c
         steps=args.steps * args.accum, start_step=step * args.accum,
         mode=args.objective, n_global=args.n_global, n_local=args.n_local, patch=patch,
         seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda, photometric=args.photometric,
-        gamma=args.gamma, paired_views=args.paired_views, drr_size=args.size_2d or data.XRAY_SIZE))
+        gamma=args.gamma, local_grid=args.local_grid, paired_views=args.paired_views, drr_size=args.size_2d or data.XRAY_SIZE))
 
 
 @dataclass

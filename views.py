@@ -34,13 +34,15 @@ def _patched(shape) -> np.ndarray:
 
 
 def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global: int = 2, n_local: int = 8,
-               global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), ratio=(3 / 4, 4 / 3)) -> list:
+               global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), ratio=(3 / 4, 4 / 3), local_grid: int = 0) -> list:
     """paper 2.4.1: n_global global then n_local local random crops, 2D and 3D alike.
 
     A crop covers a fraction `scale` of the image's area (2D) or volume (3D),
     its sides jittered around the image's own proportions (each pair of sides
     within `ratio`), kept at native resolution (no resizing) and snapped to
     whole patches, at least one per axis. Returns tensors (1, z, h, w).
+    local_grid > 0 (train.py --local-grid; beyond the paper): every local crop is resized to local_grid
+    patches per patched axis, as the official LeJEPA example resizes its local crops to a fixed size.
     """
     dims = np.array(image.shape)
     patched = _patched(dims)
@@ -58,6 +60,11 @@ def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global
         size[patched] = np.clip(np.rint(side / patch), 1, grid).astype(int) * patch
         start = [rng.integers(0, d - s + 1) for d, s in zip(dims, size)]
         crop = source[tuple(slice(a, a + s) for a, s in zip(start, size))]
+        if local_grid and k >= n_global:  # beyond the paper: a fixed token count per local view
+            x = crop[None, None] if patched[0] else crop[None]  # (1, 1, z, h, w) or (1, 1, h, w)
+            x = F.interpolate(x, size=(local_grid * patch,) * int(patched.sum()),
+                              mode="trilinear" if patched[0] else "bilinear", align_corners=False)
+            crop = x[0, 0] if patched[0] else x[0]
         views.append(crop.clone(memory_format=torch.contiguous_format)[None])
     return views
 
@@ -163,7 +170,7 @@ class StepDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds_2d, ds_3d, *, batch_2d, batch_3d, steps, mode, n_global, n_local,
                  global_scale, local_scale, patch, seed, rank, world, photometric=False, gamma=0.0,
-                 paired_views=0, drr_size=XRAY_SIZE):
+                 local_grid=0, paired_views=0, drr_size=XRAY_SIZE):
         if mode not in ("lejepa", "supervised"):
             raise ValueError(f"mode must be 'lejepa' or 'supervised', got {mode!r}")
         self.parts = []  # (modality code, dataset, global batch)
@@ -180,7 +187,7 @@ class StepDataset(torch.utils.data.Dataset):
         self.steps, self.patch, self.seed, self.rank, self.world = steps, patch, seed, rank, world
         self.n_global, self.n_local = (1, 0) if mode == "supervised" else (n_global, n_local)
         self.global_scale, self.local_scale, self.photometric = global_scale, local_scale, photometric
-        self.gamma = gamma
+        self.gamma, self.local_grid = gamma, local_grid
         if not 0 <= paired_views <= self.n_local:
             raise ValueError(f"paired_views={paired_views} must be in [0, n_local={self.n_local}]: paired views "
                              f"take the place of local views (none in supervised mode)")
@@ -213,7 +220,7 @@ class StepDataset(torch.utils.data.Dataset):
                 rec = ds[i]
                 rng = np.random.default_rng([self.seed, step, code, pos])
                 views = make_views(rec.image, rng, self.patch, self.n_global, self.n_local,
-                                   self.global_scale, self.local_scale)
+                                   self.global_scale, self.local_scale, local_grid=self.local_grid)
                 if code == 1 and self.paired_views:
                     views = views[:len(views) - self.paired_views] + self._drr_views(rec, rng)
                 if self.photometric:  # drawn after the crops: the crops are the same with or without
@@ -263,7 +270,7 @@ def _as_is(batch):
 
 def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="lejepa", n_global=2, n_local=8,
                 global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), patch=14, alpha=128.0, seed=0, rank=0, world=1,
-                workers=0, pin_memory=False, photometric=False, gamma=0.0, paired_views=0,
+                workers=0, pin_memory=False, photometric=False, gamma=0.0, local_grid=0, paired_views=0,
                 drr_size=XRAY_SIZE) -> torch.utils.data.DataLoader:
     """Batches of steps start_step .. steps-1 (paper 2.3/2.4: 192 2D + 64 3D; stage 1: 256 2D).
 
@@ -274,7 +281,7 @@ def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="
     ds = StepDataset(ds_2d, ds_3d, batch_2d=batch_2d, batch_3d=batch_3d, steps=steps, mode=mode,
                      n_global=n_global, n_local=n_local, global_scale=global_scale, local_scale=local_scale,
                      patch=patch, seed=seed, rank=rank, world=world, photometric=photometric, gamma=gamma,
-                     paired_views=paired_views, drr_size=drr_size)
+                     local_grid=local_grid, paired_views=paired_views, drr_size=drr_size)
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start_step, steps), num_workers=workers,
                                        collate_fn=_as_is, pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals)
 

@@ -789,6 +789,20 @@ def test_gamma_views_are_the_same_crops_each_under_its_own_monotone_calibration(
     assert 1 / 1.5 - 1e-3 < min(exponents) < max(exponents) < 1.5 + 1e-3 and np.ptp(exponents) > 0.1
 
 
+def test_local_grid_resizes_local_crops_only_to_a_fixed_token_count():
+    """--local-grid G: every local view is G patches per patched axis (2D G^2 tokens, 3D G^3), resized from its
+    crop (a constant image stays that constant); the global views are the same native crops as without."""
+    rng_args = dict(patch=14, n_global=2, n_local=6)
+    for shape in ((1, 112, 98), (56, 56, 42)):
+        image = np.full(shape, 0.25, np.float32)
+        native = make_views(image, np.random.default_rng(5), **rng_args)
+        resized = make_views(image, np.random.default_rng(5), **rng_args, local_grid=3)
+        assert [v.shape for v in resized[:2]] == [v.shape for v in native[:2]]
+        want = (1, 1, 42, 42) if shape[0] == 1 else (1, 42, 42, 42)
+        assert all(tuple(v.shape) == want for v in resized[2:]) and all(torch.allclose(v, torch.tensor(0.25)) for v in resized)
+        assert {tuple(v.shape) for v in native[2:]} != {want}  # native local crops vary in size
+
+
 def _crop_of(view: np.ndarray, image: np.ndarray) -> bool:
     """Whether view (h, w) is a contiguous crop of image (H, W)."""
     h, w = view.shape
