@@ -38,7 +38,7 @@ def losses(out):
 
 @pytest.mark.parametrize("stage,objective,extra", [(3, "lejepa", []), (1, "lejepa", ["--batch-3d", "0"]),
                                                    (3, "supervised", []), (3, "lejepa", ["--paired-views", "2"]),
-                                                   (3, "lejepa", ["--proj-norm", "batch"])])
+                                                   (3, "lejepa", ["--proj-norm", "layer"])])
 def test_short_run_learns_and_checkpoints(tmp_path, stage, objective, extra):
     out, _ = run(tmp_path, "run", "--stage", str(stage), "--objective", objective, "--steps", "30", "--warmup", "3", *extra)
     curve = losses(out)
@@ -47,7 +47,7 @@ def test_short_run_learns_and_checkpoints(tmp_path, stage, objective, extra):
     ckpt = load_checkpoint(os.path.join(out, "last.pt"))
     assert ckpt["step"] == 30 and ckpt["args"]["stage"] == stage
     assert json.load(open(os.path.join(out, "config.json")))["objective"] == objective
-    assert ("net.1.running_mean" in ckpt.get("head", {})) == ("batch" in extra)  # the projector's BatchNorm
+    assert ("net.1.running_mean" in ckpt.get("head", {})) == (objective == "lejepa" and "layer" not in extra)  # BatchNorm
 
 
 def health_log(out):
@@ -365,8 +365,8 @@ def _first_step_grads(rank, world, port, argv, queue):
         os._exit(0)  # torch 2.13's gloo may abort at interpreter teardown; the result is already sent
 
 
-@pytest.mark.parametrize("objective,extra", [("lejepa", []), ("supervised", []), ("lejepa", ["--proj-norm", "batch"])],
-                         ids=["lejepa", "supervised", "lejepa-batchnorm"])
+@pytest.mark.parametrize("objective,extra", [("lejepa", []), ("supervised", []), ("lejepa", ["--proj-norm", "layer"])],
+                         ids=["lejepa", "supervised", "lejepa-layernorm"])
 def test_two_processes_give_single_process_gradients(objective, extra):
     """DDP is exact: one step's gradients (and running statistics) on two gloo processes equal one process's,
     a BatchNorm projector's included (its statistics are the global batch's: model.BatchNorm)."""
@@ -383,7 +383,7 @@ def test_two_processes_give_single_process_gradients(objective, extra):
             p.join(timeout=60)
             assert p.exitcode == 0
     (g1, b1), (g2, b2) = grads[1], grads[2]
-    assert len(g1) == len(g2) and len(b1) == len(b2) and (len(b1) > 0) == bool(extra)
+    assert len(g1) == len(g2) and len(b1) == len(b2) and (len(b1) > 0) == (objective == "lejepa" and not extra)
     for x1, x2 in zip(g1 + b1, g2 + b2):
         assert torch.allclose(x1.double(), x2.double(), atol=1e-5, rtol=1e-4)
 
