@@ -705,11 +705,6 @@ def main(argv=None):
     args = get_args(argv)
     try:
         train(args)
-    except SystemExit as e:
-        if e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped, checkpoint written: another Ctrl-C
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # during the interpreter's teardown must neither kill
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit status nor print a traceback
-        raise
     except Exception as e:
         rank = os.environ.get("RANK")
         if rank is None:
@@ -728,4 +723,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped, checkpoint written: another Ctrl-C
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # during the interpreter's teardown must neither kill
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit status nor print a traceback
+        raise
