@@ -262,7 +262,7 @@ def health(rows: dict, seed: int, n: int = HEALTH_N) -> dict:
                     f"proj_rank_2d_{GOAL_N_2D}": rank(z["2d"][:GOAL_N_2D]),
                     f"proj_rank_gaussian_{GOAL_N_2D}": gaussian_rank(GOAL_N_2D, z["2d"].shape[1])}
             logged = [r for r in figures.read_metrics(os.path.join(os.path.dirname(c.path), "metrics.jsonl"))
-                      if "sigreg" in r]
+                      if "sigreg" in r and r.get("step", 0) <= ckpt["step"]]  # a kept mid-run checkpoint: its own
             if logged:
                 batch = c.train_args["batch_2d"] + c.train_args["batch_3d"]
                 row |= {"sigreg_end": logged[-1]["sigreg"], "sigreg_gaussian": gaussian_sigreg(batch, z["2d"].shape[1]),

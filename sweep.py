@@ -154,9 +154,7 @@ def summarize(args) -> dict:
             step = reproduce.trained_step(folder)
             rows[name] = {"flags": RUNS[name], "steps": steps_of(RUNS[name]), "state": "not run" if not step else
                           f"not finished: trained to step {step}" if step < steps_of(RUNS[name]) else "not scored"}
-    if not rows:
-        return {}
-    g = lambda r, k, d=2: "-" if r.get(k) is None else f"{r[k]:.{d}f}"  # noqa: E731
+    g = lambda r, k, spec=".2f": "-" if r.get(k) is None else format(r[k], spec)  # noqa: E731
     lines = [f"# The recipe sweep (validation phantoms, seed {VAL_SEED})", "",
              f"Written by `python sweep.py --summarize`. Every run: `python train.py --stage 3 --seed 0 FLAGS` (the "
              "CPU demo on phantoms), scored on validation phantoms of seed "
@@ -177,13 +175,13 @@ def summarize(args) -> dict:
         h = r["health"]
         lines.append(
             f"| {name} | `{r['flags']}` | {g(h, 'sigreg_end')} ({g(h, 'sigreg_gaussian')}) | "
-            f"{g(h, 'rank_2d')} / {g(h, 'rank_3d')} | {g(h, 'proj_rank_2d_24')} ({g(h, 'proj_rank_gaussian_24', 1)}) | "
-            f"{g(r, 'online_probe_end', 3)} | " + " | ".join(g(r["val"][k] or {}, "macro", 3) for k, _ in SETS) +
-            f" | {r['mean_gain']:+.3f} / {r['min_gain']:+.3f} | "
+            f"{g(h, 'rank_2d')} / {g(h, 'rank_3d')} | {g(h, 'proj_rank_2d_24')} ({g(h, 'proj_rank_gaussian_24', '.1f')}) | "
+            f"{g(r, 'online_probe_end', '.3f')} | " + " | ".join(g(r["val"][k] or {}, "macro", ".3f") for k, _ in SETS) +
+            f" | {g(r, 'mean_gain', '+.3f')} / {g(r, 'min_gain', '+.3f')} | "
             f"{np.mean([r['random'][k]['macro'] for k, _ in SETS]):.3f} | {g(r, 'step_time_s')} |")
     if random:
         lines.append("| random init (base's architecture) | - | - | - | - | - | " +
-                     " | ".join(g(random[k] or {}, "macro", 3) for k, _ in SETS) + " | - | - | - |")
+                     " | ".join(g(random[k] or {}, "macro", ".3f") for k, _ in SETS) + " | - | - | - |")
     os.makedirs(args.out, exist_ok=True)
     text = "\n".join(lines) + "\n"
     data.atomic_write(os.path.join(args.out, "table.md"), lambda f: f.write(text.encode()))
@@ -220,7 +218,7 @@ def scaling(args) -> dict:
                 os.replace(kept + ".tmp", kept)
             ckpts.append(f"{row}@{s}={kept}")
     probe_dir = os.path.join(root, "probe")
-    if not os.path.exists(os.path.join(probe_dir, "table1.json")):
+    if not all(newer(os.path.join(probe_dir, "table1.json"), c.split("=", 1)[1]) for c in ckpts):
         argv = ["probe.py", "--ckpt", *ckpts, "--random-init", "--seed", "0", "--n-test", "1024", "--lp", "ALL",
                 "--maps", "0", "--out", probe_dir]
         print(f"=== probe: python {' '.join(argv)}", flush=True)
