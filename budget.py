@@ -59,7 +59,7 @@ def tokens_per_sample(ds, args, patch: int, draws: int = 16) -> float:
     for shape in shapes:
         try:
             views = make_views(np.zeros(shape, np.float32), rng, patch, n_global, n_local,
-                               local_grid=getattr(args, "local_grid", 0))
+                               local_grid=getattr(args, "local_grid", 0), zoom=getattr(args, "zoom", 0.0))
         except ValueError:  # smaller than a patch: the loader skips such a record
             continue
         counts.append(sum(view_tokens(v, patch) for v in views))

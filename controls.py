@@ -36,7 +36,17 @@ rank of its own sample's global centroid among the 64 centroids by the loss's ow
 backbone embeddings (the probes' space). For CT samples the last two local slots are crops of the DRR
 (--paired-views 2): whether a patient's radiograph lands at its own CT. Chance: median rank 32.5, top-1 1/64.
 
-Imports data, phantom (its acquisition shifts), views, features, probe (for its probes and metrics), pack,
+    python controls.py --nuisance --ckpt S3=runs/s3/last.pt --random-init --seed 100 --out results/nuisance
+
+--nuisance instead: does the embedding follow the labels or the acquisition? A phantom's image also depends on
+per-image draws that no label depends on (body size and offset, noise level, rib phase, the field's z extent and
+centre, a CT's HU offset or a film's gamma: phantom_draws). Every crop of an image shares them, so crop
+invariance can be met by encoding them. For each checkpoint, on the test phantoms of --seed: the share of the
+backbone embedding's variance that a linear fit on those draws explains, beside the share the five labels
+explain (all dimensions, and the top direction alone), and each draw's cross-validated R^2 read from the
+embedding. The supervised row shows what an embedding that follows the labels looks like.
+
+Imports data, phantom (its acquisition shifts and draws), views, features, probe (for its probes and metrics), pack,
 numpy and torch; nothing imports it.
 """
 import argparse
@@ -252,6 +262,87 @@ def crop_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- --nuisance
+
+NUISANCES = ("body size", "body offset x", "body offset y", "noise level", "rib phase", "z extent", "z centre",
+             "intensity")  # intensity: the HU offset of a CT, the gamma of a radiograph
+
+
+def phantom_draws(name: str, split: str, n: int, seed: int) -> tuple:
+    """(nuisances (n, len(NUISANCES)), labels (n, 5)) of a phantom split's first n samples: the per-image draws
+    of phantom.sample_patient and phantom.field_of_view that no label depends on, from the samples' own rngs."""
+    modality = "3d" if "3d" in name else "2d"
+    rows, labels = [], []
+    for i in range(n):
+        rng = phantom.phantom_rng(name, split, i, seed)
+        p = phantom.sample_patient(rng)
+        half_z, centre = phantom.field_of_view(rng, modality)
+        rows.append([p["scale"], *p["offset"], p["noise"], p["rib_phase"], half_z, centre,
+                     p["hu_offset"] if modality == "3d" else p["gamma"]])
+        labels.append(p["labels"])
+    return np.array(rows, np.float64), np.array(labels, np.float64)
+
+
+def explained(x: np.ndarray, t: np.ndarray) -> float:
+    """Share of x's total variance (all columns) that a least-squares fit on t (with intercept) explains."""
+    x = x - x.mean(0)
+    a = np.column_stack([t - t.mean(0), np.ones(len(t))])
+    resid = x - a @ np.linalg.lstsq(a, x, rcond=None)[0]
+    return float(1 - (resid ** 2).sum() / (x ** 2).sum())
+
+
+def decodable(x: np.ndarray, t: np.ndarray, seed: int) -> np.ndarray:
+    """Cross-validated R^2 (5 folds, ridge with its penalty chosen inside each fold) of each column of t read
+    linearly from x: how much of each draw the embedding carries, whatever its share of the variance."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+    folds = KFold(5, shuffle=True, random_state=seed)
+    pred = np.column_stack([cross_val_predict(model, x, col, cv=folds) for col in t.T])
+    return 1 - ((t - pred) ** 2).sum(0) / ((t - t.mean(0)) ** 2).sum(0)
+
+
+def nuisance_report(args) -> dict:
+    """--nuisance: what each embedding follows, the labels or the acquisition (module docstring)."""
+    checkpoints = load(args)
+    a = checkpoints[0].train_args
+    report = {"n": args.n_test, "seed": args.seed, "nuisances": list(NUISANCES), "rows": []}
+    for paper, name in SETS:
+        modality = "3d" if "3d" in name else "2d"
+        ds = data.open_dataset(name, "test", n=args.n_test, size=a.get(f"size_{modality}"), seed=args.seed)
+        feats = features.extract_features_of([c.model for c in checkpoints], ds, 32768)
+        t, y = phantom_draws(name, "test", args.n_test, args.seed)
+        assert np.array_equal(y, feats[0]["y"]), "phantom_draws must follow the dataset's own patients"
+        for c, f in zip(checkpoints, feats):
+            x = f["x"].astype(np.float64)
+            top = np.linalg.svd(x - x.mean(0), full_matrices=False)[0][:, :1]  # the top direction's scores
+            report["rows"].append({"test_set": f"{paper} ({name})", "model": c.name,
+                                   "variance by nuisances": explained(x, t), "variance by labels": explained(x, y),
+                                   "top direction by nuisances": explained(top, t),
+                                   "top direction by labels": explained(top, y),
+                                   "decodable": dict(zip(NUISANCES, decodable(x, t, args.seed).tolist())),
+                                   "labels decodable": decodable(x, y, args.seed).tolist()})
+        print(f"controls: {paper} done", flush=True)
+    return report
+
+
+def nuisance_markdown(report: dict) -> str:
+    shares = ("variance by nuisances", "variance by labels", "top direction by nuisances", "top direction by labels")
+    lines = [f"**What the embedding follows: the acquisition or the labels** (backbone embeddings of {report['n']} "
+             f"test phantoms per set, seed {report['seed']}; the share of the embedding's variance that a linear fit "
+             f"on the {len(report['nuisances'])} per-image nuisance draws, or on the 5 labels, explains, for all "
+             f"dimensions and for the top direction; then each draw's cross-validated R^2 read from the embedding)",
+             "", "| Test set | Model | " + " | ".join(shares) + " | mean label R^2 | " +
+             " | ".join(report["nuisances"]) + " |", "| --- | --- |" + " --- |" * (len(shares) + 1 + len(report["nuisances"]))]
+    for r in report["rows"]:
+        cells = [f"{r[k]:.0%}" for k in shares] + [f"{np.mean(r['labels decodable']):.2f}"]
+        cells += [f"{r['decodable'][k]:.2f}" for k in report["nuisances"]]
+        lines.append(f"| {r['test_set']} | {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def shift_markdown(report: dict) -> str:
     models = list(dict.fromkeys(r["model"] for r in report["rows"]))
     cell = {(r["test_set"], r["shift"], r["model"], r["probe"]): probe.fmt_ci(r["macro"], r["ci"]) for r in report["rows"]}
@@ -274,7 +365,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-MODES = {"controls": (run, markdown), "shifts": (shift_report, shift_markdown), "crops": (crop_report, crop_markdown)}
+MODES = {"controls": (run, markdown), "shifts": (shift_report, shift_markdown), "crops": (crop_report, crop_markdown),
+         "nuisance": (nuisance_report, nuisance_markdown)}
 
 
 def main(argv=None) -> int:
@@ -290,10 +382,12 @@ def main(argv=None) -> int:
                       help="instead: the external acquisition one factor at a time -> shifts.md/.json (module docstring)")
     mode.add_argument("--crops", action="store_true",
                       help="instead: does each local view identify its own sample (and a CT its DRR)? -> crops.md/.json")
+    mode.add_argument("--nuisance", action="store_true",
+                      help="instead: does the embedding follow the labels or the per-image acquisition? -> nuisance.md/.json")
     p.add_argument("--out", default="results/controls", help="folder for controls.md/.json (default: %(default)s)")
     args = p.parse_args(argv)
     try:
-        stem = "shifts" if args.shifts else "crops" if args.crops else "controls"
+        stem = next((m for m in ("shifts", "crops", "nuisance") if getattr(args, m)), "controls")
         measure, write = MODES[stem]
         report = measure(args)
     except (FileNotFoundError, ValueError) as e:

@@ -172,6 +172,13 @@ def _upsample(img: np.ndarray, shape) -> np.ndarray:
     return F.interpolate(t, size=tuple(shape), mode=mode, align_corners=False)[0, 0].numpy()
 
 
+def field_of_view(rng: np.random.Generator, modality: str) -> tuple:
+    """render's first draws: the half extent of the scanned field along z (a CT's slab, a film's height, in the
+    units where the field is 2 wide) and its centre. Acquisition, not anatomy: no label depends on them."""
+    half_z = rng.uniform(0.75, 1.0) if modality == "3d" else rng.uniform(1.0, 1.2)
+    return half_z, rng.uniform(-0.12, 0.0)
+
+
 def render(p: dict, rng: np.random.Generator, modality: str, size: int, external) -> np.ndarray:
     """Render patient p, unprocessed: a CT volume in HU (Z, size, size), or a frontal radiograph
     (size, W), the line integral of attenuation through the same kind of volume along Y.
@@ -185,8 +192,7 @@ def render(p: dict, rng: np.random.Generator, modality: str, size: int, external
     if not shifts <= set(EXTERNAL_SHIFTS):
         raise ValueError(f"unknown acquisition shift(s) {sorted(shifts - set(EXTERNAL_SHIFTS))}; "
                          f"the shifts are {EXTERNAL_SHIFTS}")
-    half_z = rng.uniform(0.75, 1.0) if modality == "3d" else rng.uniform(1.0, 1.2)
-    centre = rng.uniform(-0.12, 0.0)
+    half_z, centre = field_of_view(rng, modality)
     if modality == "3d":  # square axial field of view, z extent varies: (Z, size, size)
         shape = (max(1, round(size * half_z)), size, size)
     else:  # frontal view: x spans the field of view, z (rows) the longer side

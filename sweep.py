@@ -56,6 +56,10 @@ RUNS = {  # --proj-norm layer: the projector before the sweep made BatchNorm the
     "centroid-all": "--steps 300 --proj-norm layer --centroid all",
     "batch-x2": "--steps 300 --proj-norm layer --batch-2d 48 --batch-3d 16",
     "proj-batch-k16-photometric": "--steps 300 --proj-norm batch --proj-out 16 --photometric",
+    # 1000 steps, the adopted recipe: the 3D embedding follows body size, shared by every crop (results/nuisance);
+    # --zoom varies the apparent size per view, one factor against the same recipe without it
+    "default-1000": "--steps 1000",
+    "zoom-1.25-1000": "--steps 1000 --zoom 1.25",
 }
 CHOSEN = "proj-batch"  # the recipe the scaling curve and the grid use: the sweep's best on validation (its README)
 SCALING_STEPS = (250, 500, 1000, 2000, 4000)  # checkpoints of one run of SCALING_STEPS[-1] steps

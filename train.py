@@ -88,6 +88,10 @@ def get_args(argv=None):
     p.add_argument("--local-grid", type=int, default=0,
                    help="resize every local crop to this many patches per axis, as the official LeJEPA example "
                         "resizes its local crops (the paper keeps native resolution; default: 0, native)")
+    p.add_argument("--zoom", type=float, default=0.0,
+                   help="rescale every view by its own factor, log-uniform in [1/ZOOM, ZOOM], so the anatomy's "
+                        "apparent size differs between views of one image (views.make_views; beyond the paper, which "
+                        "keeps native resolution: results/nuisance; default: 0, off)")
     p.add_argument("--gamma", type=float, default=0.0,
                    help="vary each view's intensity calibration: x^g on [0, 1], log g uniform in +-log(1 + GAMMA) "
                         "(views.gamma_jitter; beyond the paper; default: 0, off)")
@@ -154,6 +158,8 @@ def resolve_defaults(args, cuda: bool) -> list[str]:
     args.workers = (8 if cuda else 0) if args.workers is None else args.workers
     if args.stage == 1 and args.batch_3d:
         raise ValueError("--stage 1 is 2D only: --batch-3d must be 0")
+    if args.zoom and args.zoom <= 1:
+        raise ValueError(f"--zoom {args.zoom}: the largest rescaling factor must be > 1 (0: off)")
     if args.stage == 2 and not args.init:
         raise ValueError("--stage 2 starts from a stage-1 checkpoint: pass --init PATH")
     if args.paired_views and (not args.batch_3d or args.objective != "lejepa" or args.paired_views > args.n_local):
@@ -452,7 +458,7 @@ def open_batches(args, ds2, ds3, patch: int, step: int, rank: int, world: int, c
         steps=args.steps * args.accum, start_step=step * args.accum,
         mode=args.objective, n_global=args.n_global, n_local=args.n_local, patch=patch,
         seed=args.seed, rank=rank, world=world, workers=args.workers, pin_memory=cuda, photometric=args.photometric,
-        gamma=args.gamma, local_grid=args.local_grid, paired_views=args.paired_views, drr_size=args.size_2d or data.XRAY_SIZE))
+        gamma=args.gamma, local_grid=args.local_grid, zoom=args.zoom, paired_views=args.paired_views, drr_size=args.size_2d or data.XRAY_SIZE))
 
 
 @dataclass

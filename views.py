@@ -34,7 +34,8 @@ def _patched(shape) -> np.ndarray:
 
 
 def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global: int = 2, n_local: int = 8,
-               global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), ratio=(3 / 4, 4 / 3), local_grid: int = 0) -> list:
+               global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), ratio=(3 / 4, 4 / 3), local_grid: int = 0,
+               zoom: float = 0.0) -> list:
     """paper 2.4.1: n_global global then n_local local random crops, 2D and 3D alike.
 
     A crop covers a fraction `scale` of the image's area (2D) or volume (3D),
@@ -43,7 +44,12 @@ def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global
     whole patches, at least one per axis. Returns tensors (1, z, h, w).
     local_grid > 0 (train.py --local-grid; beyond the paper): every local crop is resized to local_grid
     patches per patched axis, as the official LeJEPA example resizes its local crops to a fixed size.
+    zoom > 1 (train.py --zoom; beyond the paper): each view (but a local one local_grid fixes) is rescaled by
+    its own factor, log-uniform in [1/zoom, zoom], and snapped to whole patches again, so the anatomy's apparent
+    size differs between the views of one image. The factors are drawn after the crops: the crops are the same with or without.
     """
+    if zoom and zoom <= 1:
+        raise ValueError(f"zoom must be 0 (off) or > 1, got {zoom}")
     dims = np.array(image.shape)
     patched = _patched(dims)
     grid = dims[patched] // patch
@@ -61,12 +67,23 @@ def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global
         start = [rng.integers(0, d - s + 1) for d, s in zip(dims, size)]
         crop = source[tuple(slice(a, a + s) for a, s in zip(start, size))]
         if local_grid and k >= n_global:  # beyond the paper: a fixed token count per local view
-            x = crop[None, None] if patched[0] else crop[None]  # (1, 1, z, h, w) or (1, 1, h, w)
-            x = F.interpolate(x, size=(local_grid * patch,) * int(patched.sum()),
-                              mode="trilinear" if patched[0] else "bilinear", align_corners=False)
-            crop = x[0, 0] if patched[0] else x[0]
-        views.append(crop.clone(memory_format=torch.contiguous_format)[None])
-    return views
+            crop = _resized(crop, np.full(patched.sum(), local_grid * patch), patched)
+        views.append(crop)
+    if zoom:  # beyond the paper: the apparent size varies per view (results/nuisance)
+        factors = np.exp(rng.uniform(-math.log(zoom), math.log(zoom), len(views)))
+        for k, f in enumerate(factors):
+            if not (local_grid and k >= n_global):
+                side = np.array(views[k].shape)[patched]
+                views[k] = _resized(views[k], np.maximum(np.rint(side * f / patch), 1).astype(int) * patch, patched)
+    return [v.clone(memory_format=torch.contiguous_format)[None] for v in views]
+
+
+def _resized(crop: torch.Tensor, size, patched: np.ndarray) -> torch.Tensor:
+    """A crop (z, h, w) resampled to `size` along its patched axes (linear interpolation; a 2D crop keeps z = 1)."""
+    x = crop[None, None] if patched[0] else crop[None]  # (1, 1, z, h, w) or (1, 1, h, w)
+    x = F.interpolate(x, size=tuple(int(n) for n in size), mode="trilinear" if patched[0] else "bilinear",
+                      align_corners=False)
+    return x[0, 0] if patched[0] else x[0]
 
 
 # Paper 2.4.1 names only the multi-crop, the default. Optional (train.py --photometric): the official
@@ -170,7 +187,7 @@ class StepDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds_2d, ds_3d, *, batch_2d, batch_3d, steps, mode, n_global, n_local,
                  global_scale, local_scale, patch, seed, rank, world, photometric=False, gamma=0.0,
-                 local_grid=0, paired_views=0, drr_size=XRAY_SIZE):
+                 local_grid=0, zoom=0.0, paired_views=0, drr_size=XRAY_SIZE):
         if mode not in ("lejepa", "supervised"):
             raise ValueError(f"mode must be 'lejepa' or 'supervised', got {mode!r}")
         self.parts = []  # (modality code, dataset, global batch)
@@ -187,7 +204,7 @@ class StepDataset(torch.utils.data.Dataset):
         self.steps, self.patch, self.seed, self.rank, self.world = steps, patch, seed, rank, world
         self.n_global, self.n_local = (1, 0) if mode == "supervised" else (n_global, n_local)
         self.global_scale, self.local_scale, self.photometric = global_scale, local_scale, photometric
-        self.gamma, self.local_grid = gamma, local_grid
+        self.gamma, self.local_grid, self.zoom = gamma, local_grid, zoom
         if not 0 <= paired_views <= self.n_local:
             raise ValueError(f"paired_views={paired_views} must be in [0, n_local={self.n_local}]: paired views "
                              f"take the place of local views (none in supervised mode)")
@@ -220,7 +237,7 @@ class StepDataset(torch.utils.data.Dataset):
                 rec = ds[i]
                 rng = np.random.default_rng([self.seed, step, code, pos])
                 views = make_views(rec.image, rng, self.patch, self.n_global, self.n_local,
-                                   self.global_scale, self.local_scale, local_grid=self.local_grid)
+                                   self.global_scale, self.local_scale, local_grid=self.local_grid, zoom=self.zoom)
                 if code == 1 and self.paired_views:
                     views = views[:len(views) - self.paired_views] + self._drr_views(rec, rng)
                 if self.photometric:  # drawn after the crops: the crops are the same with or without
@@ -270,7 +287,7 @@ def _as_is(batch):
 
 def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="lejepa", n_global=2, n_local=8,
                 global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), patch=14, alpha=128.0, seed=0, rank=0, world=1,
-                workers=0, pin_memory=False, photometric=False, gamma=0.0, local_grid=0, paired_views=0,
+                workers=0, pin_memory=False, photometric=False, gamma=0.0, local_grid=0, zoom=0.0, paired_views=0,
                 drr_size=XRAY_SIZE) -> torch.utils.data.DataLoader:
     """Batches of steps start_step .. steps-1 (paper 2.3/2.4: 192 2D + 64 3D; stage 1: 256 2D).
 
@@ -281,7 +298,7 @@ def make_loader(ds_2d, ds_3d, *, batch_2d, batch_3d, steps, start_step=0, mode="
     ds = StepDataset(ds_2d, ds_3d, batch_2d=batch_2d, batch_3d=batch_3d, steps=steps, mode=mode,
                      n_global=n_global, n_local=n_local, global_scale=global_scale, local_scale=local_scale,
                      patch=patch, seed=seed, rank=rank, world=world, photometric=photometric, gamma=gamma,
-                     local_grid=local_grid, paired_views=paired_views, drr_size=drr_size)
+                     local_grid=local_grid, zoom=zoom, paired_views=paired_views, drr_size=drr_size)
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start_step, steps), num_workers=workers,
                                        collate_fn=_as_is, pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals)
 

@@ -89,3 +89,29 @@ def test_crop_ranks_find_each_views_own_centroid_and_count_ties_against_it():
     radiographs = controls.crop_ranks(_ByPosition(controls.CROP_BATCH), data.open_dataset(
         "phantom2d", "test", n=controls.CROP_BATCH, size=56), 1, 0, 2, 56)
     assert list(radiographs) == ["2D local crop"] and len(radiographs["2D local crop"]) == 8 * controls.CROP_BATCH
+
+
+def test_phantom_draws_are_the_rendered_patients_own():
+    """--nuisance reads each sample's draws from its own rng: the z extent and the labels it returns are those of
+    the image the dataset renders (a CT has round(size * half z) slices; a film's width is round(size / half z))."""
+    for name, size in (("phantom3d", 40), ("phantom2d", 48)):
+        ds = data.open_dataset(name, "test", n=6, size=size, seed=3)
+        t, y = controls.phantom_draws(name, "test", 6, seed=3)
+        z = t[:, controls.NUISANCES.index("z extent")]
+        for i in range(6):
+            rec = ds[i]
+            assert np.array_equal(rec.labels, y[i])
+            shape = rec.image.shape
+            assert (shape[0] == round(size * z[i])) if name == "phantom3d" else (shape[-1] == round(size / z[i]))
+
+
+def test_variance_share_and_decodability_separate_what_the_embedding_follows():
+    """An embedding built from one draw (big) and one label (small) plus noise: the variance share says which
+    dominates, the cross-validated R^2 says both are readable, and a draw not in it reads near zero."""
+    rng = np.random.default_rng(0)
+    t, y = rng.standard_normal((400, 2)), (rng.random((400, 1)) > 0.5).astype(float)
+    x = np.column_stack([3 * t[:, 0], y[:, 0], 0.1 * rng.standard_normal((400, 6))])
+    x = x @ np.linalg.qr(rng.standard_normal((8, 8)))[0]  # a rotation keeps the variance shares: 9, 0.25, 0.06
+    assert controls.explained(x, t) > 0.9 > 0.1 > controls.explained(x, y) > 0.01
+    r2 = controls.decodable(x, np.column_stack([t, y]), seed=0)
+    assert r2[0] > 0.95 and r2[2] > 0.9 and abs(r2[1]) < 0.05

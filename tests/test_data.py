@@ -1222,3 +1222,27 @@ def test_intensity_stats_are_the_mean_and_std_of_the_samples_read_directly():
     pixels = np.concatenate([ds[i].image.ravel() for i in range(len(ds))])
     assert mean == pytest.approx(pixels.mean(), abs=1e-5) and std == pytest.approx(pixels.std(), rel=1e-4)
     assert -1 < mean < 0 < std < 1  # a windowed CT: mostly air and soft tissue below the window's level
+
+
+def test_zoom_rescales_the_same_crops_each_by_its_own_factor_within_the_range():
+    """--zoom Z: the crops are the default's (drawn before the factors), each rescaled by one factor in [1/Z, Z]
+    per view and snapped to whole patches (a constant image stays that constant); views differ in scale."""
+    rng_args = dict(patch=14, n_global=2, n_local=6)
+    for shape in ((1, 112, 98), (56, 56, 42)):
+        image = np.full(shape, 0.25, np.float32)
+        native = make_views(image, np.random.default_rng(5), **rng_args)
+        zoomed = make_views(image, np.random.default_rng(5), **rng_args, zoom=1.5)
+        ratios = []
+        for a, b in zip(native, zoomed):
+            patched = slice(2, None) if shape[0] == 1 else slice(1, None)
+            r = np.array(b.shape[patched]) / np.array(a.shape[patched])
+            side = np.array(a.shape[patched])  # snapping moves a side by at most half a patch
+            assert np.all(r >= (side / 1.5 - 7) / side - 1e-9) and np.all(r <= (side * 1.5 + 7) / side + 1e-9)
+            assert all(n % 14 == 0 for n in b.shape[patched]) and torch.allclose(b, torch.tensor(0.25))
+            ratios.append(r.mean())
+        assert len(set(np.round(ratios, 3))) > 3  # the factor is drawn per view
+    ramp = np.linspace(-1, 1, 56 * 56, dtype=np.float32).reshape(1, 56, 56)  # content, not only shape, is rescaled
+    v = make_views(ramp, np.random.default_rng(1), patch=14, n_global=1, n_local=0, global_scale=(1, 1), zoom=2.0)[0]
+    assert v.shape[-1] != 56 and abs(float(v.mean()) - float(ramp.mean())) < 0.05
+    with pytest.raises(ValueError, match="zoom"):
+        make_views(image, np.random.default_rng(5), **rng_args, zoom=0.8)
