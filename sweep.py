@@ -62,6 +62,9 @@ RUNS = {  # --proj-norm layer: the projector before the sweep made BatchNorm the
     "zoom-1.25-1000": "--steps 1000 --zoom 1.25",
     "3d-half-1000": "--steps 1000 --batch-2d 16 --batch-3d 16",  # 3D samples: a quarter of the batch -> a half
     "size-3d-112": "--steps 300 --size-3d 112",  # the paper's volumes: against proj-batch (the same recipe at 56)
+    "3d-half-small-1000": "--steps 1000 --batch-2d 8 --batch-3d 8",  # the 3D share of 3d-half with default's 3D count
+    "3d-half-small-1000-seed1": "--steps 1000 --batch-2d 8 --batch-3d 8 --seed 1",  # the two above at another seed
+    "default-1000-seed1": "--steps 1000 --seed 1",
 }
 CHOSEN = "proj-batch"  # the recipe the scaling curve and the grid use: the sweep's best on validation (its README)
 SCALING_STEPS = (250, 500, 1000, 2000, 4000)  # checkpoints of one run of SCALING_STEPS[-1] steps
