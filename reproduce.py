@@ -493,7 +493,7 @@ def summarize(args) -> dict:
 
 # ---------------------------------------------------------------- the README's results block, from results/
 
-README_GRID = "results/grid-1000steps"  # the grid whose summary the README states
+README_GRID = "results/grid-2000steps"  # the grid whose summary the README states
 README_BEGIN, README_END = "<!-- results: written by `python reproduce.py --readme`; do not edit -->", "<!-- results: end -->"
 
 
