@@ -139,7 +139,7 @@ def run(args) -> dict:
     report = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed, "rows": []}
     embeddings = {}  # {checkpoint: {test set: {split: pooled tokens}}}
     for paper, name in SETS:
-        modality = "3d" if "3d" in name else "2d"
+        modality = data.phantom_modality(name)
         size = a.get(f"size_{modality}")
         split_ds = {s: data.open_dataset(name, s, n=n, size=size, seed=args.seed)
                     for s, n in (("train", args.n_train), ("test", args.n_test))}
@@ -239,7 +239,7 @@ def crop_report(args) -> dict:
     steps = max(1, args.n_test // CROP_BATCH)
     report = {"batch": CROP_BATCH, "samples": steps * CROP_BATCH, "seed": args.seed, "rows": []}
     for paper, name in SETS:
-        modality = "3d" if "3d" in name else "2d"
+        modality = data.phantom_modality(name)
         ds = data.open_dataset(name, "test", n=steps * CROP_BATCH, size=a.get(f"size_{modality}"), seed=args.seed)
         for c in checkpoints:
             drr_size = c.train_args.get("size_2d") or data.XRAY_SIZE
@@ -271,7 +271,7 @@ NUISANCES = ("body size", "body offset x", "body offset y", "noise level", "rib 
 def phantom_draws(name: str, split: str, n: int, seed: int) -> tuple:
     """(nuisances (n, len(NUISANCES)), labels (n, 5)) of a phantom split's first n samples: the per-image draws
     of phantom.sample_patient and phantom.field_of_view that no label depends on, from the samples' own rngs."""
-    modality = "3d" if "3d" in name else "2d"
+    modality = data.phantom_modality(name)
     rows, labels = [], []
     for i in range(n):
         rng = phantom.phantom_rng(name, split, i, seed)
@@ -310,7 +310,7 @@ def nuisance_report(args) -> dict:
     a = checkpoints[0].train_args
     report = {"n": args.n_test, "seed": args.seed, "nuisances": list(NUISANCES), "rows": []}
     for paper, name in SETS:
-        modality = "3d" if "3d" in name else "2d"
+        modality = data.phantom_modality(name)
         ds = data.open_dataset(name, "test", n=args.n_test, size=a.get(f"size_{modality}"), seed=args.seed)
         feats = features.extract_features_of([c.model for c in checkpoints], ds, 32768)
         t, y = phantom_draws(name, "test", args.n_test, args.seed)

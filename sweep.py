@@ -56,14 +56,14 @@ RUNS = {  # --proj-norm layer: the projector before the sweep made BatchNorm the
     "centroid-all": "--steps 300 --proj-norm layer --centroid all",
     "batch-x2": "--steps 300 --proj-norm layer --batch-2d 48 --batch-3d 16",
     "proj-batch-k16-photometric": "--steps 300 --proj-norm batch --proj-out 16 --photometric",
-    # 1000 steps, the adopted recipe: the 3D embedding follows body size, shared by every crop (results/nuisance);
-    # --zoom varies the apparent size per view, one factor against the same recipe without it
+    # The 3D side (results/nuisance): the adopted recipe at 1000 steps ("default-1000") against one factor each,
+    # the apparent size per view (--zoom) and the 3D share of the batch; then the paper's 112-voxel volumes
     "default-1000": "--steps 1000",
     "zoom-1.25-1000": "--steps 1000 --zoom 1.25",
     "3d-half-1000": "--steps 1000 --batch-2d 16 --batch-3d 16",  # 3D samples: a quarter of the batch -> a half
     "size-3d-112": "--steps 300 --size-3d 112",  # the paper's volumes: against proj-batch (the same recipe at 56)
     "3d-half-small-1000": "--steps 1000 --batch-2d 8 --batch-3d 8",  # the 3D share of 3d-half with default's 3D count
-    "3d-half-small-1000-seed1": "--steps 1000 --batch-2d 8 --batch-3d 8 --seed 1",  # the two above at another seed
+    "3d-half-small-1000-seed1": "--steps 1000 --batch-2d 8 --batch-3d 8 --seed 1",  # it and the default, seed 1
     "default-1000-seed1": "--steps 1000 --seed 1",
 }
 CHOSEN = "proj-batch"  # the recipe the scaling curve and the grid use: the sweep's best on validation (its README)

@@ -46,7 +46,8 @@ def make_views(image: np.ndarray, rng: np.random.Generator, patch: int, n_global
     patches per patched axis, as the official LeJEPA example resizes its local crops to a fixed size.
     zoom > 1 (train.py --zoom; beyond the paper): each view (but a local one local_grid fixes) is rescaled by
     its own factor, log-uniform in [1/zoom, zoom], and snapped to whole patches again, so the anatomy's apparent
-    size differs between the views of one image. The factors are drawn after the crops: the crops are the same with or without.
+    size differs between the views of one image. The factors are drawn after the crops: the crops are the same
+    with or without.
     """
     if zoom and zoom <= 1:
         raise ValueError(f"zoom must be 0 (off) or > 1, got {zoom}")
