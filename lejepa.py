@@ -36,7 +36,7 @@ def _check_shape(z, what):
         raise ValueError(f"{what}: z of shape {tuple(z.shape)} has no views (V = 0) or no dimensions (K = 0)")
 
 
-def sigreg(z, step, num_slices=256, knots=17, t_max=3.0, micro_batches=1):
+def sigreg(z, step, num_slices=256, knots=17, t_max=3.0, micro_batches=1, groups=None, num_groups=1):
     """Sliced Epps-Pulley statistic of z (N, K), or (V, N, K) averaged over views.
 
     For unit directions a (K,) and projections x = z @ a, with the empirical
@@ -48,28 +48,45 @@ def sigreg(z, step, num_slices=256, knots=17, t_max=3.0, micro_batches=1):
     The integrand is even in t, so it is integrated on [0, t_max] with `knots`
     trapezoid knots and doubled. Directions come from a generator seeded with
     `step`, so every rank draws the same ones. Under torch.distributed the
-    cos/sin means are averaged over ranks and N is the global sample count.
-    With gradient accumulation (micro_batches calls per optimizer step) N is
-    the step's sample count, not this call's: the N-scaled statistic then
-    weighs as much in every call as in one full-batch call, so lambd means the
-    same whatever the accumulation (the ECF is still this call's estimate).
-    Computed in float32 whatever the input dtype or autocast state.
+    cos/sin sums and the sample counts are summed over ranks, so N is the
+    global sample count. With gradient accumulation (micro_batches calls per
+    optimizer step) N is the step's sample count, not this call's: the
+    N-scaled statistic then weighs as much in every call as in one full-batch
+    call, so lambd means the same whatever the accumulation (the ECF is still
+    this call's estimate). Computed in float32 whatever the input dtype or autocast state.
+
+    groups (N,) ids in [0, num_groups), beyond the paper: the statistic of each
+    group apart, summed, SIGReg = sum_g mean_a EP_g(a), where EP_g takes phi_N
+    and N from group g's N_g samples alone. Each sample's gradient keeps the
+    scale it has in one whole-batch statistic, so lambd means the same. With
+    the modality as the group, each modality must look Gaussian on its own,
+    not only their mixture (paper 2.2 regularises the mixed batch). A group
+    with fewer than 2 samples in the whole step adds nothing. None: one group.
     """
     if z.ndim == 2:
         z = z.unsqueeze(0)
     elif z.ndim != 3:
         raise ValueError(f"sigreg: expected z of shape (N, K) or (V, N, K), got {tuple(z.shape)}")
     _check_shape(z, "sigreg")
+    if knots < 2:
+        raise ValueError(f"sigreg: trapezoid quadrature needs knots >= 2, got {knots}")
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     if z.shape[1] * world < 2:
         raise ValueError(f"sigreg: needs at least 2 samples, got N={z.shape[1] * world}: the statistic is meaningless")
-    n = z.shape[1] * world * micro_batches  # samples of the whole optimizer step (equal per-rank batches)
-    if knots < 2:
-        raise ValueError(f"sigreg: trapezoid quadrature needs knots >= 2, got {knots}")
+    if groups is not None and groups.shape != (z.shape[1],):
+        raise ValueError(f"sigreg: groups must hold one id per sample, shape ({z.shape[1]},), got {tuple(groups.shape)}")
 
     with torch.autocast(device_type=z.device.type, enabled=False):  # bf16 cos/sin would be too coarse
         z = z.float()
+        if groups is None:  # the paper's statistic: every sample in one group, its count known without a sync
+            member = z.new_ones(z.shape[1], 1)
+            counts = torch.full((1,), float(z.shape[1] * world), device=z.device)
+        else:
+            member = torch.nn.functional.one_hot(groups.long(), num_groups).float()  # (N, G)
+            counts = member.sum(0)  # (G,) this rank's samples of each group, then the step's
+            if distributed:
+                dist.all_reduce(counts)
         gen = torch.Generator(device=z.device).manual_seed(step)  # seeded by step, never by rank
         a = torch.randn(z.shape[-1], num_slices, generator=gen, device=z.device)
         a = a / a.norm(dim=0)  # (K, S) unit directions
@@ -81,16 +98,19 @@ def sigreg(z, step, num_slices=256, knots=17, t_max=3.0, micro_batches=1):
         weights = weights * phi
 
         xt = (z @ a).unsqueeze(-1) * t  # (V, N, S, T)
-        ecf = torch.stack([xt.cos().mean(1), xt.sin().mean(1)])  # (2, V, S, T): Re, Im of phi_N
+        sums = torch.stack([torch.einsum("vnst,ng->vgst", f(xt), member) for f in (torch.cos, torch.sin)])
         if distributed:
-            # autograd-aware (its backward sums the gradients over ranks); gloo has no AVG.
+            # autograd-aware (its backward sums the gradients over ranks).
             # Deprecated in torch 2.13 and not allowed inside torch.compile, but public
             # and differentiable on every torch version: keep the loss outside compile.
             from torch.distributed.nn.functional import all_reduce
 
-            ecf = all_reduce(ecf) / world
-        err = (ecf[0] - phi).square() + ecf[1].square()  # |phi_N(t) - phi(t)|^2, (V, S, T)
-        return ((err @ weights) * n).mean()
+            sums = all_reduce(sums)
+        ecf = sums / counts.clamp_min(1)[:, None, None]  # (2, V, G, S, T): Re, Im of phi_N per group
+        err = (ecf[0] - phi).square() + ecf[1].square()  # |phi_N(t) - phi(t)|^2, (V, G, S, T)
+        stat = (err @ weights).mean((0, 2))  # (G,) mean over views and directions
+        n = counts * micro_batches  # samples of the whole optimizer step (equal per-rank batches)
+        return torch.where(counts >= 2, stat * n, 0.0).sum()
 
 
 def prediction_loss(z, n_global):
@@ -109,7 +129,7 @@ def prediction_loss(z, n_global):
     return (z - centroid).square().mean()
 
 
-def lejepa_loss(z, n_global, lambd=0.025, step=0, micro_batches=1, num_slices=256):
+def lejepa_loss(z, n_global, lambd=0.025, step=0, micro_batches=1, num_slices=256, groups=None, num_groups=1):
     """LeJEPA loss (paper 2.2) on projector outputs z (V, N, K) of every view.
 
     Returns (loss, parts) with loss = (1 - lambd) * L_pred + lambd * SIGReg and
@@ -117,13 +137,20 @@ def lejepa_loss(z, n_global, lambd=0.025, step=0, micro_batches=1, num_slices=25
     (no host sync; call .item() when logging). micro_batches: calls per
     optimizer step under gradient accumulation (see sigreg). n_global = V makes
     the target the centroid of all views, as the official minimal example.
+    groups, num_groups: SIGReg per group (see sigreg; beyond the paper); the
+    loss then uses that sum and parts also hold "sigreg_groups", while
+    parts["sigreg"] stays the whole-batch statistic, comparable across runs.
     """
     if not 0.0 <= lambd <= 1.0:
         raise ValueError(f"lejepa_loss: lambd={lambd} must be in [0, 1]")
     pred = prediction_loss(z, n_global)
-    reg = sigreg(z, step, num_slices=num_slices, micro_batches=micro_batches)
+    reg = sigreg(z, step, num_slices=num_slices, micro_batches=micro_batches, groups=groups, num_groups=num_groups)
     loss = (1 - lambd) * pred + lambd * reg
-    return loss, {"pred": pred.detach(), "sigreg": reg.detach()}
+    if groups is None:
+        return loss, {"pred": pred.detach(), "sigreg": reg.detach()}
+    with torch.no_grad():
+        whole = sigreg(z, step, num_slices=num_slices, micro_batches=micro_batches)
+    return loss, {"pred": pred.detach(), "sigreg": whole, "sigreg_groups": reg.detach()}
 
 
 def sigreg_weight(lambd, n_samples):

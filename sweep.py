@@ -65,6 +65,9 @@ RUNS = {  # --proj-norm layer: the projector before the sweep made BatchNorm the
     "3d-half-small-1000": "--steps 1000 --batch-2d 8 --batch-3d 8",  # the 3D share of 3d-half with default's 3D count
     "3d-half-small-1000-seed1": "--steps 1000 --batch-2d 8 --batch-3d 8 --seed 1",  # it and the default, seed 1
     "default-1000-seed1": "--steps 1000 --seed 1",
+    # The mechanism of the 3D share: SIGReg on each modality apart at the paper's 24 + 8 (results/nuisance)
+    "sigreg-modality-1000": "--steps 1000 --sigreg-per modality",
+    "sigreg-modality-1000-seed1": "--steps 1000 --sigreg-per modality --seed 1",
 }
 CHOSEN = "proj-batch"  # the recipe the scaling curve and the grid use: the sweep's best on validation (its README)
 SCALING_STEPS = (250, 500, 1000, 2000, 4000)  # checkpoints of one run of SCALING_STEPS[-1] steps

@@ -115,6 +115,9 @@ def get_args(argv=None):
     p.add_argument("--centroid", choices=("global", "all"), default="global",
                    help="the prediction target: the centroid of the global views (paper 2.2) or of all views (the "
                         "official minimal example; default: %(default)s)")
+    p.add_argument("--sigreg-per", choices=("batch", "modality"), default="batch",
+                   help="SIGReg on the whole mixed batch (paper 2.2) or on each modality's samples apart, summed "
+                        "(beyond the paper: each modality must look Gaussian alone; results/nuisance; default: %(default)s)")
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (per view; default: %(default)s)")
     p.add_argument("--clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off; default: %(default)s)")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per optimizer step (default: %(default)s)")
@@ -160,6 +163,9 @@ def resolve_defaults(args, cuda: bool) -> list[str]:
         raise ValueError("--stage 1 is 2D only: --batch-3d must be 0")
     if args.zoom and args.zoom <= 1:
         raise ValueError(f"--zoom {args.zoom}: the largest rescaling factor must be > 1 (0: off)")
+    if args.sigreg_per == "modality" and 1 in (args.batch_2d, args.batch_3d):
+        raise ValueError(f"--sigreg-per modality: a modality with one sample per step (--batch-2d {args.batch_2d}, "
+                         f"--batch-3d {args.batch_3d}) has no SIGReg of its own; use 0 or at least 2")
     if args.stage == 2 and not args.init:
         raise ValueError("--stage 2 starts from a stage-1 checkpoint: pass --init PATH")
     if args.paired_views and (not args.batch_3d or args.objective != "lejepa" or args.paired_views > args.n_local):
@@ -226,7 +232,7 @@ def masked_bce(logits, labels):
 
 
 def compute_loss(net, batch, objective: str, lambd: float, step: int, micro_batches: int = 1,
-                 num_slices: int = 256, centroid: str = "global"):
+                 num_slices: int = 256, centroid: str = "global", sigreg_per: str = "batch"):
     """Loss of one (micro-)batch -> (loss to back-propagate, detached parts, what the step saw). Shared with bench.py.
 
     loss = the objective's loss + the online probe's BCE; the probe's input is detached, so its term
@@ -241,8 +247,9 @@ def compute_loss(net, batch, objective: str, lambd: float, step: int, micro_batc
         parts = {"bce": loss.detach()}  # averaged over ranks when logged: the global mean
     else:
         target = v if centroid == "all" else g  # paper 2.2: the centroid of the global views
+        groups = dict(groups=batch.is_3d.long(), num_groups=2) if sigreg_per == "modality" else {}
         loss, parts = lejepa.lejepa_loss(out.view(v, n, -1), target, lambd=lambd, step=step,
-                                         micro_batches=micro_batches, num_slices=num_slices)
+                                         micro_batches=micro_batches, num_slices=num_slices, **groups)
     probe_labels = batch.labels.repeat(g, 1)  # the probe learns from the global views of each sample
     probe_loss = masked_bce(logits[:g * n], probe_labels)
     parts = {"loss": loss.detach(), **{k: p.detach() for k, p in parts.items()}, "probe_bce": probe_loss.detach()}
@@ -487,7 +494,7 @@ def train_step(model, net: Net, opts, batches, args, step: int, rank: int, world
         sync = micro == args.accum - 1 or world == 1
         with (nullcontext() if sync else model.no_sync()), autocast:  # paper 2.2: the LeJEPA loss (or the supervised BCE)
             loss, parts, seen = compute_loss(model, batch, args.objective, args.lambd, step, args.accum,
-                                             args.slices, args.centroid)
+                                             args.slices, args.centroid, args.sigreg_per)
         (loss / args.accum).backward()
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v / args.accum

@@ -85,6 +85,40 @@ def test_sigreg_averages_views_and_directions_depend_only_on_step():
     assert sigreg(z, step=5).item() != sigreg(z, step=6).item()
 
 
+def test_sigreg_per_group_is_the_sum_of_each_groups_statistic_alone():
+    """groups: each group's samples are scored apart (with their own N) and summed; value and gradient."""
+    gen = torch.Generator().manual_seed(12)
+    z = torch.cat([torch.randn(2, 20, 8, generator=gen), 3 * torch.randn(2, 12, 8, generator=gen) + 1], dim=1)
+    groups = torch.tensor([0, 1] * 4 + [0] * 12 + [1] * 12)[torch.randperm(32, generator=gen)]  # 16 + 16, mixed order
+    grouped = z.clone().requires_grad_(True)
+    sigreg(grouped, step=4, groups=groups, num_groups=3).backward()  # group 2 is empty: adds nothing
+    apart = z.clone().requires_grad_(True)
+    sum(sigreg(apart[:, groups == g], step=4) for g in (0, 1)).backward()
+    torch.testing.assert_close(grouped.grad, apart.grad, rtol=1e-4, atol=1e-7)
+    assert sigreg(z, 4, groups=groups, num_groups=3).item() == pytest.approx(
+        sum(sigreg(z[:, groups == g], 4).item() for g in (0, 1)), rel=1e-5)
+    # one group is the paper's statistic; a group of one sample adds nothing
+    zeros = torch.zeros(32, dtype=torch.long)
+    assert sigreg(z, 4, groups=zeros).item() == pytest.approx(sigreg(z, 4).item(), rel=1e-6)
+    lone = torch.tensor([0] * 31 + [1])
+    assert sigreg(z, 4, groups=lone, num_groups=2).item() == pytest.approx(sigreg(z[:, :31], 4).item(), rel=1e-5)
+    # a Gaussian batch split by the sign of one coordinate: the mixture passes, each half (half-normal) fails
+    g = torch.randn(1024, 8, generator=gen)
+    halves = (g[:, 0] > 0).long()
+    assert sigreg(g, 0, groups=halves, num_groups=2).item() > 20 * sigreg(g, 0).item()
+    with pytest.raises(ValueError, match="one id per sample"):
+        sigreg(z, 4, groups=zeros[:5])
+
+
+def test_lejepa_loss_per_group_logs_the_whole_batch_statistic_beside():
+    z = torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(13))
+    ids = torch.tensor([0] * 12 + [1] * 4)
+    loss, parts = lejepa_loss(z, 2, lambd=0.2, step=2, groups=ids, num_groups=2)
+    assert parts["sigreg"].item() == pytest.approx(sigreg(z, 2).item(), rel=1e-6)
+    assert parts["sigreg_groups"].item() == pytest.approx(sigreg(z, 2, groups=ids, num_groups=2).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(0.8 * parts["pred"].item() + 0.2 * parts["sigreg_groups"].item(), rel=1e-6)
+
+
 def test_sigreg_bf16_input_and_autocast_give_float32_value():
     z = torch.randn(2, 128, 16, generator=torch.Generator().manual_seed(5)).bfloat16()
     ref = sigreg(z.float(), step=7)
@@ -138,6 +172,11 @@ def _batch():
     return z, 2  # z, n_global
 
 
+def _groups():
+    """Uneven per rank: rank 0 holds 6 of group 0 and 2 of group 1, rank 1 holds 3 and 5."""
+    return torch.tensor([0, 0, 1, 0, 0, 0, 1, 0] + [1, 1, 0, 1, 0, 1, 0, 1])
+
+
 def _rank_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -149,7 +188,11 @@ def _rank_worker(rank, world, port, out_dir):
     loss.backward()
     local_sig = local.detach().clone().requires_grad_(True)
     sigreg(local_sig, step=11).backward()
-    result = dict(loss=loss.detach(), sigreg=parts["sigreg"], pred=parts["pred"], grad=local.grad, sigreg_grad=local_sig.grad)
+    local_grouped = local.detach().clone().requires_grad_(True)
+    grouped = sigreg(local_grouped, step=11, groups=_groups()[rank * n : (rank + 1) * n], num_groups=2)
+    grouped.backward()
+    result = dict(loss=loss.detach(), sigreg=parts["sigreg"], pred=parts["pred"], grad=local.grad, sigreg_grad=local_sig.grad,
+                  grouped=grouped.detach(), grouped_grad=local_grouped.grad)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
     # torch 2.13's gloo threads abort at interpreter teardown now and then
@@ -181,6 +224,14 @@ def test_two_ranks_with_half_batch_equal_one_process_with_full_batch(tmp_path):
     sigreg_grad = torch.cat([r["sigreg_grad"] for r in ranks], dim=1) / world
     torch.testing.assert_close(sigreg_grad, full_sig.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad, full.grad, rtol=1e-4, atol=1e-6)
+    # SIGReg per group: counts and sums reduced over ranks, so uneven splits still give the full-batch statistic
+    full_grouped = z.clone().requires_grad_(True)
+    value = sigreg(full_grouped, step=11, groups=_groups(), num_groups=2)
+    value.backward()
+    for r in ranks:
+        torch.testing.assert_close(r["grouped"], value.detach(), rtol=1e-5, atol=1e-6)
+    grouped_grad = torch.cat([r["grouped_grad"] for r in ranks], dim=1) / world
+    torch.testing.assert_close(grouped_grad, full_grouped.grad, rtol=1e-4, atol=1e-6)
 
 
 def _train_encoder(lambd, steps=200):

@@ -108,6 +108,28 @@ def test_online_probe_trains_the_probe_only(tmp_path):
     assert parts["loss"] == pytest.approx(objective.item())
 
 
+def test_sigreg_per_modality_scores_the_2d_and_the_3d_samples_apart(tmp_path):
+    """--sigreg-per modality: the loss's SIGReg is the 2D samples' statistic plus the 3D samples', read from
+    the net's own output; the logged "sigreg" stays the whole batch's."""
+    args = train.get_args([*TINY, "--out", str(tmp_path), "--sigreg-per", "modality"])
+    train.resolve_defaults(args, cuda=False)
+    torch.manual_seed(0)
+    net = train.build_net(args)  # train mode: the projector's BatchNorm standardises the batch, as in training
+    ds2, ds3 = train.open_training_data(args)
+    import views
+    batch = next(iter(views.make_loader(ds2, ds3, batch_2d=args.batch_2d, batch_3d=args.batch_3d, steps=1,
+                                        n_local=args.n_local, patch=14)))
+    with torch.no_grad():
+        _, parts, _ = train.compute_loss(net, batch, "lejepa", args.lambd, 0, sigreg_per=args.sigreg_per)
+        z = net(batch.packed)[1].view(batch.n_views, batch.n_samples, -1)
+    apart = sum(train.lejepa.sigreg(z[:, batch.is_3d == m], 0) for m in (False, True))
+    assert batch.is_3d.sum() == args.batch_3d and parts["sigreg_groups"].item() == pytest.approx(apart.item(), rel=1e-5)
+    assert parts["sigreg"].item() == pytest.approx(train.lejepa.sigreg(z, 0).item(), rel=1e-5)
+    assert abs(parts["sigreg_groups"].item() - parts["sigreg"].item()) > 0.01 * parts["sigreg"].item()
+    with pytest.raises(ValueError, match="one sample per step"):
+        train.resolve_defaults(train.get_args([*TINY, "--sigreg-per", "modality", "--batch-3d", "1"]), cuda=False)
+
+
 def test_stage2_starts_from_stage1_weights(tmp_path):
     s1, _ = run(tmp_path, "s1", "--stage", "1", "--batch-3d", "0", "--steps", "2")
     s1_weights = load_checkpoint(os.path.join(s1, "last.pt"))["model"]
@@ -354,7 +376,7 @@ def _first_step_grads(rank, world, port, argv, queue):
         for i, rid in enumerate(batch.ids):
             if zlib.crc32(rid.encode()) % 3:
                 batch.labels[i, 1:] = float("nan")
-    loss, *_ = train.compute_loss(model, batch, args.objective, args.lambd, 0)
+    loss, *_ = train.compute_loss(model, batch, args.objective, args.lambd, 0, sigreg_per=args.sigreg_per)
     loss.backward()
     if rank == 0:  # the gradients, and the buffers (a BatchNorm projector's running statistics)
         queue.put(pickle.dumps(([p.grad.clone() for p in net.parameters()], [b.clone() for b in net.buffers()])))
@@ -365,8 +387,9 @@ def _first_step_grads(rank, world, port, argv, queue):
         os._exit(0)  # torch 2.13's gloo may abort at interpreter teardown; the result is already sent
 
 
-@pytest.mark.parametrize("objective,extra", [("lejepa", []), ("supervised", []), ("lejepa", ["--proj-norm", "layer"])],
-                         ids=["lejepa", "supervised", "lejepa-layernorm"])
+@pytest.mark.parametrize("objective,extra", [("lejepa", []), ("supervised", []), ("lejepa", ["--proj-norm", "layer"]),
+                                             ("lejepa", ["--sigreg-per", "modality"])],
+                         ids=["lejepa", "supervised", "lejepa-layernorm", "lejepa-sigreg-per-modality"])
 def test_two_processes_give_single_process_gradients(objective, extra):
     """DDP is exact: one step's gradients (and running statistics) on two gloo processes equal one process's,
     a BatchNorm projector's included (its statistics are the global batch's: model.BatchNorm)."""
@@ -383,7 +406,7 @@ def test_two_processes_give_single_process_gradients(objective, extra):
             p.join(timeout=60)
             assert p.exitcode == 0
     (g1, b1), (g2, b2) = grads[1], grads[2]
-    assert len(g1) == len(g2) and len(b1) == len(b2) and (len(b1) > 0) == (objective == "lejepa" and not extra)
+    assert len(g1) == len(g2) and len(b1) == len(b2) and (len(b1) > 0) == (objective == "lejepa" and "layer" not in extra)
     for x1, x2 in zip(g1 + b1, g2 + b2):
         assert torch.allclose(x1.double(), x2.double(), atol=1e-5, rtol=1e-4)
 
