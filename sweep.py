@@ -68,6 +68,7 @@ RUNS = {  # --proj-norm layer: the projector before the sweep made BatchNorm the
     # The mechanism of the 3D share: SIGReg on each modality apart at the paper's 24 + 8 (results/nuisance)
     "sigreg-modality-1000": "--steps 1000 --sigreg-per modality",
     "sigreg-modality-1000-seed1": "--steps 1000 --sigreg-per modality --seed 1",
+    "3d-half-sigreg-modality-1000": "--steps 1000 --batch-2d 16 --batch-3d 16 --sigreg-per modality",  # both
 }
 CHOSEN = "proj-batch"  # the recipe the scaling curve and the grid use: the sweep's best on validation (its README)
 SCALING_STEPS = (250, 500, 1000, 2000, 4000)  # checkpoints of one run of SCALING_STEPS[-1] steps
