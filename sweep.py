@@ -69,6 +69,9 @@ RUNS = {  # --proj-norm layer: the projector before the sweep made BatchNorm the
     "sigreg-modality-1000": "--steps 1000 --sigreg-per modality",
     "sigreg-modality-1000-seed1": "--steps 1000 --sigreg-per modality --seed 1",
     "3d-half-sigreg-modality-1000": "--steps 1000 --batch-2d 16 --batch-3d 16 --sigreg-per modality",  # both
+    # The health goals (SIGReg, projector rank): the balance of the two terms, against proj-batch (lambda 0.17)
+    "lambd-0.34": "--steps 300 --lambd 0.34",
+    "lambd-0.5": "--steps 300 --lambd 0.5",
 }
 CHOSEN = "proj-batch"  # the recipe the scaling curve and the grid use: the sweep's best on validation (its README)
 SCALING_STEPS = (250, 500, 1000, 2000, 4000)  # checkpoints of one run of SCALING_STEPS[-1] steps

@@ -83,9 +83,9 @@ def test_every_log_step_records_embedding_health(tmp_path):
     assert last == records[-1]
 
 
-def test_online_probe_trains_the_probe_only(tmp_path):
-    """The probe's loss reaches the probe's weights and nothing else: the encoder's gradient is the objective's."""
-    args = train.get_args([*TINY, "--out", str(tmp_path)])
+def _net_and_batch(tmp_path, *extra):
+    """The TINY run's args, its freshly built net (seed 0) and its first training batch."""
+    args = train.get_args([*TINY, "--out", str(tmp_path), *extra])
     train.resolve_defaults(args, cuda=False)
     torch.manual_seed(0)
     net = train.build_net(args)
@@ -93,6 +93,12 @@ def test_online_probe_trains_the_probe_only(tmp_path):
     import views
     batch = next(iter(views.make_loader(ds2, ds3, batch_2d=args.batch_2d, batch_3d=args.batch_3d, steps=1,
                                         n_local=args.n_local, patch=14)))
+    return args, net, batch
+
+
+def test_online_probe_trains_the_probe_only(tmp_path):
+    """The probe's loss reaches the probe's weights and nothing else: the encoder's gradient is the objective's."""
+    args, net, batch = _net_and_batch(tmp_path)
     loss, parts, _ = train.compute_loss(net, batch, "lejepa", args.lambd, 0)
     loss.backward()
     with_probe = {k: p.grad.clone() for k, p in net.named_parameters()}
@@ -111,14 +117,7 @@ def test_online_probe_trains_the_probe_only(tmp_path):
 def test_sigreg_per_modality_scores_the_2d_and_the_3d_samples_apart(tmp_path):
     """--sigreg-per modality: the loss's SIGReg is the 2D samples' statistic plus the 3D samples', read from
     the net's own output; the logged "sigreg" stays the whole batch's."""
-    args = train.get_args([*TINY, "--out", str(tmp_path), "--sigreg-per", "modality"])
-    train.resolve_defaults(args, cuda=False)
-    torch.manual_seed(0)
-    net = train.build_net(args)  # train mode: the projector's BatchNorm standardises the batch, as in training
-    ds2, ds3 = train.open_training_data(args)
-    import views
-    batch = next(iter(views.make_loader(ds2, ds3, batch_2d=args.batch_2d, batch_3d=args.batch_3d, steps=1,
-                                        n_local=args.n_local, patch=14)))
+    args, net, batch = _net_and_batch(tmp_path, "--sigreg-per", "modality")  # train mode, as in training
     with torch.no_grad():
         _, parts, _ = train.compute_loss(net, batch, "lejepa", args.lambd, 0, sigreg_per=args.sigreg_per)
         z = net(batch.packed)[1].view(batch.n_views, batch.n_samples, -1)
