@@ -464,8 +464,9 @@ def summarize(args) -> dict:
     if not ms:
         return {}
     judged = claims(ms, figs)
+    command = f"python reproduce.py {' '.join(a for a in sys.argv[1:] if a != '--summarize')}".rstrip()  # the grid's
     lines = [f"# The paper's experiments on phantom chests, {len(ms)} seed(s): {', '.join(map(str, ms))}", "",
-             f"Written by `python reproduce.py {' '.join(sys.argv[1:])}`".rstrip() + "; every cell: seed "
+             f"Written by `{command}`; every cell: seed "
              f"{next(iter(ms))}'s macro AUROC (95% bootstrap CI over patients) and the mean ± sd over seeds. "
              "Per-label tables, Figure 2a/2b and the training curves of each seed are in seed<s>/.", ""]
     lines += table(ms, [("S3", "ALL"), ("Supervised", "ALL"), (RANDOM, "ALL")], "Table 1 (LP ALL)")
@@ -484,7 +485,7 @@ def summarize(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     text = "\n".join(lines) + "\n"
     data.atomic_write(os.path.join(args.out, "summary.md"), lambda f: f.write(text.encode()))
-    blob = {"command": f"python reproduce.py {' '.join(sys.argv[1:])}".rstrip(), "seeds": list(ms), "macro": {str(s): {"|".join(k): v for k, v in m.items()} for s, m in ms.items()},
+    blob = {"command": command, "seeds": list(ms), "macro": {str(s): {"|".join(k): v for k, v in m.items()} for s, m in ms.items()},
             "health": {str(s): h for s, h in hs.items()}, "claims": judged}
     data.atomic_write(os.path.join(args.out, "summary.json"),
                       lambda f: f.write(json.dumps(blob, indent=1, default=list).encode()))
