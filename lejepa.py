@@ -79,8 +79,7 @@ def sigreg(z, step, num_slices=256, knots=17, t_max=3.0, micro_batches=1, groups
 
     with torch.autocast(device_type=z.device.type, enabled=False):  # bf16 cos/sin would be too coarse
         z = z.float()
-        if groups is None:  # the paper's statistic: every sample in one group, its count known without a sync
-            member = z.new_ones(z.shape[1], 1)
+        if groups is None:  # the paper's statistic: one group, its count known without a sync
             counts = torch.full((1,), float(z.shape[1] * world), device=z.device)
         else:
             member = torch.nn.functional.one_hot(groups.long(), num_groups).float()  # (N, G)
@@ -98,7 +97,10 @@ def sigreg(z, step, num_slices=256, knots=17, t_max=3.0, micro_batches=1, groups
         weights = weights * phi
 
         xt = (z @ a).unsqueeze(-1) * t  # (V, N, S, T)
-        sums = torch.stack([torch.einsum("vnst,ng->vgst", f(xt), member) for f in (torch.cos, torch.sin)])
+        if groups is None:  # cos/sin sums over the samples, (2, V, 1, S, T)
+            sums = torch.stack([xt.cos().sum(1, keepdim=True), xt.sin().sum(1, keepdim=True)])
+        else:  # over each group's samples, (2, V, G, S, T)
+            sums = torch.stack([torch.einsum("vnst,ng->vgst", f(xt), member) for f in (torch.cos, torch.sin)])
         if distributed:
             # autograd-aware (its backward sums the gradients over ranks).
             # Deprecated in torch 2.13 and not allowed inside torch.compile, but public
