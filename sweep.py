@@ -72,8 +72,8 @@ RUNS = {  # --proj-norm layer: the projector before the sweep made BatchNorm the
     # The health goals (SIGReg, projector rank): the balance of the two terms, against proj-batch (lambda 0.17)
     "lambd-0.34": "--steps 300 --lambd 0.34",
     "lambd-0.5": "--steps 300 --lambd 0.5",
-    "slices-1024-1000": "--steps 1000 --slices 1024",
-    "proj-hidden-512": "--steps 300 --proj-hidden 512",  # the projector's width, against proj-batch (2048)  # slices-1024's gain at 300 steps, on the adopted recipe
+    "slices-1024-1000": "--steps 1000 --slices 1024",  # slices-1024's gain at 300 steps, on the adopted recipe
+    "proj-hidden-512": "--steps 300 --proj-hidden 512",  # the projector's width, against proj-batch (2048)
 }
 CHOSEN = "proj-batch"  # the recipe the scaling curve and the grid use: the sweep's best on validation (its README)
 SCALING_STEPS = (250, 500, 1000, 2000, 4000)  # checkpoints of one run of SCALING_STEPS[-1] steps
